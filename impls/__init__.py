@@ -1,0 +1,15 @@
+"""What gqbench measures: the GQ adjoint (PyTorch; JAX in `impls.jax`) and baseline adapters."""
+
+from ._gq import BACKWARD_STATES, odeint_adjoint_gq
+from ._quadrature import MAX_QUAD_ORDER, gauss_legendre, quad_order_from_gtol
+from ._stats import GQStats, gq_stats
+
+__all__ = [
+    "BACKWARD_STATES",
+    "GQStats",
+    "MAX_QUAD_ORDER",
+    "gauss_legendre",
+    "gq_stats",
+    "odeint_adjoint_gq",
+    "quad_order_from_gtol",
+]

@@ -1,0 +1,68 @@
+"""The user's vector field seen as a function of one flat tensor state, with NFE counting.
+
+torchdiffeq does its own tuple flattening, but the adjoint needs the flat form too (the
+backward system and the batched quadrature work on one tensor), so we flatten once, here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+_CALLBACKS = ("callback_step", "callback_accept_step", "callback_reject_step")
+
+
+def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([x.reshape(-1) for x in tensors])
+
+
+def unflatten(flat: torch.Tensor, shapes: Sequence[torch.Size]) -> tuple[torch.Tensor, ...]:
+    """Inverse of `flatten` along the last dim; leading dims (e.g. time) are kept."""
+    lead = flat.shape[:-1]
+    out, start = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        out.append(flat[..., start : start + size].reshape(*lead, *shape))
+        start += size
+    return tuple(out)
+
+
+class FlatRHS:
+    """f(t, y) on a flat state: counts evaluations, forwards the user's solver callbacks, and
+    optionally keeps (t0, y0) of every step through the callback named by `record`.
+
+    Callbacks are set as instance attributes, and only those needed, because torchdiffeq warns
+    about callbacks a solver does not support.
+    """
+
+    def __init__(self, func: Callable, shapes: Sequence[torch.Size] | None, *, record: str | None = None):
+        self.func = func
+        self.shapes = shapes
+        self.nfe = 0
+        self.knot_t: list[torch.Tensor] = []
+        self.knot_y: list[torch.Tensor] = []
+        user = {name: getattr(func, name) for name in _CALLBACKS if callable(getattr(func, name, None))}
+        for name in set(user) | ({record} if record else set()):
+            setattr(self, name, self._make_callback(user.get(name), record=name == record))
+
+    def eval(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Uncounted evaluation (safe under vmap; callers count batched calls themselves)."""
+        if self.shapes is None:
+            return self.func(t, y)
+        return flatten(self.func(t, unflatten(y, self.shapes)))
+
+    def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.nfe += 1
+        return self.eval(t, y)
+
+    def _make_callback(self, user_cb, record: bool):
+        def cb(t0, y0, dt):
+            if record:
+                self.knot_t.append(t0)
+                self.knot_y.append(y0)
+            if user_cb is not None:
+                user_cb(t0, y0 if self.shapes is None else unflatten(y0, self.shapes), dt)
+
+        return cb
