@@ -1,5 +1,6 @@
 """What gqbench measures: the GQ adjoint (PyTorch; JAX in `impls.jax`) and baseline adapters."""
 
+from ._baselines import NFECounter, odeint_adjoint, odeint_direct, odeint_seminorm, synchronize
 from ._gq import BACKWARD_STATES, odeint_adjoint_gq
 from ._quadrature import MAX_QUAD_ORDER, gauss_legendre, quad_order_from_gtol
 from ._stats import GQStats, gq_stats
@@ -8,8 +9,13 @@ __all__ = [
     "BACKWARD_STATES",
     "GQStats",
     "MAX_QUAD_ORDER",
+    "NFECounter",
     "gauss_legendre",
     "gq_stats",
+    "odeint_adjoint",
     "odeint_adjoint_gq",
+    "odeint_direct",
+    "odeint_seminorm",
     "quad_order_from_gtol",
+    "synchronize",
 ]

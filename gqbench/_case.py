@@ -1,0 +1,71 @@
+"""`Case`: a frozen description of *what* one measurement runs (kept apart from the samples)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+
+# Columns a case contributes to every results row, in this order.
+CASE_FIELDS = (
+    "method", "problem", "width", "batch", "rtol", "atol", "gtol", "quad_order", "backward_state",
+    "solver", "device", "dtype", "seed", "threads",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One point of the grid. Quadrature fields are None for methods they do not apply to.
+
+    `case_id` hashes the canonical JSON of the fields, so it is stable across processes,
+    Python versions and machines (unlike `hash()`).
+    """
+
+    method: str
+    problem: str
+    width: int
+    batch: int
+    rtol: float = 1e-6
+    atol: float = 1e-6
+    gtol: float | None = None
+    quad_order: int | None = None
+    backward_state: str | None = None
+    solver: str = "dopri5"
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    threads: int = 2
+
+    def to_dict(self) -> dict:
+        return {f: getattr(self, f) for f in CASE_FIELDS}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Case:
+        return cls(**{f: data[f] for f in CASE_FIELDS if f in data})
+
+    @property
+    def case_id(self) -> str:
+        canon = {k: (float(v) if isinstance(v, float) else v) for k, v in self.to_dict().items()}
+        blob = json.dumps(canon, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+    @property
+    def label(self) -> str:
+        """Method plus its quadrature setting, e.g. `torch_gq[n=4,interpolate]`; a plot legend entry."""
+        opts = []
+        if self.quad_order is not None:
+            opts.append(f"n={self.quad_order}")
+        elif self.gtol is not None and not (isinstance(self.gtol, float) and math.isnan(self.gtol)):
+            opts.append(f"gtol={self.gtol:g}")
+        if self.backward_state not in (None, "backsolve"):
+            opts.append(self.backward_state)
+        return f"{self.method}[{','.join(opts)}]" if opts else self.method
+
+    @property
+    def reference_key(self) -> tuple[str, int, int, int]:
+        """Cases sharing this key share one float64 reference gradient."""
+        return (self.problem, self.width, self.batch, self.seed)
+
+    def with_(self, **changes) -> Case:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,208 @@
+"""The one measurement path: `prepare` a case, then `measure` it (warm-up, repeats, peak memory,
+NFE, gradient error). The worker, asv and pytest-benchmark all call these functions."""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ._case import Case
+from ._methods import AbstractRun, get_method
+
+REFERENCE_ENV = "GQBENCH_REFERENCE_DIR"
+# The reference: direct backprop in float64 through dopri8, stepping onto every observation time
+# (torchdiffeq's dopri8 interpolant between steps is low order and would spoil it).
+REFERENCE_SOLVER = dict(method="dopri8", rtol=1e-10, atol=1e-10)
+STATUSES = ("ok", "nan", "error", "timeout", "oom", "max_steps", "skipped")
+
+
+class Skip(Exception):
+    """The case cannot run on this machine (e.g. CUDA without a GPU): a `skipped` row."""
+
+
+def prepare(case: Case) -> AbstractRun:
+    """Threads, seed, problem and method set up; the next forward()/backward() is timed work."""
+    import torch
+
+    from ._problems import get_problem
+
+    method = get_method(case.method)
+    reason = method.unsupported(case)
+    if reason:
+        raise Skip(reason)
+    torch.set_num_threads(case.threads)
+    torch.manual_seed(case.seed)
+    problem = get_problem(case.problem).build(width=case.width, batch=case.batch, dtype=case.dtype,
+                                              device=case.device, seed=case.seed)  # fmt: skip
+    return method.build(case=case, problem=problem)
+
+
+class PeakMemory:
+    """Peak bytes allocated inside the block above what was in use when it started.
+
+    CUDA: the caching allocator's own peak. CPU: the kernel's RSS high-water mark, reset through
+    /proc/self/clear_refs (falls back to ru_maxrss, which cannot be reset: then only the first
+    block in a process is meaningful). Set MALLOC_MMAP_THRESHOLD_ (the runner does) so freed
+    tensors go back to the kernel and later repeats measure their own peak.
+    """
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.device = device
+        self.bytes = float("nan")
+
+    def __enter__(self):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self._proc = True
+            except OSError:
+                self._proc = False
+            self._base = _vm("VmRSS") if self._proc else _maxrss()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            import torch
+
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            peak = _vm("VmHWM") if self._proc else _maxrss()
+            self.bytes = max(0, peak - self._base)
+        return False
+
+
+def _vm(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def _maxrss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(case: Case, *, repeats: int = 3, warmup: int = 1, reference_dir: str | Path | None = None,
+            run: AbstractRun | None = None) -> list[dict]:  # fmt: skip
+    """Warm up, then time `repeats` forward and backward calls: one row per repeat.
+
+    Rows carry the case fields, `repeat`, `fwd_s`, `bwd_s`, `peak_mem_bytes`, `nfe_fwd`, `nfe_bwd`,
+    `grad_rel_err` (vs the cached float64 reference), `loss`, `status` ("ok" or "nan") and more.
+    Exceptions propagate (the worker turns them into failure rows with `classify`).
+    """
+    t0 = time.perf_counter()
+    method = get_method(case.method)
+    run = prepare(case) if run is None else run
+    setup_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        run.forward()
+        run.backward()
+    rows = []
+    for r in range(repeats):
+        with PeakMemory(case.device) as mem:
+            a = time.perf_counter()
+            run.forward()
+            b = time.perf_counter()
+            run.backward()
+            c = time.perf_counter()
+        rows.append(dict(case.to_dict(), case_id=case.case_id, repeat=r, fwd_s=b - a, bwd_s=c - b,
+                         peak_mem_bytes=float(mem.bytes), nfe_fwd=run.nfe_forward, nfe_bwd=run.nfe_backward,
+                         loss=run.loss_value(), compile_s=run.compile_s, setup_s=setup_s, warmup=warmup,
+                         **run.extra))  # fmt: skip
+    grads = [np.asarray(g, dtype=np.float64) for g in run.gradients()]
+    finite = all(np.isfinite(g).all() for g in grads) and all(math.isfinite(row["loss"]) for row in rows)
+    err = float("nan")
+    if finite and method.needs_reference:
+        err = grad_rel_err(grads, reference_gradients(case, cache_dir=reference_dir))
+    for row in rows:
+        row.update(grad_rel_err=err, status="ok" if finite else "nan",
+                   error="" if finite else "non-finite loss or gradient")  # fmt: skip
+    return rows
+
+
+def grad_rel_err(grads: list[np.ndarray], ref: list[np.ndarray]) -> float:
+    """||g - g_ref|| / ||g_ref|| over all parameter and y0 gradients together."""
+    if len(grads) != len(ref) or any(g.shape != r.shape for g, r in zip(grads, ref)):
+        raise ValueError(f"gradient shapes {[g.shape for g in grads]} do not match the reference's "
+                         f"{[r.shape for r in ref]}; gradients() must list params in order, then y0")  # fmt: skip
+    num = math.sqrt(sum(float(np.sum((g - r) ** 2)) for g, r in zip(grads, ref)))
+    den = math.sqrt(sum(float(np.sum(r**2)) for r in ref))
+    return num / den if den > 0 else num
+
+
+def reference_dir(cache_dir: str | Path | None = None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(os.environ.get(REFERENCE_ENV) or Path.home() / ".cache" / "gqbench" / "references")
+
+
+def reference_path(case: Case, cache_dir: str | Path | None = None) -> Path:
+    problem, width, batch, seed = case.reference_key
+    return reference_dir(cache_dir) / f"{problem}-w{width}-b{batch}-s{seed}.npz"
+
+
+def reference_gradients(case: Case, *, cache_dir: str | Path | None = None) -> list[np.ndarray]:
+    """The float64 reference gradient for the case's (problem, width, batch, seed), cached on disk."""
+    path = reference_path(case, cache_dir)
+    if path.exists():
+        with np.load(path) as z:
+            return [z[f"g{i}"] for i in range(len(z.files))]
+    grads = compute_reference(case)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, **{f"g{i}": g for i, g in enumerate(grads)})
+    os.replace(tmp, path)  # atomic: a concurrent or killed writer never leaves half a file
+    return grads
+
+
+def compute_reference(case: Case) -> list[np.ndarray]:
+    """Closed form where the problem has one, else float64 direct backprop through dopri8."""
+    import torch
+    import torchdiffeq
+
+    from ._problems import get_problem
+
+    torch.set_num_threads(case.threads)
+    problem = get_problem(case.problem)
+    inst = problem.build(width=case.width, batch=case.batch, dtype="float64", device="cpu", seed=case.seed)
+    exact = problem.exact_gradients(inst)
+    if exact is None:
+        y0 = inst.y0.detach().requires_grad_(True)
+        ys = torchdiffeq.odeint(inst.func, y0, inst.t, options=dict(step_t=inst.t), **REFERENCE_SOLVER)
+        exact = torch.autograd.grad(inst.loss(ys), (*inst.params, y0), allow_unused=True)
+        exact = [torch.zeros_like(p) if g is None else g for p, g in zip((*inst.params, y0), exact)]
+    return [g.detach().numpy() for g in exact]
+
+
+def classify(exc: BaseException) -> str:
+    """The `status` of a case that raised `exc`."""
+    text = f"{type(exc).__name__}: {exc}".lower()
+    if isinstance(exc, Skip):
+        return "skipped"
+    if isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text:
+        return "oom"
+    if "max_num_steps" in text:
+        return "max_steps"
+    return "error"
+
+
+def failure_rows(case: Case, status: str, error: str) -> list[dict]:
+    """The single row recorded for a case that produced no measurements."""
+    nan = float("nan")
+    return [dict(case.to_dict(), case_id=case.case_id, repeat=0, fwd_s=nan, bwd_s=nan, peak_mem_bytes=nan,
+                 nfe_fwd=nan, nfe_bwd=nan, grad_rel_err=nan, loss=nan, compile_s=nan, setup_s=nan,
+                 status=status, error=error)]  # fmt: skip

@@ -1,0 +1,227 @@
+"""Method registry: a name -> an `AbstractMethod` whose `build` returns a ready-to-time `AbstractRun`.
+
+Modules stay import-light: torch (or jax) is imported inside `build`, so listing or expanding a
+grid never loads a backend, and a torch case never loads jax.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib
+import os
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from ._case import Case
+    from ._problems import ProblemInstance
+
+PLUGINS_ENV = "GQBENCH_PLUGINS"  # comma-separated modules imported for their register_method calls
+# gqbench's own method modules beyond this one, imported on first look-up (e.g. the JAX methods);
+# each must import its backend inside build(), not at module level.
+BUILTIN_MODULES: tuple[str, ...] = ()
+
+
+class AbstractRun(abc.ABC):
+    """One built case. `forward()` and `backward()` each return only after the device is idle.
+
+    After `backward()`: `nfe_forward`/`nfe_backward` describe the last call, `gradients()` gives
+    d loss / d(params..., y0) as float64 numpy arrays in `ProblemInstance.params` order, then y0.
+    """
+
+    nfe_forward: int = 0
+    nfe_backward: int = 0
+    compile_s: float = float("nan")  # JAX: tracing + compilation, measured apart from the timed calls
+    extra: dict[str, Any]  # further per-repeat columns, e.g. {"quad_nodes": 12}
+
+    @abc.abstractmethod
+    def forward(self) -> None: ...
+
+    @abc.abstractmethod
+    def backward(self) -> None: ...
+
+    @abc.abstractmethod
+    def loss_value(self) -> float: ...
+
+    @abc.abstractmethod
+    def gradients(self) -> list: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class AbstractMethod(abc.ABC):
+    """`quadrature=True`: the grid's gtol/quad_order/backward_state axes apply to this method."""
+
+    name: str
+    description: str
+    backend: ClassVar[str] = "torch"
+    quadrature: ClassVar[bool] = False
+    needs_reference: ClassVar[bool] = True  # False: no gradient error column (test stubs)
+
+    def unsupported(self, case: Case) -> str | None:
+        """Why this method cannot run `case` here (-> a `skipped` row), or None. Must stay cheap."""
+        if case.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                return "device=cuda but torch.cuda.is_available() is False on this machine"
+        return None
+
+    @abc.abstractmethod
+    def build(self, *, case: Case, problem: ProblemInstance) -> AbstractRun:
+        """Set up (move data, wrap func, compile) so that the next forward()/backward() is timed work."""
+
+
+class _TorchRun(AbstractRun):
+    """Shared by the torch methods: `solve(func, y0, t)` differs, the rest is the same."""
+
+    def __init__(self, problem: ProblemInstance, solve, device: str, count: bool):
+        import impls
+
+        self._impls = impls
+        self.problem = problem
+        self.solve = solve
+        self.device = device
+        # Baselines: count f calls by wrapping; GQ reports its own counts through gq_stats.
+        self.func = impls.NFECounter(problem.func) if count else problem.func
+        self.y0 = problem.y0.detach().clone().requires_grad_(True)
+        self.params = problem.params
+        self.extra = {}
+        self._loss = None
+        self._stats = None
+
+    def forward(self):
+        for p in (*self.params, self.y0):
+            p.grad = None
+        if isinstance(self.func, self._impls.NFECounter):
+            self.func.nfe = 0
+            ys = self.solve(self.func, self.y0, self.problem.t)
+            self.nfe_forward = self.func.nfe
+        else:
+            with self._impls.gq_stats() as self._stats:
+                ys = self.solve(self.func, self.y0, self.problem.t)
+            self.nfe_forward = self._stats.nfe_forward
+        self._loss = self.problem.loss(ys)
+        self._impls.synchronize(self.device)
+
+    def backward(self):
+        self._loss.backward()
+        self._impls.synchronize(self.device)
+        if self._stats is None:
+            self.nfe_backward = self.func.nfe - self.nfe_forward
+        else:
+            self.nfe_backward = self._stats.nfe_backward
+            self.extra = {"quad_nodes": self._stats.quad_nodes}
+
+    def loss_value(self):
+        return float(self._loss.detach())
+
+    def gradients(self):
+        import torch
+
+        out = []
+        for p in (*self.params, self.y0):
+            g = torch.zeros_like(p) if p.grad is None else p.grad
+            out.append(g.detach().to("cpu", torch.float64).numpy())
+        return out
+
+
+def _tols(case: Case) -> dict:
+    return dict(rtol=case.rtol, atol=case.atol, method=case.solver)
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchDirect(AbstractMethod):
+    def build(self, *, case, problem):
+        import impls
+
+        return _TorchRun(problem, lambda f, y0, t: impls.odeint_direct(f, y0, t, **_tols(case)), case.device, True)
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchAdjoint(AbstractMethod):
+    def build(self, *, case, problem):
+        import impls
+
+        return _TorchRun(problem, lambda f, y0, t: impls.odeint_adjoint(f, y0, t, **_tols(case)), case.device, True)
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchSeminorm(AbstractMethod):
+    def build(self, *, case, problem):
+        import impls
+
+        return _TorchRun(problem, lambda f, y0, t: impls.odeint_seminorm(f, y0, t, **_tols(case)), case.device, True)
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchGQ(AbstractMethod):
+    quadrature: ClassVar[bool] = True
+
+    def build(self, *, case, problem):
+        import impls
+
+        kw = dict(_tols(case), backward_state=case.backward_state or "backsolve")
+        if case.quad_order is not None:
+            kw["quad_order"] = case.quad_order
+        elif case.gtol is not None:
+            kw["gtol"] = case.gtol
+        return _TorchRun(problem, lambda f, y0, t: impls.odeint_adjoint_gq(f, y0, t, **kw), case.device, False)
+
+
+class _Registry(Mapping):
+    """name -> method; plugin modules (env GQBENCH_PLUGINS) are imported on first look-up."""
+
+    def __init__(self):
+        self._methods: dict[str, AbstractMethod] = {}
+        self._plugins_loaded = False
+
+    def _load_plugins(self):
+        if not self._plugins_loaded:
+            self._plugins_loaded = True
+            env = [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",")]
+            for mod in (*BUILTIN_MODULES, *filter(None, env)):
+                importlib.import_module(mod)
+
+    def add(self, method: AbstractMethod, replace: bool = False):
+        if method.name in self._methods and not replace:
+            raise ValueError(f"method {method.name!r} is already registered; pass replace=True to override it")
+        self._methods[method.name] = method
+
+    def __getitem__(self, name: str) -> AbstractMethod:
+        self._load_plugins()
+        try:
+            return self._methods[name]
+        except KeyError:
+            raise KeyError(f"unknown method {name!r}; known methods: {', '.join(self)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        self._load_plugins()
+        return iter(self._methods)
+
+    def __len__(self) -> int:
+        self._load_plugins()
+        return len(self._methods)
+
+
+METHODS = _Registry()
+
+
+def register_method(method: AbstractMethod, *, replace: bool = False) -> AbstractMethod:
+    """Add `method` under `method.name`. A worker process finds it if its module is imported by
+    gqbench itself or listed in the GQBENCH_PLUGINS environment variable."""
+    METHODS.add(method, replace=replace)
+    return method
+
+
+def get_method(name: str) -> AbstractMethod:
+    return METHODS[name]
+
+
+for _m in (
+    TorchDirect("torch_direct", "torchdiffeq.odeint + autograd through the solver steps"),
+    TorchAdjoint("torch_adjoint", "torchdiffeq.odeint_adjoint (continuous adjoint)"),
+    TorchSeminorm("torch_seminorm", "odeint_adjoint with adjoint_options=dict(norm='seminorm')"),
+    TorchGQ("torch_gq", "impls.odeint_adjoint_gq (Gauss-Legendre quadrature adjoint)"),
+):
+    register_method(_m)
