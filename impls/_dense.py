@@ -1,29 +1,156 @@
 """The forward solution kept for the backward pass (backward_state="interpolate").
 
-Knots are the solver's own step points, recorded through torchdiffeq callbacks. Between knots
-z(t) is the cubic Hermite interpolant of (z, f(t, z)) at both ends; f at the knots is computed
-at the start of the backward pass in batched calls. The state is small in GQ's regime, so keeping
-every step is cheap, and reading z from it instead of backsolving z removes the divergence of
-backsolving contractive dynamics.
+Reading z(t) from the forward solution instead of backsolving it removes the divergence of
+backsolving contractive dynamics; the state is small in GQ's regime, so keeping it is cheap.
+
+Adaptive Runge-Kutta solvers: every accepted step keeps torchdiffeq's own dense output (the quartic
+through y0, y_mid, y1, f0, f1 that `odeint` uses for its outputs), rebuilt from the stage
+evaluations seen by our func wrapper and the solver's tableau, so z(t) in the backward pass is
+exactly what the forward solver would have reported. Fixed-grid solvers: cubic Hermite between grid
+points, with f at a grid point taken from the solver's own first evaluation there when it makes one.
 """
 
 from __future__ import annotations
 
 import torch
+from torchdiffeq._impl.interp import _interp_fit  # pinned torchdiffeq==0.2.5
+from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
 
-class HermiteSolution:
-    def __init__(self, t: torch.Tensor, y: torch.Tensor, f: torch.Tensor):
-        # Ascending time makes searchsorted valid whatever the direction of integration.
-        if t.numel() > 1 and t[0] > t[-1]:
-            t, y, f = t.flip(0), y.flip(0), f.flip(0)
-        self.t, self.y, self.f = t, y, f
+class StepRecorder:
+    """Hooked into the func wrapper and torchdiffeq's step callbacks during the forward solve."""
 
-    def __len__(self) -> int:
-        return len(self.t)
+    def __init__(self, solver_cls: type, reverse: bool):
+        self.rk = issubclass(solver_cls, RKAdaptiveStepsizeODESolver)
+        self.sign = -1.0 if reverse else 1.0
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (y, f) since the last step boundary
+        if self.rk:
+            self.n_stages = len(solver_cls.tableau.alpha)
+            self._mid, self._c_sol = solver_cls.mid, solver_cls.tableau.c_sol
+            self.f_start: torch.Tensor | None = None
+            self.accepted = 0
+            self.t0s: list[torch.Tensor] = []
+            self.t1s: list[torch.Tensor] = []
+            self.coeffs: list[torch.Tensor] = []
+        else:
+            self.knot_t: list[torch.Tensor] = []
+            self.knot_y: list[torch.Tensor] = []
+            self.knot_f: list[torch.Tensor | None] = []
+
+    @property
+    def callbacks(self) -> dict:
+        if self.rk:
+            return {"callback_step": self._rk_step, "callback_accept_step": self._rk_accept,
+                    "callback_reject_step": self._rk_reject}  # fmt: skip
+        return {"callback_step": self._grid_step}
+
+    def on_eval(self, y: torch.Tensor, f: torch.Tensor) -> None:
+        if self.rk:
+            self.calls.append((y, f))
+        elif self.knot_f and self.knot_f[-1] is None and y is self.knot_y[-1]:
+            self.knot_f[-1] = f  # the solver's own f(t0, y0) at this grid point
+
+    # --- adaptive RK: one quartic per accepted step
+    def _rk_step(self, t0, y0, dt):
+        if self.calls:
+            # Evaluations between steps: the initial f0 (the first call ever) or a re-evaluation of
+            # f after a jump_t, which torchdiffeq then uses as the next step's first stage.
+            self.f_start = self.calls[0][1] if self.accepted == 0 else self.calls[-1][1]
+        self.calls = []
+
+    def _rk_reject(self, t0, y0, dt):
+        self.calls = []
+
+    def _rk_accept(self, t0, y0, dt):
+        if len(self.calls) != self.n_stages or self.f_start is None:
+            raise RuntimeError(
+                "odeint_adjoint_gq(backward_state='interpolate'): could not follow the solver's stages "
+                f"({len(self.calls)} evaluations for a {self.n_stages}-stage step); use backward_state='backsolve'."
+            )
+        k = torch.stack([self.f_start] + [f for _, f in self.calls], dim=-1)
+        dt_u = (self.sign * dt).to(y0.dtype)  # callbacks see the solver's (positive) internal step
+        mid = self._mid.to(dtype=y0.dtype, device=y0.device)
+        c_sol = self._c_sol.to(dtype=y0.dtype, device=y0.device)
+        y_mid = y0 + (k * (dt_u * mid)).sum(-1)
+        y1 = y0 + (k * (dt_u * c_sol)).sum(-1)
+        self.coeffs.append(torch.stack(_interp_fit(y0, y1, y_mid, k[..., 0], k[..., -1], dt_u)))
+        t0 = torch.as_tensor(t0, dtype=torch.float64)
+        self.t0s.append(t0)
+        self.t1s.append(t0 + self.sign * dt.to(torch.float64))
+        self.f_start = k[..., -1]
+        self.calls = []
+        self.accepted += 1
+
+    # --- fixed grid: knots at the grid points
+    def _grid_step(self, t0, y0, dt):
+        self.knot_t.append(torch.as_tensor(t0, dtype=torch.float64))
+        self.knot_y.append(y0)
+        self.knot_f.append(None)
+
+    def finish(self, t_end: torch.Tensor, y_end: torch.Tensor):
+        """The dense forward solution, on the device and in the dtype of the state."""
+        if self.rk:
+            return PiecewiseQuartic(torch.stack(self.t0s), torch.stack(self.t1s), torch.stack(self.coeffs))
+        t = torch.stack([k.to(y_end.device) for k in self.knot_t] + [t_end.to(torch.float64)])
+        y = torch.stack(self.knot_y + [y_end])
+        return CubicHermite(t, y, self.knot_f + [None])
+
+
+def _as_ascending(t: torch.Tensor, *rest: torch.Tensor):
+    if len(t) > 1 and t[0] > t[-1]:
+        return (t.flip(0), *(r.flip(0) for r in rest))
+    return (t, *rest)
+
+
+class PiecewiseQuartic:
+    """torchdiffeq's dense output, one quartic in x = (s - t0) / (t1 - t0) per accepted step."""
+
+    evals_needed = 0
+
+    def __init__(self, t0: torch.Tensor, t1: torch.Tensor, coeffs: torch.Tensor):
+        self.n_knots = len(t0) + 1
+        lo = torch.minimum(t0, t1)
+        lo, t0, t1, coeffs = _as_ascending(lo, t0, t1, coeffs)
+        dev = coeffs.device
+        self.lo, self.t0, self.t1, self.coeffs = lo.to(dev), t0.to(dev), t1.to(dev), coeffs
 
     def __call__(self, s: torch.Tensor) -> torch.Tensor:
-        """z(s) for a 0-d s, or a stack of states for a 1-d s."""
+        scalar = s.dim() == 0
+        s = s.reshape(-1).to(self.lo.dtype)
+        k = (torch.searchsorted(self.lo, s, right=True) - 1).clamp(0, len(self.lo) - 1)
+        x = ((s - self.t0[k]) / (self.t1[k] - self.t0[k])).to(self.coeffs.dtype)
+        c = self.coeffs[k]  # (m, 5, *state)
+        x = x.reshape((-1,) + (1,) * (c.dim() - 2))
+        z = c[:, 4]
+        for j in (3, 2, 1, 0):  # Horner
+            z = z * x + c[:, j]
+        return z[0] if scalar else z
+
+
+class CubicHermite:
+    """Cubic Hermite interpolation of (y, f) between fixed-grid points."""
+
+    def __init__(self, t: torch.Tensor, y: torch.Tensor, f: list[torch.Tensor | None]):
+        self.n_knots = len(t)
+        missing = [i for i, fi in enumerate(f) if fi is None]
+        f = torch.stack([torch.zeros_like(y[0]) if fi is None else fi for fi in f])
+        order = torch.arange(len(t))
+        t, y, f, order = _as_ascending(t, y, f, order)
+        self.t, self.y, self.f = t.to(y.device), y, f
+        self.missing = order.argsort()[missing]  # positions (after sorting) still lacking f
+
+    @property
+    def evals_needed(self) -> int:
+        return len(self.missing)
+
+    def fill(self, rhs_batch) -> None:
+        """Compute f where the solver did not evaluate it (e.g. the final point), in one batch."""
+        if len(self.missing):
+            idx = self.missing.to(self.y.device)
+            self.f[idx] = rhs_batch(self.t[idx].to(self.y.dtype), self.y[idx])
+            self.missing = self.missing[:0]
+
+    def __call__(self, s: torch.Tensor) -> torch.Tensor:
         scalar = s.dim() == 0
         s = s.reshape(-1).to(self.t.dtype)
         k = (torch.searchsorted(self.t, s, right=True) - 1).clamp(0, len(self.t) - 2)

@@ -19,9 +19,9 @@ import torch
 import torchdiffeq
 from torch.func import vmap
 from torchdiffeq._impl.odeint import SOLVERS  # pinned torchdiffeq==0.2.5
-from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
+from torchdiffeq._impl.solvers import FixedGridODESolver
 
-from ._dense import HermiteSolution
+from ._dense import StepRecorder
 from ._quadrature import MAX_QUAD_ORDER, gauss_legendre, quad_order_from_gtol
 from ._rhs import FlatRHS, flatten, unflatten
 from ._stats import GQStats, current_stats
@@ -99,11 +99,10 @@ def odeint_adjoint_gq(
     is_tuple = isinstance(y0, tuple)
     shapes = [y.shape for y in y0] if is_tuple else None
     flat_y0 = flatten(y0) if is_tuple else y0
-    record = None
+    recorder = None
     if cfg.backward_state == "interpolate":
-        adaptive = issubclass(SOLVERS[cfg.method], RKAdaptiveStepsizeODESolver)
-        record = "callback_accept_step" if adaptive else "callback_step"
-    rhs = FlatRHS(func, shapes, record=record)
+        recorder = StepRecorder(SOLVERS[cfg.method], reverse=bool(t[0] > t[1]))
+    rhs = FlatRHS(func, shapes, recorder=recorder)
     stats = current_stats()
     if stats is not None:
         stats.calls += 1
@@ -128,16 +127,13 @@ class _GQAdjoint(torch.autograd.Function):
         else:
             orders = [quad_order_from_gtol(cfg.gtol, nfe, b - a, span) for a, b in zip(t_host, t_host[1:])]
         ctx.prob, ctx.orders, ctx.nfe_forward = prob, orders, nfe
-        ctx.knots = None
-        if cfg.backward_state == "interpolate":
-            # Step starts plus the final point; (t, y) in the order the solver went.
-            kt = torch.stack([torch.as_tensor(k, dtype=t.dtype, device=t.device) for k in rhs.knot_t] + [t[-1]])
-            ky = torch.stack(rhs.knot_y + [sol[-1]])
-            ctx.knots = (kt, ky)
-            rhs.knot_t, rhs.knot_y = [], []
+        ctx.dense = None
+        if rhs.recorder is not None:
+            ctx.dense = rhs.recorder.finish(t[-1], sol[-1])
+            rhs.recorder = None  # drop references to the stage evaluations
         if prob.stats is not None:
             prob.stats.nfe_forward += nfe
-            prob.stats.knots += 0 if ctx.knots is None else len(ctx.knots[0])
+            prob.stats.knots += 0 if ctx.dense is None else ctx.dense.n_knots
         ctx.save_for_backward(t, sol)
         return sol
 
@@ -152,12 +148,10 @@ class _GQAdjoint(torch.autograd.Function):
         grads = [torch.zeros_like(p) for p in params]
         quad = _Quadrature(prob, grads, need_t)
 
-        dense = None
-        if ctx.knots is not None:
-            kt, ky = ctx.knots
-            dense = HermiteSolution(kt, ky, quad.rhs_batch(kt, ky))
-            rhs.nfe += len(kt)
-            ctx.knots = None
+        dense, ctx.dense = ctx.dense, None
+        if dense is not None and dense.evals_needed:
+            rhs.nfe += dense.evals_needed
+            dense.fill(quad.rhs_batch)
 
         adj_kwargs = dict(rtol=cfg.adjoint_rtol, atol=cfg.adjoint_atol, method=cfg.adjoint_method)
         a = grad_sol[-1].clone()
@@ -212,7 +206,7 @@ class _BacksolveRHS:
 class _InterpRHS:
     """da/dt = -a^T df/dz(t, z(t)) with z(t) from the kept forward solution."""
 
-    def __init__(self, rhs: FlatRHS, dense: HermiteSolution):
+    def __init__(self, rhs: FlatRHS, dense: Callable[[torch.Tensor], torch.Tensor]):
         self.rhs, self.dense = rhs, dense
 
     def __call__(self, t, a):
@@ -286,7 +280,7 @@ class _Quadrature:
 
 
 def _fail(exc: type[Exception], arg: str, value, why_and_fix: str):
-    shown = repr(value)
+    shown = " ".join(repr(value).split())
     if len(shown) > 60:
         shown = shown[:57] + "..."
     raise exc(f"odeint_adjoint_gq({arg}={shown}): {why_and_fix}")
@@ -347,10 +341,15 @@ def _check_inputs(func, y0, t, rtol, atol, method, options, gtol, quad_order, ad
     if adjoint_options is None:
         # As torchdiffeq: reuse the forward options, but not a norm written for the forward state.
         adjoint_options = {k: v for k, v in options.items() if k != "norm"} if adjoint_method == method else {}
+    adjoint_options = dict(adjoint_options)
+    if issubclass(SOLVERS[adjoint_method], FixedGridODESolver):
+        # The backward solve reads [z, a] at the quadrature nodes between grid points; torchdiffeq's
+        # default linear interpolation there would cap the gradient at second order.
+        adjoint_options.setdefault("interp", "cubic")
     if adjoint_params is None:
         if not callable(getattr(func, "parameters", None)):
-            _fail(TypeError, "adjoint_params", None,
-                  "func has no .parameters(); pass adjoint_params=(tensors...) or () for y0/t gradients only.")  # fmt: skip
+            fix = "func has no .parameters(); pass adjoint_params=(tensors...) or () for y0/t gradients only."
+            _fail(TypeError, "adjoint_params", None, fix)
         adjoint_params = tuple(func.parameters())
         if not adjoint_params:
             _fail(ValueError, "adjoint_params", None,
@@ -362,7 +361,7 @@ def _check_inputs(func, y0, t, rtol, atol, method, options, gtol, quad_order, ad
     params = tuple(p for p in adjoint_params if p.requires_grad)
     cfg = _Config(
         rtol=rtol, atol=atol, method=method, options=options, adjoint_rtol=adjoint_rtol,
-        adjoint_atol=adjoint_atol, adjoint_method=adjoint_method, adjoint_options=dict(adjoint_options),
+        adjoint_atol=adjoint_atol, adjoint_method=adjoint_method, adjoint_options=adjoint_options,
         gtol=float(gtol), quad_order=quad_order, backward_state=backward_state, quad_batch=quad_batch,
     )  # fmt: skip
     return cfg, params

@@ -11,7 +11,7 @@ import torch
 MAX_QUAD_ORDER = 64
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _leggauss(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.polynomial.legendre.leggauss(n)
 

@@ -30,22 +30,22 @@ def unflatten(flat: torch.Tensor, shapes: Sequence[torch.Size]) -> tuple[torch.T
 
 
 class FlatRHS:
-    """f(t, y) on a flat state: counts evaluations, forwards the user's solver callbacks, and
-    optionally keeps (t0, y0) of every step through the callback named by `record`.
+    """f(t, y) on a flat state: counts evaluations and forwards the user's solver callbacks.
 
+    A `recorder` (see `_dense.StepRecorder`) may watch evaluations and steps of the forward solve.
     Callbacks are set as instance attributes, and only those needed, because torchdiffeq warns
     about callbacks a solver does not support.
     """
 
-    def __init__(self, func: Callable, shapes: Sequence[torch.Size] | None, *, record: str | None = None):
+    def __init__(self, func: Callable, shapes: Sequence[torch.Size] | None, *, recorder=None):
         self.func = func
         self.shapes = shapes
         self.nfe = 0
-        self.knot_t: list[torch.Tensor] = []
-        self.knot_y: list[torch.Tensor] = []
+        self.recorder = recorder
         user = {name: getattr(func, name) for name in _CALLBACKS if callable(getattr(func, name, None))}
-        for name in set(user) | ({record} if record else set()):
-            setattr(self, name, self._make_callback(user.get(name), record=name == record))
+        ours = recorder.callbacks if recorder is not None else {}
+        for name in set(user) | set(ours):
+            setattr(self, name, self._make_callback(user.get(name), ours.get(name)))
 
     def eval(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Uncounted evaluation (safe under vmap; callers count batched calls themselves)."""
@@ -55,13 +55,15 @@ class FlatRHS:
 
     def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
-        return self.eval(t, y)
+        f = self.eval(t, y)
+        if self.recorder is not None:
+            self.recorder.on_eval(y, f)
+        return f
 
-    def _make_callback(self, user_cb, record: bool):
+    def _make_callback(self, user_cb, our_cb):
         def cb(t0, y0, dt):
-            if record:
-                self.knot_t.append(t0)
-                self.knot_y.append(y0)
+            if our_cb is not None:
+                our_cb(t0, y0, dt)
             if user_cb is not None:
                 user_cb(t0, y0 if self.shapes is None else unflatten(y0, self.shapes), dt)
 
