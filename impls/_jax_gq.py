@@ -93,9 +93,9 @@ class GaussLegendreAdjoint(AbstractAdjoint):
             _fail("gtol", g, "gtol must be a finite number > 0 (the paper uses 0.1).")
         q = self.quad_order
         if q is not None and (isinstance(q, bool) or not isinstance(q, int) or q < 1):
-            _fail("quad_order", q, f"quad_order must be an int >= 1 (e.g. 2..{MAX_QUAD_ORDER}), or None to use gtol.")
+            _fail("quad_order", q, f"use an int >= 1 (e.g. 2..{MAX_QUAD_ORDER}), or None for the gtol rule.")
         if self.backward_state not in BACKWARD_STATES:
-            _fail("backward_state", self.backward_state, f"use one of {', '.join(map(repr, BACKWARD_STATES))}.")
+            _fail("backward_state", self.backward_state, f"use {' or '.join(map(repr, BACKWARD_STATES))}.")
         m = self.max_steps
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             _fail("max_steps", m, "max_steps must be an int >= 1, or None to reuse the forward's.")
@@ -105,11 +105,11 @@ class GaussLegendreAdjoint(AbstractAdjoint):
         del passed_solver_state, passed_controller_state  # made non-differentiable below
         name = "`adjoint=GaussLegendreAdjoint()`"
         if jtu.tree_structure(saveat.subs, is_leaf=_is_subsaveat) != jtu.tree_structure(0):
-            raise NotImplementedError(f"{name} does not support `SaveAt(subs=...)`; save at one set of times.")
+            raise NotImplementedError(f"{name} does not support `SaveAt(subs=...)`; save one set of times.")
         if saveat.dense or saveat.subs.steps:
-            raise NotImplementedError(f"{name} needs `SaveAt(t0=..., t1=..., ts=...)`, not `steps` or `dense`.")
+            raise NotImplementedError(f"{name} needs `SaveAt(t0=, t1=, ts=)`, not `steps` or `dense`.")
         if saveat.subs.fn is not save_y:
-            raise NotImplementedError(f"{name} does not support `SaveAt(fn=...)`; apply fn to `sol.ys` instead.")
+            raise NotImplementedError(f"{name} does not support `SaveAt(fn=...)`; apply fn to `sol.ys`.")
         if event is not None:
             raise NotImplementedError(f"{name} does not support events.")
         inner = terms.term if isinstance(terms, WrapTerm) else terms
@@ -284,7 +284,7 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
 
     backward = dict(
         solver=solver if adj.solver is None else adj.solver,
-        stepsize_controller=stepsize_controller if adj.stepsize_controller is None else adj.stepsize_controller,
+        stepsize_controller=adj.stepsize_controller or stepsize_controller,
         dt0=None if dt0 is None else -dt0,
         max_steps=max_steps if adj.max_steps is None else adj.max_steps,
         throw=throw,
@@ -300,8 +300,8 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
         nodes = jnp.clip((t_lo + t_hi) / 2 + half * x, t_lo, t_hi)
         save = SaveAt(ts=nodes, t1=True)
         if adj.backward_state == "backsolve":
-            sol = self._diffeqsolve(ODETerm(_backsolve_vf), t0=t_hi, t1=t_lo, y0=(y_hi, a), args=(args, terms),
-                                    saveat=save, **backward)  # fmt: skip
+            sol = self._diffeqsolve(ODETerm(_backsolve_vf), t0=t_hi, t1=t_lo, y0=(y_hi, a),
+                                    args=(args, terms), saveat=save, **backward)  # fmt: skip
             z_nodes, a_path = sol.ys
         else:
             sol = self._diffeqsolve(ODETerm(_interp_vf), t0=t_hi, t1=t_lo, y0=a, args=(args, terms, dense),
@@ -311,11 +311,12 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
         a_nodes = jtu.tree_map(lambda p: p[:-1], a_path)
         a_lo = jtu.tree_map(lambda p: p[-1], a_path)
         z_nodes = jtu.tree_map(lambda p: p[: len(x)], z_nodes)
-        wa = jtu.tree_map(lambda p: p * (w * half).astype(p.dtype).reshape((-1,) + (1,) * (p.ndim - 1)), a_nodes)
+        wh = w * half
+        wa = jtu.tree_map(lambda p: p * wh.astype(p.dtype).reshape((-1,) + (1,) * (p.ndim - 1)), a_nodes)
 
         def width(k):
-            take = lambda p: p[:k]
-            return lambda: _node_vjp(params, static, take(nodes), jtu.tree_map(take, z_nodes), jtu.tree_map(take, wa))
+            take = lambda tree: jtu.tree_map(lambda p: p[:k], tree)
+            return lambda: _node_vjp(params, static, take(nodes), take(z_nodes), take(wa))
 
         if len(widths) == 1:
             dg = width(widths[0])()
@@ -377,7 +378,7 @@ def _node_vjp(params, static, nodes, z_nodes, wa_nodes):
     return g
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _padded_rule_numpy(order: int | None, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Row n: the n-point Gauss-Legendre rule, nodes descending, padded to `width` with node -1
     and weight 0 (row 0 unused). With a fixed `order`, a single row."""

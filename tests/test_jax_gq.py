@@ -1,0 +1,284 @@
+"""impls.jax.GaussLegendreAdjoint against diffrax's RecursiveCheckpointAdjoint, closed forms, and
+the torch GQ on copied weights. float64 throughout; every jitted function is built once and
+reused across parameters of the same shapes, because compilation dominates this file's time."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+diffrax = pytest.importorskip("diffrax")
+eqx = pytest.importorskip("equinox")
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp  # noqa: E402
+
+from impls.jax import GaussLegendreAdjoint  # noqa: E402
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+class MLPField(eqx.Module):
+    """f(t, y) = MLP([y, t]) with softplus, laid out like torch's nn.Linear (y @ W.T + b)."""
+
+    weights: list
+    biases: list
+
+    @classmethod
+    def init(cls, key, dim, width, depth=2, scale=1.0):
+        sizes = [dim + 1] + [width] * depth + [dim]
+        ws, bs = [], []
+        for a, b in zip(sizes, sizes[1:], strict=False):
+            key, k1, k2 = jax.random.split(key, 3)
+            ws.append(scale * jax.random.normal(k1, (b, a)) / np.sqrt(a))
+            bs.append(0.1 * jax.random.normal(k2, (b,)))
+        return cls(ws, bs)
+
+    def __call__(self, t, y, args):
+        h = jnp.concatenate([y, jnp.ones_like(y[..., :1]) * t], axis=-1)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            h = h @ w.T + b
+            if i < len(self.weights) - 1:
+                h = jax.nn.softplus(h)
+        return h * args  # args: a scalar gain, so the args gradient is exercised too
+
+
+def _solve(field, y0, gain, ts, adjoint, t0=0.0, t1=1.0):
+    return diffrax.diffeqsolve(
+        diffrax.ODETerm(field), diffrax.Dopri5(), t0, t1, None, y0, gain,
+        saveat=diffrax.SaveAt(ts=ts), stepsize_controller=diffrax.PIDController(**TOL),
+        adjoint=adjoint, max_steps=4096,
+    )  # fmt: skip
+
+
+@functools.cache
+def _grad_fn(adjoint, t0=0.0, t1=1.0):
+    """value_and_grad of sum(ys^2 * weights) w.r.t. (field, y0, gain); `ts` is a runtime argument."""
+
+    def loss(diff, ts):
+        field, y0, gain = diff
+        sol = _solve(field, y0, gain, ts, adjoint, t0, t1)
+        w = jnp.arange(1, len(ts) + 1, dtype=sol.ys.dtype)[:, None, None]
+        return jnp.sum(w * sol.ys**2), sol.stats
+
+    return eqx.filter_jit(eqx.filter_value_and_grad(loss, has_aux=True))
+
+
+def _rel_err(g, ref) -> float:
+    g, ref = jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(ref)
+    num = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(g, ref, strict=True))
+    den = sum(float(jnp.sum(b**2)) for b in ref)
+    return (num / den) ** 0.5
+
+
+@pytest.fixture(scope="module")
+def mlp_problem():
+    key = jax.random.PRNGKey(0)
+    field = MLPField.init(key, dim=3, width=16, scale=1.5)
+    y0 = jax.random.normal(jax.random.PRNGKey(1), (4, 3))
+    return (field, y0, jnp.asarray(0.9))
+
+
+TS = {"end": [1.0], "four": [0.0, 0.3, 0.5, 1.0], "interior": [0.2, 0.45, 0.7, 0.9]}
+
+
+@pytest.fixture(scope="module")
+def reference(mlp_problem):
+    fn = _grad_fn(diffrax.RecursiveCheckpointAdjoint())
+    return {k: fn(mlp_problem, jnp.asarray(v)) for k, v in TS.items()}
+
+
+@pytest.mark.parametrize("backward_state", ["backsolve", "interpolate"])
+@pytest.mark.parametrize("ts", list(TS))
+def test_mlp_matches_checkpoint_fixed_order(mlp_problem, reference, ts, backward_state):
+    (v, _), g = _grad_fn(GaussLegendreAdjoint(quad_order=8, backward_state=backward_state))(
+        mlp_problem, jnp.asarray(TS[ts])
+    )
+    (v_ref, _), g_ref = reference[ts]
+    assert float(v) == pytest.approx(float(v_ref), rel=1e-12)
+    assert _rel_err(g, g_ref) < 1e-7
+
+
+@pytest.mark.parametrize("ts", ["four", "interior"])
+def test_gtol_rule(mlp_problem, reference, ts):
+    """n_i = min(ceil(gtol * NFE * |dt_i| / |T|), 64) from the forward's own NFE, resolved under jit."""
+    gtol = 2.0
+    (_, stats), g = _grad_fn(GaussLegendreAdjoint(gtol=gtol))(mlp_problem, jnp.asarray(TS[ts]))
+    nfe = int(stats["gq_nfe_forward"])
+    assert nfe == 6 * int(stats["num_steps"]) + 3  # Dopri5: 6 per step, FSAL start, 2 for dt0
+    points = np.concatenate([[0.0], TS[ts]])  # t0 is not saved: the walk ends at t0 anyway
+    expected = np.clip(np.ceil(gtol * nfe * np.diff(points) / 1.0), 1, 64)
+    np.testing.assert_array_equal(np.asarray(stats["gq_quad_orders"]), expected)
+    assert expected.max() > 4  # several switch branches exercised
+    assert _rel_err(g, reference[ts][1]) < 1e-6
+
+
+def test_gtol_small_is_coarse_but_close(mlp_problem, reference):
+    (_, stats), g = _grad_fn(GaussLegendreAdjoint(gtol=0.1))(mlp_problem, jnp.asarray(TS["four"]))
+    assert int(np.min(stats["gq_quad_orders"])) >= 1
+    assert _rel_err(g, reference["four"][1]) < 1e-2
+
+
+# ----------------------------------------------------------------------------- closed form
+
+
+def _linear_problem():
+    rng = np.random.default_rng(0)
+    d = 4
+    a = -0.3 * np.eye(d) + 0.6 * rng.standard_normal((d, d)) / np.sqrt(d)
+    return jnp.asarray(a), jnp.asarray(rng.standard_normal(d))
+
+
+def _linear_loss_exact(a, y0, ts):
+    ys = jnp.stack([jax.scipy.linalg.expm(a * t) @ y0 for t in ts])
+    return jnp.sum(jnp.arange(1, len(ts) + 1)[:, None] * ys**2)
+
+
+@functools.cache
+def _linear_grad_fn(adjoint):
+    def loss(diff, ts):
+        a, y0 = diff
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, y, a: a @ y), diffrax.Dopri5(), 0.0, 2.0, None, y0, a,
+            saveat=diffrax.SaveAt(ts=ts), stepsize_controller=diffrax.PIDController(rtol=1e-11, atol=1e-11),
+            adjoint=adjoint, max_steps=4096,
+        )  # fmt: skip
+        return jnp.sum(jnp.arange(1, len(ts) + 1)[:, None] * sol.ys**2)
+
+    return eqx.filter_jit(eqx.filter_grad(loss))
+
+
+def test_linear_closed_form_quad_order_convergence():
+    a, y0 = _linear_problem()
+    ts = (0.5, 1.2, 2.0)
+    g_a, g_y0 = jax.grad(_linear_loss_exact, argnums=(0, 1))(a, y0, ts)
+    errs = []
+    for n in (1, 2, 4):
+        ga, gy = _linear_grad_fn(GaussLegendreAdjoint(quad_order=n))((a, y0), jnp.asarray(ts))
+        errs.append(float(jnp.linalg.norm(ga - g_a) / jnp.linalg.norm(g_a)))
+        # The y0 gradient does not go through the quadrature: exact for every n.
+        assert float(jnp.linalg.norm(gy - g_y0) / jnp.linalg.norm(g_y0)) < 1e-8
+    assert all(e1 < e0 for e0, e1 in zip(errs, errs[1:], strict=False)), errs
+    assert errs[0] > 1e-4 and errs[-1] < 1e-8, errs
+
+
+# ----------------------------------------------------------------------------- other shapes of call
+
+
+def test_pytree_state_and_reversed_time():
+    """Tuple state, t1 < t0 (diffrax normalises time; the adjoint works in normalised time)."""
+    field = MLPField.init(jax.random.PRNGKey(2), dim=3, width=8)
+
+    def split_field(t, y, args):
+        f = field(t, jnp.concatenate([y[0], y[1]], axis=-1), args)
+        return f[..., :1], f[..., 1:]
+
+    def loss(adjoint):
+        def fn(diff):
+            gain, y0 = diff
+            sol = diffrax.diffeqsolve(
+                diffrax.ODETerm(split_field), diffrax.Dopri5(), 1.0, -0.5, None, y0, gain,
+                saveat=diffrax.SaveAt(ts=jnp.array([0.6, 0.0, -0.5])),
+                stepsize_controller=diffrax.PIDController(**TOL), adjoint=adjoint, max_steps=4096,
+            )  # fmt: skip
+            return jnp.sum(sol.ys[0] ** 2) + jnp.sum(jnp.sin(sol.ys[1]))
+
+        return eqx.filter_jit(eqx.filter_grad(fn))
+
+    y0 = (jnp.ones((2, 1)), jnp.linspace(-1, 1, 4).reshape(2, 2))
+    diff = (jnp.asarray(0.8), y0)
+    ref = loss(diffrax.RecursiveCheckpointAdjoint())(diff)
+    got = loss(GaussLegendreAdjoint(quad_order=6))(diff)
+    assert _rel_err(got, ref) < 1e-7
+
+
+def test_same_as_torch_gq_on_copied_weights():
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    from impls import odeint_adjoint_gq
+
+    torch.manual_seed(0)
+    dim, width = 3, 12
+
+    class TorchField(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(dim + 1, width), nn.Softplus(), nn.Linear(width, width),
+                                     nn.Softplus(), nn.Linear(width, dim))  # fmt: skip
+
+        def forward(self, t, y):
+            return self.net(torch.cat([y, torch.ones_like(y[..., :1]) * t], dim=-1))
+
+    tf = TorchField().double()
+    y0_t = torch.randn(5, dim, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.4, 1.0], dtype=torch.float64)
+    ys = odeint_adjoint_gq(tf, y0_t, t, rtol=1e-10, atol=1e-10, method="dopri5", quad_order=8)
+    loss_t = (torch.arange(1, 4, dtype=torch.float64)[:, None, None] * ys**2).sum()
+    loss_t.backward()
+    loss_t = loss_t.detach()
+
+    linears = [m for m in tf.net if isinstance(m, nn.Linear)]
+    field = MLPField([jnp.asarray(m.weight.detach().numpy()) for m in linears],
+                     [jnp.asarray(m.bias.detach().numpy()) for m in linears])  # fmt: skip
+    y0 = jnp.asarray(y0_t.detach().numpy())
+    # SaveAt(ts) includes t0 = 0: the same three outputs as torchdiffeq's ys.
+    (v, _), (g_field, g_y0, _) = _grad_fn(GaussLegendreAdjoint(quad_order=8))(
+        (field, y0, jnp.asarray(1.0)), jnp.asarray(t.numpy())
+    )
+    assert float(v) == pytest.approx(loss_t.item(), rel=1e-9)
+    torch_grads = [m.weight.grad for m in linears] + [m.bias.grad for m in linears] + [y0_t.grad]
+    jax_grads = list(g_field.weights) + list(g_field.biases) + [g_y0]
+    for gj, gt in zip(jax_grads, torch_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(gj), gt.numpy(), rtol=1e-6, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- options and errors
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(gtol=0.0), r"gtol=0.0\).*> 0"),
+        (dict(gtol=-1), r"gtol=-1\)"),
+        (dict(gtol=float("nan")), r"gtol=nan\)"),
+        (dict(quad_order=0), r"quad_order=0\).*int >= 1"),
+        (dict(quad_order=2.5), r"quad_order=2.5\)"),
+        (dict(backward_state="forward"), r"backward_state='forward'\).*'backsolve' or 'interpolate'"),
+        (dict(max_steps=0), r"max_steps=0\)"),
+    ],
+)
+def test_bad_options_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GaussLegendreAdjoint(**kwargs)
+
+
+def test_unsupported_calls_say_why(mlp_problem):
+    field, y0, gain = mlp_problem
+    term = diffrax.ODETerm(field)
+    with pytest.raises(ValueError, match="max_steps=N"):
+        diffrax.diffeqsolve(term, diffrax.Dopri5(), 0.0, 1.0, 0.1, y0, gain, max_steps=None,
+                            adjoint=GaussLegendreAdjoint(backward_state="interpolate"))  # fmt: skip
+    with pytest.raises(NotImplementedError, match="steps"):
+        diffrax.diffeqsolve(term, diffrax.Dopri5(), 0.0, 1.0, 0.1, y0, gain,
+                            saveat=diffrax.SaveAt(steps=True), adjoint=GaussLegendreAdjoint())  # fmt: skip
+
+
+def test_import_impls_does_not_import_jax():
+    code = "import sys, impls; assert 'jax' not in sys.modules and 'diffrax' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu(mlp_problem, reference):
+    gpus = [d for d in jax.devices() if d.platform == "gpu"] if jax.default_backend() == "gpu" else []
+    if not gpus:
+        pytest.skip("no CUDA device visible to JAX")
+    diff = jax.device_put(mlp_problem, gpus[0])
+    ts = jax.device_put(jnp.asarray(TS["four"]), gpus[0])
+    (_, _), g = _grad_fn(GaussLegendreAdjoint(quad_order=8))(diff, ts)
+    assert _rel_err(jax.device_get(g), reference["four"][1]) < 1e-7
