@@ -9,9 +9,21 @@ import math
 
 # Columns a case contributes to every results row, in this order.
 CASE_FIELDS = (
-    "method", "problem", "width", "batch", "rtol", "atol", "gtol", "quad_order", "backward_state",
-    "solver", "device", "dtype", "seed", "threads",
-)  # fmt: skip
+    "method",
+    "problem",
+    "width",
+    "batch",
+    "rtol",
+    "atol",
+    "gtol",
+    "quad_order",
+    "backward_state",
+    "solver",
+    "device",
+    "dtype",
+    "seed",
+    "threads",
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,8 +37,9 @@ def prepare(case: Case) -> AbstractRun:
         raise Skip(reason)
     torch.set_num_threads(case.threads)
     torch.manual_seed(case.seed)
-    problem = get_problem(case.problem).build(width=case.width, batch=case.batch, dtype=case.dtype,
-                                              device=case.device, seed=case.seed)  # fmt: skip
+    problem = get_problem(case.problem).build(
+        width=case.width, batch=case.batch, dtype=case.dtype, device=case.device, seed=case.seed
+    )
     return method.build(case=case, problem=problem)
 
 
@@ -96,13 +97,22 @@ def _maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(case: Case, *, repeats: int = 3, warmup: int = 1, reference_dir: str | Path | None = None,
-            run: AbstractRun | None = None) -> list[dict]:  # fmt: skip
+def measure(
+    case: Case,
+    *,
+    repeats: int = 3,
+    warmup: int = 1,
+    reference_dir: str | Path | None = None,
+    run: AbstractRun | None = None,
+    reference: bool = True,
+) -> list[dict]:
     """Warm up, then time `repeats` forward and backward calls: one row per repeat.
 
     Rows carry the case fields, `repeat`, `fwd_s`, `bwd_s`, `peak_mem_bytes`, `nfe_fwd`, `nfe_bwd`,
     `grad_rel_err` (vs the cached float64 reference), `loss`, `status` ("ok" or "nan") and more.
     Exceptions propagate (the worker turns them into failure rows with `classify`).
+    `run`: an already prepared run (asv/pytest-benchmark set up once); `reference=False`: no
+    gradient error (NaN), e.g. when the reference could not be computed.
     """
     t0 = time.perf_counter()
     method = get_method(case.method)
@@ -119,27 +129,45 @@ def measure(case: Case, *, repeats: int = 3, warmup: int = 1, reference_dir: str
             b = time.perf_counter()
             run.backward()
             c = time.perf_counter()
-        rows.append(dict(case.to_dict(), case_id=case.case_id, repeat=r, fwd_s=b - a, bwd_s=c - b,
-                         peak_mem_bytes=float(mem.bytes), nfe_fwd=run.nfe_forward, nfe_bwd=run.nfe_backward,
-                         loss=run.loss_value(), compile_s=run.compile_s, setup_s=setup_s, warmup=warmup,
-                         **run.extra))  # fmt: skip
+        rows.append(
+            dict(
+                case.to_dict(),
+                case_id=case.case_id,
+                repeat=r,
+                fwd_s=b - a,
+                bwd_s=c - b,
+                peak_mem_bytes=float(mem.bytes),
+                nfe_fwd=run.nfe_forward,
+                nfe_bwd=run.nfe_backward,
+                loss=run.loss_value(),
+                compile_s=run.compile_s,
+                setup_s=setup_s,
+                warmup=warmup,
+                **run.extra,
+            )
+        )
     grads = [np.asarray(g, dtype=np.float64) for g in run.gradients()]
     finite = all(np.isfinite(g).all() for g in grads) and all(math.isfinite(row["loss"]) for row in rows)
     err = float("nan")
-    if finite and method.needs_reference:
+    if finite and reference and method.needs_reference:
         err = grad_rel_err(grads, reference_gradients(case, cache_dir=reference_dir))
     for row in rows:
-        row.update(grad_rel_err=err, status="ok" if finite else "nan",
-                   error="" if finite else "non-finite loss or gradient")  # fmt: skip
+        row.update(
+            grad_rel_err=err,
+            status="ok" if finite else "nan",
+            error="" if finite else "non-finite loss or gradient",
+        )
     return rows
 
 
 def grad_rel_err(grads: list[np.ndarray], ref: list[np.ndarray]) -> float:
     """||g - g_ref|| / ||g_ref|| over all parameter and y0 gradients together."""
-    if len(grads) != len(ref) or any(g.shape != r.shape for g, r in zip(grads, ref)):
-        raise ValueError(f"gradient shapes {[g.shape for g in grads]} do not match the reference's "
-                         f"{[r.shape for r in ref]}; gradients() must list params in order, then y0")  # fmt: skip
-    num = math.sqrt(sum(float(np.sum((g - r) ** 2)) for g, r in zip(grads, ref)))
+    if len(grads) != len(ref) or any(g.shape != r.shape for g, r in zip(grads, ref, strict=True)):
+        raise ValueError(
+            f"gradient shapes {[g.shape for g in grads]} do not match the reference's "
+            f"{[r.shape for r in ref]}; gradients() must list params in order, then y0"
+        )
+    num = math.sqrt(sum(float(np.sum((g - r) ** 2)) for g, r in zip(grads, ref, strict=True)))
     den = math.sqrt(sum(float(np.sum(r**2)) for r in ref))
     return num / den if den > 0 else num
 
@@ -184,7 +212,8 @@ def compute_reference(case: Case) -> list[np.ndarray]:
         y0 = inst.y0.detach().requires_grad_(True)
         ys = torchdiffeq.odeint(inst.func, y0, inst.t, options=dict(step_t=inst.t), **REFERENCE_SOLVER)
         exact = torch.autograd.grad(inst.loss(ys), (*inst.params, y0), allow_unused=True)
-        exact = [torch.zeros_like(p) if g is None else g for p, g in zip((*inst.params, y0), exact)]
+        wrt = (*inst.params, y0)
+        exact = [torch.zeros_like(p) if g is None else g for p, g in zip(wrt, exact, strict=True)]
     return [g.detach().numpy() for g in exact]
 
 
@@ -203,6 +232,21 @@ def classify(exc: BaseException) -> str:
 def failure_rows(case: Case, status: str, error: str) -> list[dict]:
     """The single row recorded for a case that produced no measurements."""
     nan = float("nan")
-    return [dict(case.to_dict(), case_id=case.case_id, repeat=0, fwd_s=nan, bwd_s=nan, peak_mem_bytes=nan,
-                 nfe_fwd=nan, nfe_bwd=nan, grad_rel_err=nan, loss=nan, compile_s=nan, setup_s=nan,
-                 status=status, error=error)]  # fmt: skip
+    return [
+        dict(
+            case.to_dict(),
+            case_id=case.case_id,
+            repeat=0,
+            fwd_s=nan,
+            bwd_s=nan,
+            peak_mem_bytes=nan,
+            nfe_fwd=nan,
+            nfe_bwd=nan,
+            grad_rel_err=nan,
+            loss=nan,
+            compile_s=nan,
+            setup_s=nan,
+            status=status,
+            error=error,
+        )
+    ]

@@ -25,7 +25,7 @@ class MLP(nn.Module):
         self.time_input = time_input
         sizes = [dim_in + time_input] + [width] * depth + [dim_out]
         layers: list[nn.Module] = []
-        for a, b in zip(sizes, sizes[1:]):
+        for a, b in zip(sizes, sizes[1:], strict=False):
             layers += [nn.Linear(a, b), nn.Softplus()]
         self.net = nn.Sequential(*layers[:-1])
 
@@ -74,8 +74,15 @@ class AbstractProblem(abc.ABC):
     default_batch: int
     default_width: int = 64
 
-    def build(self, *, width: int, batch: int | None = None, dtype: str = "float32", device: str = "cpu",
-              seed: int = 0) -> ProblemInstance:  # fmt: skip
+    def build(
+        self,
+        *,
+        width: int,
+        batch: int | None = None,
+        dtype: str = "float32",
+        device: str = "cpu",
+        seed: int = 0,
+    ) -> ProblemInstance:
         """The instance for (width, batch, seed), cast to dtype and moved to device."""
         batch = self.default_batch if batch is None else batch
         gen = torch.Generator().manual_seed(seed)
@@ -83,8 +90,12 @@ class AbstractProblem(abc.ABC):
             torch.manual_seed(seed)  # nn.Linear's init draws from the global generator
             func, y0, t, loss = self._make(width=width, batch=batch, gen=gen)
         dt = DTYPES[dtype]
-        return ProblemInstance(func=func.to(device=device, dtype=dt), y0=y0.to(device=device, dtype=dt),
-                               t=t.to(device=device, dtype=dt), loss=loss(device, dt))  # fmt: skip
+        return ProblemInstance(
+            func=func.to(device=device, dtype=dt),
+            y0=y0.to(device=device, dtype=dt),
+            t=t.to(device=device, dtype=dt),
+            loss=loss(device, dt),
+        )
 
     @abc.abstractmethod
     def _make(self, *, width: int, batch: int, gen: torch.Generator):

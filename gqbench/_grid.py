@@ -1,0 +1,279 @@
+"""Grid specs (TOML) -> frozen `Case`s.
+
+A spec has optional `name`/`description`, a `[run]` table (repeats, warmup, timeout,
+reference_timeout), an `[axes]` table of defaults and any number of `[[grid]]` tables. Each grid
+is `axes` updated by its own keys, expanded as a cross product; the spec is the union of its
+grids (duplicates dropped), so a preset can cross everything at small widths and only a few
+points at large ones. Without `[[grid]]`, `[axes]` alone is the grid.
+
+Rules:
+- `rtol`/`atol`: `tolerances = "paired"` (default) zips them (equal lengths; `atol` defaults to
+  `rtol`), `"crossed"` crosses them.
+- Quadrature axes (`gtol`, `quad_order`, `backward_state`) apply only to methods declaring
+  `quadrature=True` (torch_gq, later jax_gq); other methods get them as None, once.
+  A quadrature method runs one case per gtol value plus one per quad_order value.
+- `batch` omitted: each problem's default batch; `width` omitted: each problem's default width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import tomllib
+from importlib import resources
+from pathlib import Path
+
+from ._case import Case
+
+AXES = (
+    "method",
+    "problem",
+    "width",
+    "batch",
+    "rtol",
+    "atol",
+    "gtol",
+    "quad_order",
+    "backward_state",
+    "solver",
+    "device",
+    "dtype",
+    "seed",
+    "threads",
+)
+AXIS_OPTIONS = ("tolerances",)
+RUN_KEYS = ("repeats", "warmup", "timeout", "reference_timeout")
+TOP_KEYS = ("name", "description", "run", "axes", "grid")
+DEFAULT_AXES = dict(
+    rtol=[1e-6],
+    gtol=[0.1],
+    backward_state=["backsolve"],
+    solver=["dopri5"],
+    device=["cpu"],
+    dtype=["float32"],
+    seed=[0],
+    threads=[2],
+)
+SOLVERS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")  # adaptive: tolerances mean something
+BACKWARD_STATES = ("backsolve", "interpolate")
+DTYPES = ("float32", "float64")
+
+
+class GridSpecError(ValueError):
+    """A malformed spec; the message is one line naming the key and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    repeats: int = 3
+    warmup: int = 1
+    timeout: float = 120.0  # seconds per case (worker start-up included)
+    reference_timeout: float = 600.0  # seconds for one float64 reference gradient
+
+    def replace(self, **changes) -> RunSettings:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclasses.dataclass(frozen=True)
+class GridSpec:
+    name: str
+    description: str
+    settings: RunSettings
+    cases: tuple[Case, ...]
+    source: dict  # the parsed TOML, stored with the results
+
+
+def list_presets() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("gqbench.presets").iterdir() if p.name.endswith(".toml"))
+
+
+def load_preset(name: str) -> GridSpec:
+    if name not in list_presets():
+        raise GridSpecError(f"unknown preset {name!r}; choose one of: {', '.join(list_presets())}")
+    text = resources.files("gqbench.presets").joinpath(f"{name}.toml").read_text()
+    return parse_spec(_parse_toml(text, f"preset {name}"), source=f"preset {name}", default_name=name)
+
+
+def load_spec(path: str | Path) -> GridSpec:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise GridSpecError(f"{path}: cannot read the grid spec ({exc.strerror}); check the path") from None
+    return parse_spec(_parse_toml(text, str(path)), source=str(path), default_name=path.stem)
+
+
+def _parse_toml(text: str, where: str) -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise GridSpecError(f"{where}: not valid TOML ({exc}); fix the syntax there") from None
+
+
+def parse_spec(
+    data: dict, *, source: str = "<spec>", default_name: str = "grid", threads: int | None = None
+) -> GridSpec:
+    """Validate and expand a parsed spec. `threads` overrides the spec's threads axis."""
+    for key in data:
+        if key not in TOP_KEYS:
+            _fail(source, key, f"is not a spec key; use {', '.join(TOP_KEYS)}")
+    run = _table(data, "run", source)
+    for key in run:
+        if key not in RUN_KEYS:
+            _fail(source, f"run.{key}", f"is not a run setting; use {', '.join(RUN_KEYS)}")
+    settings = RunSettings(
+        **{
+            k: _positive(source, f"run.{k}", v, integer=k in ("repeats", "warmup"), zero_ok=k == "warmup")
+            for k, v in run.items()
+        }
+    )
+    axes = _table(data, "axes", source)
+    grids = data.get("grid", [{}])
+    if not isinstance(grids, list) or not all(isinstance(g, dict) for g in grids):
+        _fail(source, "grid", "must be an array of tables: write [[grid]] above each block")
+    if not grids:
+        grids = [{}]
+    cases: dict[str, Case] = {}
+    for i, grid in enumerate(grids):
+        where = f"{source} [[grid]] #{i + 1}" if "grid" in data else f"{source} [axes]"
+        merged = dict(axes, **grid)
+        if threads is not None:
+            merged["threads"] = [threads]
+        for case in _expand(merged, where):
+            cases.setdefault(case.case_id, case)
+    if not cases:
+        _fail(source, "method", "the grid expands to no cases; give every axis at least one value")
+    name = data.get("name", default_name)
+    return GridSpec(
+        name=str(name),
+        description=str(data.get("description", "")),
+        settings=settings,
+        cases=tuple(cases.values()),
+        source=data,
+    )
+
+
+def _expand(axes: dict, where: str) -> list[Case]:
+    from ._methods import METHODS
+    from ._problems import PROBLEMS
+
+    for key in axes:
+        if key not in AXES + AXIS_OPTIONS:
+            hint = " (did you mean 'rtol'/'atol'?)" if key in ("tol", "tols", "tolerance") else ""
+            _fail(where, key, f"is not an axis{hint}; use {', '.join(AXES + AXIS_OPTIONS)}")
+    ax = {k: _as_list(where, k, v) for k, v in axes.items() if k in AXES}
+    for key, default in DEFAULT_AXES.items():
+        ax.setdefault(key, default)
+    for key in ("method", "problem"):
+        if key not in ax:
+            _fail(where, key, f"is missing; add e.g. {key} = [{_example(key)}]")
+    _choices(where, "method", ax["method"], list(METHODS))
+    _choices(where, "problem", ax["problem"], list(PROBLEMS))
+    _choices(where, "backward_state", ax["backward_state"], BACKWARD_STATES)
+    _choices(where, "solver", ax["solver"], SOLVERS)
+    _choices(where, "dtype", ax["dtype"], DTYPES)
+    for d in ax["device"]:
+        if not isinstance(d, str) or not (d == "cpu" or d == "cuda" or d.startswith("cuda:")):
+            _fail(where, "device", f'value {d!r} is not a device; use "cpu", "cuda" or "cuda:N"')
+    for key in ("width", "batch", "seed", "threads", "quad_order"):
+        for v in ax.get(key, []):
+            _positive(where, key, v, integer=True, zero_ok=key == "seed")
+    for v in ax.get("quad_order", []):
+        if v > 64:
+            _fail(where, "quad_order", f"value {v} is above 64; use 1..64 nodes per interval")
+    for key in ("rtol", "atol", "gtol"):
+        for v in ax.get(key, []):
+            _positive(where, key, v)
+    tols = _tolerances(where, ax, axes.get("tolerances", "paired"))
+    quad = [(g, None) for g in ax["gtol"] if "quad_order" not in axes or "gtol" in axes]
+    quad += [(None, n) for n in ax.get("quad_order", [])]
+    if not quad:
+        quad = [(DEFAULT_AXES["gtol"][0], None)]
+    cases = []
+    for method, problem_name in itertools.product(ax["method"], ax["problem"]):
+        problem = PROBLEMS[problem_name]
+        widths = ax.get("width", [problem.default_width])
+        batches = ax.get("batch", [problem.default_batch])
+        is_quad = METHODS[method].quadrature
+        quad_points = (
+            [(g, n, b) for (g, n), b in itertools.product(quad, ax["backward_state"])]
+            if is_quad
+            else [(None, None, None)]
+        )
+        for w, b, (rtol, atol), (g, n, bs), solver, device, dtype, seed, threads in itertools.product(
+            widths, batches, tols, quad_points, ax["solver"], ax["device"], ax["dtype"], ax["seed"], ax["threads"]
+        ):
+            cases.append(
+                Case(
+                    method=method,
+                    problem=problem_name,
+                    width=w,
+                    batch=b,
+                    rtol=float(rtol),
+                    atol=float(atol),
+                    gtol=None if g is None else float(g),
+                    quad_order=n,
+                    backward_state=bs,
+                    solver=solver,
+                    device=device,
+                    dtype=dtype,
+                    seed=seed,
+                    threads=threads,
+                )
+            )
+    return cases
+
+
+def _tolerances(where: str, ax: dict, mode) -> list[tuple[float, float]]:
+    rtol, atol = ax["rtol"], ax.get("atol", ax["rtol"])
+    if mode == "crossed":
+        return list(itertools.product(rtol, atol))
+    if mode != "paired":
+        _fail(where, "tolerances", f'is {mode!r}; use "paired" (zip rtol with atol) or "crossed"')
+    if len(rtol) != len(atol):
+        _fail(
+            where,
+            "atol",
+            f"has {len(atol)} values but rtol has {len(rtol)}; give equal lengths to pair them,"
+            ' or set tolerances = "crossed"',
+        )
+    return list(zip(rtol, atol, strict=True))
+
+
+def _example(key: str) -> str:
+    return {"method": '"torch_gq"', "problem": '"workload_l"'}.get(key, "...")
+
+
+def _fail(where: str, key: str, why_and_fix: str):
+    raise GridSpecError(f"{where}: {key} {why_and_fix}")
+
+
+def _table(data: dict, key: str, source: str) -> dict:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        _fail(source, key, f"must be a table: write [{key}] on its own line and key = value lines below it")
+    return value
+
+
+def _as_list(where: str, key: str, value) -> list:
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        _fail(where, key, f"is an empty list; give at least one value or remove {key}")
+    return values
+
+
+def _choices(where: str, key: str, values: list, known) -> None:
+    for v in values:
+        if v not in known:
+            _fail(where, key, f"value {v!r} is unknown; use one of {', '.join(map(str, known))}")
+
+
+def _positive(where: str, key: str, v, *, integer: bool = False, zero_ok: bool = False):
+    ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok_type or not math.isfinite(v) or v < 0 or (v == 0 and not zero_ok):
+        kind = "an integer" if integer else "a number"
+        bound = ">= 0" if zero_ok else "> 0"
+        example = ("3" if integer else "60") if "." in key else ("[1]" if integer else "[1e-6]")
+        _fail(where, key, f"value {v!r} must be {kind} {bound}, e.g. {key.split('.')[-1]} = {example}")
+    return v

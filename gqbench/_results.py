@@ -1,0 +1,134 @@
+"""The results table: one row per case x repeat, rebuilt atomically from per-case files.
+
+`DIR/cases/<case_id>.json` (written once, atomically, when a case finishes) is the source of truth;
+`DIR/results.parquet` is rebuilt from them, so a killed run loses at most the case in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from ._case import CASE_FIELDS
+
+MEASURES = (
+    "repeat",
+    "fwd_s",
+    "bwd_s",
+    "peak_mem_bytes",
+    "nfe_fwd",
+    "nfe_bwd",
+    "quad_nodes",
+    "grad_rel_err",
+    "loss",
+    "compile_s",
+    "setup_s",
+    "warmup",
+    "status",
+    "error",
+    "worker_s",
+)
+COLUMNS = ("case_id", "label", *CASE_FIELDS, *MEASURES)
+_DTYPES = {
+    **{
+        c: "float64"
+        for c in (
+            "rtol",
+            "atol",
+            "gtol",
+            "fwd_s",
+            "bwd_s",
+            "peak_mem_bytes",
+            "nfe_fwd",
+            "nfe_bwd",
+            "quad_nodes",
+            "grad_rel_err",
+            "loss",
+            "compile_s",
+            "setup_s",
+            "worker_s",
+        )
+    },
+    **{c: "Int64" for c in ("width", "batch", "quad_order", "seed", "threads", "repeat", "warmup")},
+}
+
+
+def case_path(out_dir: Path, case_id: str) -> Path:
+    return Path(out_dir) / "cases" / f"{case_id}.json"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_case(out_dir: Path, case_id: str, rows: list[dict]) -> None:
+    write_atomic(case_path(out_dir, case_id), json.dumps(rows, default=_json_default).encode())
+
+
+def _json_default(x):
+    try:
+        return x.item()  # numpy scalars
+    except AttributeError:
+        return str(x)
+
+
+def finished_ids(out_dir: Path) -> set[str]:
+    return {p.stem for p in (Path(out_dir) / "cases").glob("*.json")}
+
+
+def frame(rows: list[dict]) -> pd.DataFrame:
+    """Rows -> the table with the documented columns first, in a fixed dtype per column."""
+    df = pd.DataFrame(rows)
+    for col in COLUMNS:
+        if col not in df:
+            df[col] = None
+    extra = [c for c in df.columns if c not in COLUMNS]
+    df = df[list(COLUMNS) + extra]
+    for col, dtype in _DTYPES.items():
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype(dtype)
+    for col in (
+        "case_id",
+        "label",
+        "method",
+        "problem",
+        "backward_state",
+        "solver",
+        "device",
+        "dtype",
+        "status",
+        "error",
+    ):
+        df[col] = df[col].astype("string")
+    return df
+
+
+def rebuild_results(out_dir: Path) -> pd.DataFrame:
+    out_dir = Path(out_dir)
+    rows = []
+    for p in sorted((out_dir / "cases").glob("*.json")):
+        rows += json.loads(p.read_text())
+    df = frame(rows)
+    tmp = out_dir / f".results.parquet.{os.getpid()}.tmp"
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, out_dir / "results.parquet")
+    return df
+
+
+def load_results(out_dir: str | Path) -> pd.DataFrame:
+    """`DIR/results.parquet` as a DataFrame (rebuilt from DIR/cases if the table is missing)."""
+    out_dir = Path(out_dir)
+    path = out_dir / "results.parquet"
+    if not path.exists():
+        if not (out_dir / "cases").is_dir():
+            raise FileNotFoundError(f"{path} does not exist; run `gqbench run --out {out_dir}` first")
+        return rebuild_results(out_dir)
+    return pd.read_parquet(path)

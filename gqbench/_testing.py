@@ -1,0 +1,70 @@
+"""Stub methods with known NFE and timing, for testing the harness (not a benchmark).
+
+Import this module, or set GQBENCH_PLUGINS=gqbench._testing so worker processes register them too.
+Per call: nfe_forward = width, nfe_backward = 2 * width + 1; forward sleeps FWD_S, backward BWD_S.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import ClassVar
+
+import numpy as np
+
+from ._methods import METHODS, AbstractMethod, AbstractRun, register_method
+
+FWD_S = 0.02
+BWD_S = 0.05
+
+
+class StubRun(AbstractRun):
+    def __init__(self, kind: str, width: int):
+        self.kind, self.width, self.extra = kind, width, {}
+
+    def forward(self):
+        if self.kind == "crash":
+            raise RuntimeError("stub crashed on purpose")
+        if self.kind == "oom":
+            raise MemoryError("stub ran out of memory on purpose")
+        if self.kind == "max_steps":
+            raise AssertionError("max_num_steps exceeded (stub)")
+        if self.kind == "hang":
+            time.sleep(3600)
+        if self.kind == "abort":
+            os.abort()
+        time.sleep(FWD_S)
+        self.nfe_forward = self.width
+
+    def backward(self):
+        time.sleep(BWD_S)
+        self.nfe_backward = 2 * self.width + 1
+
+    def loss_value(self):
+        return float("nan") if self.kind == "nan" else 1.0
+
+    def gradients(self):
+        return [np.full(3, np.nan if self.kind == "nan" else 1.0)]
+
+
+@dataclasses.dataclass(frozen=True)
+class StubMethod(AbstractMethod):
+    kind: str = "ok"
+    needs_reference: ClassVar[bool] = False
+
+    def build(self, *, case, problem):
+        return StubRun(self.kind, case.width)
+
+
+@dataclasses.dataclass(frozen=True)
+class StubQuadMethod(StubMethod):
+    quadrature: ClassVar[bool] = True
+
+
+KINDS = ("ok", "crash", "nan", "hang", "oom", "max_steps", "abort")
+for _kind in KINDS:
+    if f"stub_{_kind}" not in METHODS._methods:
+        register_method(StubMethod(f"stub_{_kind}", f"test stub: {_kind}", kind=_kind))
+if "stub_quad" not in METHODS._methods:
+    register_method(StubQuadMethod("stub_quad", "test stub with quadrature axes"))

@@ -1,0 +1,157 @@
+"""Runner, worker and measure: exact NFE from stubs, failure rows, kill-and-resume, schema."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import gqbench._testing as stubs
+from gqbench import COLUMNS, Case, RunSettings, load_results, measure, parse_spec, run_grid
+from gqbench._measure import Skip
+
+PLUGIN = {"GQBENCH_PLUGINS": "gqbench._testing"}
+
+
+@pytest.fixture(autouse=True)
+def _plugins(monkeypatch):
+    monkeypatch.setenv("GQBENCH_PLUGINS", "gqbench._testing")  # worker processes register the stubs too
+
+
+def stub_case(kind="ok", width=3, **kw):
+    return Case(f"stub_{kind}", "linear", width, 2, threads=1, **kw)
+
+
+def test_measure_in_process_exact_counts():
+    rows = measure(stub_case(width=5), repeats=3, warmup=2)
+    assert [r["repeat"] for r in rows] == [0, 1, 2]
+    assert all(r["nfe_fwd"] == 5 and r["nfe_bwd"] == 11 and r["status"] == "ok" for r in rows)
+    assert all(stubs.FWD_S <= r["fwd_s"] < stubs.FWD_S + 0.5 for r in rows)
+    assert all(stubs.BWD_S <= r["bwd_s"] < stubs.BWD_S + 0.5 for r in rows)
+    assert all(np.isnan(r["grad_rel_err"]) for r in rows)  # stubs have no reference
+
+
+def test_run_grid_records_ok_and_every_failure(tmp_path):
+    cases = [stub_case("ok", 3), stub_case("ok", 4)] + [stub_case(k) for k in stubs.KINDS if k != "ok"]
+    cases.append(stub_case("ok", device="cuda:0") if not _cuda() else stub_case("ok", 6))
+    df = run_grid(cases, tmp_path, settings=RunSettings(repeats=2, warmup=1, timeout=8), progress=False)
+    by = {cid: g for cid, g in df.groupby("case_id")}
+    for width in (3, 4):
+        ok = by[stub_case("ok", width).case_id]
+        assert len(ok) == 2 and list(ok["repeat"]) == [0, 1]
+        assert (ok["nfe_fwd"] == width).all() and (ok["nfe_bwd"] == 2 * width + 1).all()
+        assert (ok["status"] == "ok").all() and (ok["error"] == "").all()
+        assert (ok["bwd_s"] >= stubs.BWD_S).all()
+    expect = {
+        "crash": ("error", "stub crashed on purpose"),
+        "nan": ("nan", "non-finite"),
+        "hang": ("timeout", "timeout"),
+        "oom": ("oom", "MemoryError"),
+        "max_steps": ("max_steps", "max_num_steps"),
+        "abort": ("error", "signal 6"),
+    }
+    for kind, (status, text) in expect.items():
+        rows = by[stub_case(kind).case_id]
+        assert set(rows["status"]) == {status}, (kind, rows["error"].tolist())
+        assert rows["error"].str.contains(text).all(), (kind, rows["error"].tolist())
+    if not _cuda():
+        skipped = by[stub_case("ok", device="cuda:0").case_id]
+        assert list(skipped["status"]) == ["skipped"] and "cuda" in skipped["error"].iloc[0]
+    # ok: 2 repeats x 2 cases; nan: its 2 measured repeats; 5 other failures and the skip: 1 row each
+    assert len(df) == 4 + 2 + 5 + (1 if not _cuda() else 2)
+    env = json.loads((tmp_path / "environment.json").read_text())
+    assert {"git_sha", "versions", "cpu_model", "threads", "gpus", "date", "settings"} <= set(env)
+
+
+def _cuda():
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def test_results_schema(tmp_path):
+    run_grid([stub_case("ok"), stub_case("crash")], tmp_path, settings=RunSettings(repeats=2, warmup=0), progress=False)
+    df = pd.read_parquet(tmp_path / "results.parquet")
+    assert list(df.columns[: len(COLUMNS)]) == list(COLUMNS)
+    required = (
+        "case_id method problem width batch rtol atol gtol quad_order device dtype repeat fwd_s bwd_s "
+        "peak_mem_bytes nfe_fwd nfe_bwd grad_rel_err status error"
+    ).split()
+    assert set(required) <= set(df.columns)
+    assert df["fwd_s"].dtype == "float64" and str(df["width"].dtype) == "Int64"
+    assert df.equals(load_results(tmp_path))
+
+
+def test_real_methods_in_process_match_closed_form(tmp_path):
+    for method in ("torch_direct", "torch_adjoint", "torch_seminorm", "torch_gq"):
+        case = Case(method, "linear", 4, 3, rtol=1e-8, atol=1e-8, threads=1, gtol=0.1 if method == "torch_gq" else None)
+        rows = measure(case, repeats=1, warmup=0, reference_dir=tmp_path)
+        assert rows[0]["status"] == "ok" and rows[0]["grad_rel_err"] < 1e-5, (method, rows[0])
+        assert rows[0]["nfe_fwd"] > 0 and (rows[0]["nfe_bwd"] > 0) == (method != "torch_direct")
+
+
+@pytest.mark.parametrize("problem", ["workload_l", "g1d", "spheres", "sines"])
+def test_problems_run_with_reference(problem, tmp_path):
+    case = Case("torch_gq", problem, 8, 4, rtol=1e-7, atol=1e-7, quad_order=8, backward_state="backsolve", threads=1)
+    rows = measure(case, repeats=1, warmup=0, reference_dir=tmp_path)
+    assert rows[0]["status"] == "ok" and rows[0]["grad_rel_err"] < 1e-3, rows[0]
+    assert rows[0]["quad_nodes"] > 0
+
+
+def test_cuda_case_skips_without_gpu():
+    if _cuda():
+        pytest.skip("has a GPU")
+    with pytest.raises(Skip, match="cuda"):
+        measure(Case("torch_gq", "linear", 4, 2, device="cuda", gtol=0.1), repeats=1)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()")
+def test_cuda_measure():
+    rows = measure(Case("torch_gq", "workload_l", 32, 16, device="cuda", gtol=0.1), repeats=2, warmup=1)
+    assert all(r["status"] == "ok" and r["peak_mem_bytes"] > 0 for r in rows)
+
+
+def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(
+        '[run]\nrepeats = 2\nwarmup = 0\n[axes]\nmethod = ["stub_ok"]\nproblem = ["linear"]\n'
+        "width = [1, 2, 3, 4, 5, 6]\nbatch = [2]\nthreads = [1]\n"
+    )
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "gqbench", "run", "--grid", str(spec), "--out", str(out), "--quiet"]
+    env = dict(os.environ, **PLUGIN)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list((out / "cases").glob("*.json"))) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner and its worker, mid-grid
+    proc.wait()
+    done_before = {p.stem for p in (out / "cases").glob("*.json")}
+    assert 2 <= len(done_before) < 6
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "cases").glob("*.json")}
+    subprocess.run(cmd, env=env, check=True, timeout=120)
+    df = pd.read_parquet(out / "results.parquet")
+    cases = parse_spec(
+        {
+            "run": {},
+            "axes": {
+                "method": ["stub_ok"],
+                "problem": ["linear"],
+                "width": [1, 2, 3, 4, 5, 6],
+                "batch": [2],
+                "threads": [1],
+            },
+        }
+    ).cases
+    assert sorted(df["case_id"].unique()) == sorted(c.case_id for c in cases)
+    assert len(df) == 12 and not df.duplicated(["case_id", "repeat"]).any()
+    assert sorted(df.groupby("case_id")["nfe_fwd"].first()) == [1, 2, 3, 4, 5, 6]
+    assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items())  # finished cases were not rerun
+    env_runs = json.loads((out / "environment.json").read_text())["runs"]
+    assert env_runs[-1]["already_done"] == len(done_before)
