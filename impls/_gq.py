@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torchdiffeq
+from torch.autograd.profiler import record_function
 from torch.func import vmap
 from torchdiffeq._impl.odeint import SOLVERS  # pinned torchdiffeq==0.2.5
 from torchdiffeq._impl.solvers import FixedGridODESolver
@@ -27,9 +28,11 @@ from ._rhs import FlatRHS, flatten, unflatten
 from ._stats import GQStats, current_stats
 
 BACKWARD_STATES = ("backsolve", "interpolate")
-# Nodes per batched quadrature call: bounded by state size so that batching never buys speed
-# with memory (activations grow with nodes x batch); small states batch all nodes at once.
-_QUAD_BATCH_ELEMENTS = 4096
+# Nodes per batched quadrature call, bounded by the state size: activations grow with nodes x batch,
+# so a big batch (where one node is already a large matmul and batching gains little) takes one or
+# two nodes at a time and peak memory stays flat as the tolerance -- hence n -- grows, while a small
+# state (memory-bound on the weights, where batching pays most) takes all nodes at once.
+_QUAD_BATCH_ELEMENTS = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +118,7 @@ class _GQAdjoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, prob: _Problem, y0: torch.Tensor, t: torch.Tensor, *params: torch.Tensor):
         cfg, rhs = prob.config, prob.rhs
-        with torch.no_grad():
+        with torch.no_grad(), record_function("gq::forward_solve"):
             sol = torchdiffeq.odeint(rhs, y0, t, rtol=cfg.rtol, atol=cfg.atol, method=cfg.method,
                                      options=dict(cfg.options))  # fmt: skip
         nfe = rhs.nfe
@@ -163,12 +166,14 @@ class _GQAdjoint(torch.autograd.Function):
             # Solve from t_i to t_{i-1}, reading the state at the nodes on the way.
             span = torch.cat([t_hi.reshape(1), nodes.flip(0), t_lo.reshape(1)])
             opts = dict(cfg.adjoint_options)
-            if dense is None:
-                za = torchdiffeq.odeint(_BacksolveRHS(rhs), torch.stack([sol[i], a]), span, options=opts, **adj_kwargs)
-                z_nodes, a_nodes, a = za[1:-1, 0].flip(0), za[1:-1, 1].flip(0), za[-1, 1]
-            else:
-                a_path = torchdiffeq.odeint(_InterpRHS(rhs, dense), a, span, options=opts, **adj_kwargs)
-                z_nodes, a_nodes, a = dense(nodes), a_path[1:-1].flip(0), a_path[-1]
+            with record_function("gq::backward_solve"):
+                if dense is None:
+                    za = torchdiffeq.odeint(_BacksolveRHS(rhs), torch.stack([sol[i], a]), span, options=opts,
+                                            **adj_kwargs)  # fmt: skip
+                    z_nodes, a_nodes, a = za[1:-1, 0].flip(0), za[1:-1, 1].flip(0), za[-1, 1]
+                else:
+                    a_path = torchdiffeq.odeint(_InterpRHS(rhs, dense), a, span, options=opts, **adj_kwargs)
+                    z_nodes, a_nodes, a = dense(nodes), a_path[1:-1].flip(0), a_path[-1]
             weights = (w * half).to(a_nodes.dtype).reshape((-1,) + (1,) * (a_nodes.dim() - 1))
             quad.accumulate(nodes, z_nodes, a_nodes * weights)
             a = a + grad_sol[i - 1]
@@ -261,7 +266,7 @@ class _Quadrature:
         chunk = self._chunk(len(nodes), z[0].numel())
         for s in range(0, len(nodes), chunk):
             sl = slice(s, s + chunk)
-            with torch.enable_grad():
+            with torch.enable_grad(), record_function("gq::quadrature_vjp"):
                 tn = nodes[sl].detach().requires_grad_(self.need_t)
                 out = self._batched(self.prob.rhs.eval, tn, z[sl].detach())
                 inputs = params + ((tn,) if self.need_t else ())
@@ -269,11 +274,12 @@ class _Quadrature:
                     continue
                 g = torch.autograd.grad(out, inputs, wa[sl], allow_unused=True)
             self.calls += 1
-            for acc, gi in zip(self.grads, g):
-                if gi is not None:
-                    acc.add_(gi)
-            if self.need_t and g[-1] is not None:
-                self.t_integral = self.t_integral + g[-1].sum()
+            with record_function("gq::accumulate"):
+                for acc, gi in zip(self.grads, g):
+                    if gi is not None:
+                        acc.add_(gi)
+                if self.need_t and g[-1] is not None:
+                    self.t_integral = self.t_integral + g[-1].sum()
 
 
 # ----------------------------------------------------------------------------- input checks
