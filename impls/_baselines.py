@@ -31,24 +31,67 @@ def odeint_direct(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=Non
     return torchdiffeq.odeint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options)
 
 
-def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, adjoint_rtol=None,
-                   adjoint_atol=None, adjoint_method=None, adjoint_options=None, adjoint_params=None):  # fmt: skip
+def odeint_adjoint(
+    func,
+    y0,
+    t,
+    *,
+    rtol=1e-7,
+    atol=1e-9,
+    method=None,
+    options=None,
+    adjoint_rtol=None,
+    adjoint_atol=None,
+    adjoint_method=None,
+    adjoint_options=None,
+    adjoint_params=None,
+):
     """The continuous adjoint: `torchdiffeq.odeint_adjoint` (mixed norm over [z, a, dL/dtheta])."""
     return torchdiffeq.odeint_adjoint(
-        func, y0, t, rtol=rtol, atol=atol, method=method, options=options, adjoint_rtol=adjoint_rtol,
-        adjoint_atol=adjoint_atol, adjoint_method=adjoint_method, adjoint_options=adjoint_options,
+        func,
+        y0,
+        t,
+        rtol=rtol,
+        atol=atol,
+        method=method,
+        options=options,
+        adjoint_rtol=adjoint_rtol,
+        adjoint_atol=adjoint_atol,
+        adjoint_method=adjoint_method,
+        adjoint_options=adjoint_options,
         adjoint_params=adjoint_params,
-    )  # fmt: skip
+    )
 
 
-def odeint_seminorm(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, adjoint_rtol=None,
-                    adjoint_atol=None, adjoint_method=None, adjoint_params=None):  # fmt: skip
+def odeint_seminorm(
+    func,
+    y0,
+    t,
+    *,
+    rtol=1e-7,
+    atol=1e-9,
+    method=None,
+    options=None,
+    adjoint_rtol=None,
+    adjoint_atol=None,
+    adjoint_method=None,
+    adjoint_params=None,
+):
     """The seminorm adjoint (Kidger et al. 2021): parameter adjoints left out of the step-size norm."""
     return odeint_adjoint(
-        func, y0, t, rtol=rtol, atol=atol, method=method, options=options, adjoint_rtol=adjoint_rtol,
-        adjoint_atol=adjoint_atol, adjoint_method=adjoint_method, adjoint_options=dict(norm="seminorm"),
+        func,
+        y0,
+        t,
+        rtol=rtol,
+        atol=atol,
+        method=method,
+        options=options,
+        adjoint_rtol=adjoint_rtol,
+        adjoint_atol=adjoint_atol,
+        adjoint_method=adjoint_method,
+        adjoint_options=dict(norm="seminorm"),
         adjoint_params=adjoint_params,
-    )  # fmt: skip
+    )
 
 
 def synchronize(device: torch.device | str) -> None:
