@@ -232,12 +232,14 @@ def _intervals(save_state, saveat, t0, y0):
 
 
 def _orders(adj: GaussLegendreAdjoint, nfe, lo, hi, t0, t1):
+    """Nodes per interval; 0 for an empty one (e.g. SaveAt(ts) starting at t0), which is skipped."""
     if adj.quad_order is not None:
-        return jnp.full(lo.shape, adj.quad_order, dtype=jnp.int32)
-    span = jnp.abs(t1 - t0)
-    frac = jnp.where(span > 0, jnp.abs(hi - lo) / jnp.where(span > 0, span, 1), 0)
-    n = jnp.ceil(adj.gtol * nfe * frac)
-    return jnp.clip(n, 1, MAX_QUAD_ORDER).astype(jnp.int32)
+        n = jnp.full(lo.shape, adj.quad_order)
+    else:
+        span = jnp.abs(t1 - t0)
+        frac = jnp.abs(hi - lo) / jnp.where(span > 0, span, 1)
+        n = jnp.clip(jnp.ceil(adj.gtol * nfe * frac), 1, MAX_QUAD_ORDER)
+    return jnp.where(hi > lo, n, 0).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- custom VJP
@@ -294,6 +296,13 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
     def interval(carry, xs):
         a, grads = carry
         t_lo, t_hi, y_hi, g_lo, n = xs
+        # An empty interval costs nothing: no solve, no nodes (a real branch inside the scan).
+        a_lo, dg = lax.cond(n > 0, solve_and_integrate, lambda *_: (a, zero_grads), t_lo, t_hi, y_hi, a, n)
+        grads = jtu.tree_map(jnp.add, grads, dg)
+        a = jtu.tree_map(jnp.add, a_lo, g_lo)
+        return (a, grads), None
+
+    def solve_and_integrate(t_lo, t_hi, y_hi, a, n):
         row = n if adj.quad_order is None else 0
         x, w = table_x[row], table_w[row]  # nodes in [-1, 1], descending; padding at -1 with w = 0
         half = (t_hi - t_lo) / 2
@@ -323,14 +332,12 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
         else:
             bucket = jnp.sum(n > jnp.asarray(widths)).astype(jnp.int32)
             dg = lax.switch(bucket, [width(k) for k in widths])
-        grads = jtu.tree_map(jnp.add, grads, dg)
-        a = jtu.tree_map(jnp.add, a_lo, g_lo)
-        return (a, grads), None
+        return a_lo, dg
 
     a_last = jtu.tree_map(lambda g: g[-1], g_pts)
-    grads0 = jtu.tree_map(jnp.zeros_like, params)
+    zero_grads = jtu.tree_map(jnp.zeros_like, params)
     xs = (lo, hi, jtu.tree_map(lambda p: p[1:], y_pts), jtu.tree_map(lambda g: g[:-1], g_pts), orders)
-    (a_y0, grads), _ = lax.scan(interval, (a_last, grads0), xs, reverse=True)
+    (a_y0, grads), _ = lax.scan(interval, (a_last, zero_grads), xs, reverse=True)
     grad_args, grad_terms = grads
     return a_y0, grad_args, grad_terms
 

@@ -111,7 +111,8 @@ def test_gtol_rule(mlp_problem, reference, ts):
     nfe = int(stats["gq_nfe_forward"])
     assert nfe == 6 * int(stats["num_steps"]) + 3  # Dopri5: 6 per step, FSAL start, 2 for dt0
     points = np.concatenate([[0.0], TS[ts]])  # t0 is not saved: the walk ends at t0 anyway
-    expected = np.clip(np.ceil(gtol * nfe * np.diff(points) / 1.0), 1, 64)
+    dt = np.diff(points)
+    expected = np.where(dt > 0, np.clip(np.ceil(gtol * nfe * dt / 1.0), 1, 64), 0)  # empty: skipped
     np.testing.assert_array_equal(np.asarray(stats["gq_quad_orders"]), expected)
     assert expected.max() > 4  # several switch branches exercised
     assert _rel_err(g, reference[ts][1]) < 1e-6
@@ -119,7 +120,8 @@ def test_gtol_rule(mlp_problem, reference, ts):
 
 def test_gtol_small_is_coarse_but_close(mlp_problem, reference):
     (_, stats), g = _grad_fn(GaussLegendreAdjoint(gtol=0.1))(mlp_problem, jnp.asarray(TS["four"]))
-    assert int(np.min(stats["gq_quad_orders"])) >= 1
+    orders = np.asarray(stats["gq_quad_orders"])
+    assert orders[0] == 0 and (orders[1:] >= 1).all()  # ts starts at t0: the first interval is empty
     assert _rel_err(g, reference["four"][1]) < 1e-2
 
 
