@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 PLUGINS_ENV = "GQBENCH_PLUGINS"  # comma-separated modules imported for their register_method calls
 # gqbench's own method modules beyond this one, imported on first look-up (e.g. the JAX methods);
 # each must import its backend inside build(), not at module level.
-BUILTIN_MODULES: tuple[str, ...] = ()
+BUILTIN_MODULES: tuple[str, ...] = ("gqbench._jax_methods",)
 
 
 class AbstractRun(abc.ABC):
