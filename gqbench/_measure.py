@@ -19,6 +19,10 @@ REFERENCE_ENV = "GQBENCH_REFERENCE_DIR"
 # (torchdiffeq's dopri8 interpolant between steps is low order and would spoil it).
 REFERENCE_SOLVER = dict(method="dopri8", rtol=1e-10, atol=1e-10)
 STATUSES = ("ok", "nan", "error", "timeout", "oom", "max_steps", "skipped")
+# Bump when what a measurement means changes (timing/memory/NFE/error semantics, warm-up, the
+# reference): asv keys its stored results on it (benchmarks/common.py), so old numbers measured
+# under other rules are not compared with new ones.
+HARNESS_VERSION = "1"
 
 
 class Skip(Exception):
