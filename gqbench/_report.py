@@ -1,224 +1,385 @@
-"""A first self-contained HTML report (plotly.js embedded, works offline).
+"""The self-contained HTML report (`gqbench report DIR`): plotly.js embedded once, works offline.
 
-One function per figure, each taking the per-case summary from `summarize`, so the dashboard
-(issue 5) can reuse and rearrange them.
+The figures are pure functions in `_figures` (DataFrame -> Figure); this module loads the data
+(results, environment, an optional baseline run, profiles, asv's published site) and lays out
+the page. `summarize`, `speedups` and `FIGURES` are re-exported from `_figures`.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
-import plotly.express as px
 import plotly.graph_objects as go
 
+from ._figures import (
+    FIGURES,
+    MATCH,
+    OPTIONAL_FIGURES,
+    QUAD_METHODS,
+    compare_runs,
+    fig_baseline_comparison,
+    fig_phases,
+    speedups,
+    summarize,
+)
 from ._results import load_results
 
-# Cases that are the same experiment except for the method: GQ is compared to baselines on these.
-MATCH = ["problem", "width", "batch", "rtol", "atol", "solver", "device", "dtype", "seed", "threads"]
-QUAD_METHODS = ("torch_gq", "jax_gq")
+__all__ = [
+    "FIGURES",
+    "MATCH",
+    "QUAD_METHODS",
+    "render",
+    "speedups",
+    "status_table",
+    "summarize",
+    "write_report",
+]
+
+DEFAULT_THRESHOLD = 0.10
+
+# Short explanations shown under each figure's heading, by figure function name.
+NOTES = {
+    "fig_backward_time": "Median over repeats, error bars from the 25th to the 75th percentile. Columns: tolerances.",
+    "fig_total_time": "One training step's cost: forward solve plus gradient.",
+    "fig_speedup_heatmap": "Each cell: baseline's median backward time / GQ's, on the same experiment "
+    "(problem, width, batch, tolerances, solver, device, dtype, seed, threads). Blue: GQ faster.",
+    "fig_speedup_heatmap_total": "As above for forward + backward time.",
+    "fig_speedup": "The backward speed-up as lines over width (dashes: GQ setting).",
+    "fig_peak_memory": "Peak memory of one forward + backward above what was allocated before it "
+    "(CUDA: max_memory_allocated; CPU: RSS high-water mark).",
+    "fig_memory_vs_nfe": "One point per case. A flat cloud per method: memory does not grow with solver steps "
+    "(the adjoint's and GQ's promise); direct backprop grows with them.",
+    "fig_work_precision": "Gradient error against a float64 reference vs time; points of one line are the "
+    "tolerances of one method at one width.",
+    "fig_nfe": "Solid: forward, dashed: backward function evaluations (medians). Adaptive solvers take "
+    "different step counts per method, so read times together with these.",
+    "fig_grad_error": "Relative L2 error of all parameter and y0 gradients.",
+    "fig_quadrature_order": "GQ's own knob: nodes per observation interval, fixed (n) or from the paper's rule (gtol).",
+    "fig_device_comparison": "The same methods on CPU and CUDA, y axes shared.",
+    "fig_compile_time": "Tracing plus XLA compilation, measured once per case and kept out of the timed calls.",
+}
+TITLES = {
+    "fig_backward_time": "Backward time vs width",
+    "fig_total_time": "Total time vs width",
+    "fig_speedup_heatmap": "Speed-up of GQ: backward",
+    "fig_speedup_heatmap_total": "Speed-up of GQ: forward + backward",
+    "fig_speedup": "Speed-up vs width",
+    "fig_peak_memory": "Peak memory vs width",
+    "fig_memory_vs_nfe": "Peak memory vs forward NFE",
+    "fig_work_precision": "Work-precision",
+    "fig_nfe": "Function evaluations",
+    "fig_grad_error": "Gradient error",
+    "fig_quadrature_order": "Quadrature order",
+    "fig_device_comparison": "CPU vs CUDA",
+    "fig_compile_time": "JAX compile time",
+    "fig_baseline_comparison": "Against the baseline run",
+    "fig_phases": "Where the time goes (profiles)",
+}
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:0 auto;max-width:1500px;padding:1em 2em;color:#222}
+h1{margin-bottom:.2em} h2{margin-top:1.6em;border-bottom:1px solid #ddd}
+.note{color:#555;margin:.2em 0 .6em} nav a{margin-right:1em} nav{line-height:1.8}
+table{border-collapse:collapse;font-size:90%} td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:left}
+table.env th{color:#555;font-weight:normal;white-space:nowrap}
+tr.regression td{background:#fde0dc} tr.improvement td{background:#dff3e0}
+code,pre{background:#f6f6f6} pre{padding:.6em;overflow:auto;max-height:30em}
+.bad{color:#b00}
+"""
 
 
-def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per finished (`status == "ok"`) case: medians over repeats, IQR of the backward time."""
-    ok = df[df["status"] == "ok"].copy()
-    if ok.empty:
-        return pd.DataFrame(columns=["case_id", "label", "method", *MATCH, "bwd_s", "fwd_s", "tolerance"])
-    ok["total_s"] = ok["fwd_s"] + ok["bwd_s"]
-    keys = ["case_id", "label", "method", "gtol", "quad_order", "backward_state", *MATCH]
-    obj = ok[keys].astype(object).where(ok[keys].notna(), None)
-    ok[keys] = obj
-    g = ok.groupby("case_id", sort=False)
-    med = g[["fwd_s", "bwd_s", "total_s", "peak_mem_bytes", "nfe_fwd", "nfe_bwd", "grad_rel_err"]].median()
-    med["bwd_iqr_s"] = g["bwd_s"].quantile(0.75) - g["bwd_s"].quantile(0.25)
-    med["repeats"] = g.size()
-    out = ok.drop_duplicates("case_id").set_index("case_id")[[k for k in keys if k != "case_id"]].join(med)
-    out = out.reset_index()
-    out["peak_mem_mib"] = out["peak_mem_bytes"] / 2**20
-    out["tolerance"] = [f"rtol={r:g}, atol={a:g}" for r, a in zip(out["rtol"], out["atol"], strict=True)]
-    return out.sort_values(["problem", "label", "tolerance", "width"]).reset_index(drop=True)
+# ----------------------------------------------------------------------------- HTML pieces
 
 
-def _facets(summary: pd.DataFrame) -> dict:
-    kw = dict(facet_col="tolerance")
-    if summary["problem"].nunique() > 1:
-        kw["facet_row"] = "problem"
-    return kw
-
-
-def _style(fig: go.Figure, title: str) -> go.Figure:
-    fig.update_layout(title=title, legend_title_text="", template="plotly_white", height=None)
-    fig.for_each_annotation(
-        lambda a: a.update(
-            text=a.text.split("=", 1)[-1] if a.text.startswith("problem=") else a.text.replace("tolerance=", "")
-        )
-    )
-    return fig
-
-
-def fig_backward_time(summary: pd.DataFrame) -> go.Figure:
-    fig = px.line(
-        summary,
-        x="width",
-        y="bwd_s",
-        color="label",
-        markers=True,
-        log_x=True,
-        log_y=True,
-        error_y="bwd_iqr_s",
-        hover_data=["nfe_fwd", "nfe_bwd", "fwd_s", "grad_rel_err"],
-        labels={"bwd_s": "backward time (s, median)", "width": "width"},
-        **_facets(summary),
-    )
-    return _style(fig, "Backward time vs width")
-
-
-def fig_peak_memory(summary: pd.DataFrame) -> go.Figure:
-    fig = px.line(
-        summary,
-        x="width",
-        y="peak_mem_mib",
-        color="label",
-        markers=True,
-        log_x=True,
-        log_y=True,
-        labels={"peak_mem_mib": "peak memory of forward+backward (MiB, median)"},
-        **_facets(summary),
-    )
-    return _style(fig, "Peak memory vs width")
-
-
-def speedups(summary: pd.DataFrame) -> pd.DataFrame:
-    """GQ's backward (and total) time speed-up over every baseline run on the same experiment."""
-    gq = summary[summary["method"].isin(QUAD_METHODS)]
-    base = summary[~summary["method"].isin(QUAD_METHODS)]
-    if gq.empty or base.empty:
-        return pd.DataFrame(columns=[*MATCH, "tolerance", "gq", "baseline", "speedup_bwd", "speedup_total"])
-    cols = [*MATCH, "tolerance"]
-    m = gq[cols + ["label", "bwd_s", "total_s"]].merge(
-        base[cols + ["label", "bwd_s", "total_s"]], on=cols, suffixes=("_gq", "_base")
-    )
-    m["speedup_bwd"] = m["bwd_s_base"] / m["bwd_s_gq"]
-    m["speedup_total"] = m["total_s_base"] / m["total_s_gq"]
-    m["pair"] = m["label_gq"] + " vs " + m["label_base"]
-    return m.rename(columns={"label_gq": "gq", "label_base": "baseline"})
-
-
-def fig_speedup(summary: pd.DataFrame) -> go.Figure:
-    sp = speedups(summary)
-    fig = px.line(
-        sp,
-        x="width",
-        y="speedup_bwd",
-        color="baseline",
-        line_dash="gq",
-        markers=True,
-        log_x=True,
-        log_y=True,
-        hover_data=["speedup_total", "bwd_s_gq", "bwd_s_base"],
-        labels={"speedup_bwd": "baseline backward time / GQ backward time"},
-        **(_facets(sp) if not sp.empty else {}),
-    )
-    fig.add_hline(y=1.0, line_dash="dot", line_color="gray")
-    return _style(fig, "GQ's backward speed-up over each baseline (> 1: GQ faster)")
-
-
-def fig_nfe(summary: pd.DataFrame) -> go.Figure:
-    fig = px.line(
-        summary,
-        x="width",
-        y="nfe_bwd",
-        color="label",
-        markers=True,
-        log_x=True,
-        labels={"nfe_bwd": "backward NFE"},
-        hover_data=["nfe_fwd"],
-        **_facets(summary),
-    )
-    return _style(fig, "Backward function evaluations (direct backprop: 0, it replays the graph)")
-
-
-def fig_grad_error(summary: pd.DataFrame) -> go.Figure:
-    fig = px.line(
-        summary.dropna(subset=["grad_rel_err"]),
-        x="width",
-        y="grad_rel_err",
-        color="label",
-        markers=True,
-        log_x=True,
-        log_y=True,
-        labels={"grad_rel_err": "gradient relative L2 error vs float64 reference"},
-        **_facets(summary),
-    )
-    return _style(fig, "Gradient error")
+def _table(df: pd.DataFrame, cls: str = "") -> str:
+    return df.to_html(index=False, escape=True, border=0, classes=cls, na_rep="", float_format=lambda x: f"{x:.4g}")
 
 
 def status_table(df: pd.DataFrame) -> str:
+    """Case counts by status, then every case that did not finish with its error."""
     cases = df.drop_duplicates("case_id")
     counts = cases["status"].value_counts().to_dict()
     head = " · ".join(f"{html.escape(str(k))}: {v}" for k, v in counts.items())
-    bad = cases[cases["status"] != "ok"][["label", "problem", "width", "rtol", "status", "error"]]
-    table = bad.to_html(index=False, escape=True, border=0, classes="fail") if len(bad) else ""
+    cols = [c for c in ("label", "problem", "width", "rtol", "device", "status", "error", "case_id") if c in cases]
+    bad = cases[cases["status"] != "ok"][cols]
+    table = _table(bad, "fail") if len(bad) else ""
     return f"<p>{len(cases)} cases — {head}</p>{table}"
 
 
-def environment_html(out_dir: Path) -> str:
-    path = out_dir / "environment.json"
-    if not path.exists():
-        return ""
-    env = json.loads(path.read_text())
-    keep = {
-        k: env.get(k)
-        for k in (
-            "date",
-            "git_sha",
-            "git_dirty",
-            "cpu_model",
-            "cpu_count",
-            "threads",
-            "gpus",
-            "python",
-            "platform",
-            "versions",
-            "settings",
+def _env_rows(env: dict) -> list[tuple[str, str]]:
+    versions = env.get("versions") or {}
+    gpus = env.get("gpus") or []
+    gpu = "; ".join(f"{g.get('name')} (driver {g.get('driver')}, {g.get('memory')})" for g in gpus) or "none"
+    sha = env.get("git_sha") or "unknown"
+    if env.get("git_dirty"):
+        sha += " (uncommitted changes)"
+    runs = env.get("runs") or []
+    rows = [
+        ("run date", str(env.get("date", ""))),
+        ("git commit", sha),
+        ("CPU", f"{env.get('cpu_model', '?')} ({env.get('cpu_count', '?')} logical cores)"),
+        ("threads", str(env.get("threads", ""))),
+        ("GPU", gpu),
+        ("python / platform", f"{env.get('python', '?')} / {env.get('platform', '?')}"),
+        ("libraries", ", ".join(f"{k} {v}" for k, v in versions.items() if v)),
+    ]
+    settings = env.get("settings")
+    if settings:
+        rows.append(("run settings", ", ".join(f"{k}={v}" for k, v in settings.items())))
+    spec = env.get("spec") or {}
+    if spec:
+        rows.append(("grid", f"{spec.get('name', '')} — {spec.get('description', '')}".strip(" —")))
+    if len(runs) > 1:
+        rows.append(("invocations", f"{len(runs)} (resumed runs; first {runs[0].get('date')})"))
+    return rows
+
+
+def environment_html(out_dir: Path | None = None, env: dict | None = None) -> str:
+    """The header table (environment, grid) and the full metadata folded below it."""
+    if env is None:
+        path = Path(out_dir) / "environment.json" if out_dir is not None else None
+        if path is None or not path.exists():
+            return "<p class='note'>No environment.json beside the results.</p>"
+        env = json.loads(path.read_text())
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _env_rows(env))
+    spec = env.get("spec")
+    spec_html = (
+        f"<details><summary>Grid spec</summary><pre>{html.escape(json.dumps(spec, indent=2))}</pre></details>"
+        if spec
+        else ""
+    )
+    full = html.escape(json.dumps(env, indent=2, default=str))
+    return (
+        f"<table class='env'>{rows}</table>{spec_html}"
+        f"<details><summary>All environment metadata</summary><pre>{full}</pre></details>"
+    )
+
+
+def _figure_div(fig: go.Figure, name: str) -> str:
+    return fig.to_html(
+        full_html=False,
+        include_plotlyjs=False,  # plotly.js is in the page head, once
+        div_id=name.replace("_", "-"),
+        default_height=f"{int(fig.layout.height or 520)}px",
+        default_width="100%",
+        config={"displaylogo": False, "responsive": True},
+    )
+
+
+def _section(name: str, body: str) -> str:
+    note = NOTES.get(name)
+    anchor = name.replace("fig_", "")
+    return (
+        f"<section id='{anchor}'><h2>{html.escape(TITLES.get(name, name))}</h2>"
+        f"{f'<p class=note>{html.escape(note)}</p>' if note else ''}{body}</section>"
+    )
+
+
+def _baseline_html(comparison: pd.DataFrame, threshold: float, label: str, n_now: int, n_base: int) -> str:
+    counts = comparison["verdict"].value_counts().to_dict()
+    head = (
+        f"<p>Compared with <code>{html.escape(label)}</code>: {len(comparison)} cases in both runs "
+        f"({n_now - len(comparison)} only in this run, {n_base - len(comparison)} only in the baseline). "
+        f"Threshold ±{threshold:.0%} on the median total time: "
+        f"<b class=bad>{counts.get('regression', 0)} regressions</b>, "
+        f"<b>{counts.get('improvement', 0)} improvements</b>, {counts.get('same', 0)} within the band.</p>"
+    )
+    moved = comparison[comparison["verdict"] != "same"].sort_values("ratio_total_s", ascending=False)
+    if moved.empty:
+        return head
+    rows = []
+    for _, r in moved.iterrows():
+        iqr = (r["bwd_q75"] - r["bwd_q25"]) / r["bwd_s"] if r["bwd_s"] else float("nan")
+        cells = [
+            r["verdict"],
+            r["label"],
+            r["problem"],
+            str(r["width"]),
+            r["tolerance"],
+            str(r["device"]),
+            f"{r['total_s_baseline']:.4g} → {r['total_s']:.4g}",
+            f"{r['ratio_total_s']:.3f}",
+            f"{r['ratio_bwd_s']:.3f}",
+            f"{r['ratio_peak_mem_bytes']:.3f}",
+            f"{iqr:.0%}",
+        ]
+        rows.append(
+            f"<tr class='{r['verdict']}'>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
         )
-    }
-    return f"<details><summary>Environment</summary><pre>{html.escape(json.dumps(keep, indent=2))}</pre></details>"
+    header = (
+        "verdict",
+        "method",
+        "problem",
+        "width",
+        "tolerance",
+        "device",
+        "total s (baseline → now)",
+        "total ratio",
+        "backward ratio",
+        "memory ratio",
+        "backward IQR/median now",
+    )
+    th = "".join(f"<th>{h}</th>" for h in header)
+    return f"{head}<table class='baseline'><tr>{th}</tr>{''.join(rows)}</table>"
 
 
-FIGURES = (fig_backward_time, fig_speedup, fig_peak_memory, fig_nfe, fig_grad_error)
+def _profiles_html(phases: pd.DataFrame, root: Path, out_dir: Path | None) -> str:
+    rel = os.path.relpath(root, out_dir) if out_dir is not None else str(root)
+    rows = []
+    for case_id, g in phases.groupby("case_id", sort=False):
+        total = g["ms"].sum()
+        split = "; ".join(f"{p} {ms:.1f} ms ({s:.0%})" for p, ms, s in zip(g["phase"], g["ms"], g["share"], strict=True))
+        res_path = root / case_id / "phases.json"
+        top = ""
+        try:
+            res = json.loads(res_path.read_text())
+            ops = (res.get("top_ops") or {}).get("backward") or []
+            top = ", ".join(f"{o['name']} {o['self_ms']:.1f} ms" for o in ops[:4])
+        except (OSError, ValueError):
+            pass
+        link = f"<a href='{html.escape(rel)}/{html.escape(case_id)}/'>{html.escape(case_id)}</a>"
+        nfe = f"{g['nfe_fwd'].iloc[0]} / {g['nfe_bwd'].iloc[0]}"
+        rows.append(
+            f"<tr><td>{html.escape(g['case'].iloc[0])}</td><td>{total:.1f}</td><td>{html.escape(split)}</td>"
+            f"<td>{html.escape(nfe)}</td><td>{html.escape(top)}</td><td>{link}</td></tr>"
+        )
+    th = "".join(
+        f"<th>{h}</th>"
+        for h in ("case", "ms / step", "phases", "NFE fwd / bwd", "top ops in backward (self time / step)", "traces")
+    )
+    return (
+        f"<table>{th}{''.join(rows)}</table><p class=note>From <code>{html.escape(str(root))}</code>. Open the traces with "
+        f"<code>tensorboard --logdir {html.escape(str(root))}</code> (PyTorch Profiler tab: Overview, Operator, "
+        "Trace, Memory; needs torch-tb-profiler) or drop a <code>*.pt.trace.json</code> on "
+        "ui.perfetto.dev.</p>"
+    )
 
 
-def render(df: pd.DataFrame, *, title: str = "gqbench", env_html: str = "") -> str:
+def _asv_html(asv: Path | None, out_dir: Path | None) -> str:
+    if asv is None:
+        return ""
+    href = os.path.relpath(asv, out_dir) if out_dir is not None else str(asv)
+    return f"<p>History across commits: <a href='{html.escape(href)}'>asv's published benchmarks</a>.</p>"
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+def render(
+    df: pd.DataFrame,
+    *,
+    title: str = "gqbench",
+    env_html: str = "",
+    baseline: pd.DataFrame | None = None,
+    baseline_label: str = "baseline",
+    threshold: float = DEFAULT_THRESHOLD,
+    phases: pd.DataFrame | None = None,
+    profiles_root: Path | None = None,
+    asv: Path | None = None,
+    out_dir: Path | None = None,
+) -> str:
+    """The whole page as a string. `baseline`: another run's results table to compare against;
+    `phases`: `_profile.load_phases(...)` of the profiles to show."""
+    from plotly.offline import get_plotlyjs
+
     summary = summarize(df)
-    parts = []
-    for i, make in enumerate(FIGURES):
-        if summary.empty:
-            break
-        fig = make(summary)
-        # plotly.js once, inline: the page works offline and from a file:// URL.
-        parts.append(fig.to_html(full_html=False, include_plotlyjs=i == 0, default_height="520px"))
-    body = "\n".join(parts) if parts else "<p>No finished cases to plot.</p>"
+    sections: list[tuple[str, str]] = []
+    if not summary.empty:
+        for make in FIGURES:
+            sections.append((make.__name__, _figure_div(make(summary), make.__name__)))
+        for make in OPTIONAL_FIGURES:
+            fig = make(summary)
+            if fig is not None:
+                sections.append((make.__name__, _figure_div(fig, make.__name__)))
+    if baseline is not None:
+        base_summary = summarize(baseline)
+        comparison = compare_runs(summary, base_summary, threshold) if not summary.empty else None
+        if comparison is not None and not comparison.empty:
+            fig = fig_baseline_comparison(comparison, threshold)
+            body = _baseline_html(
+                comparison, threshold, baseline_label, len(summary), len(base_summary)
+            ) + _figure_div(fig, "fig_baseline_comparison")
+        else:
+            body = f"<p>No case of this run is in the baseline <code>{html.escape(baseline_label)}</code>.</p>"
+        sections.append(("fig_baseline_comparison", body))
+    if phases is not None and not phases.empty:
+        fig = fig_phases(phases)
+        sections.append(("fig_phases", _figure_div(fig, "fig_phases") + _profiles_html(phases, profiles_root, out_dir)))
+    body = "\n".join(_section(name, html_) for name, html_ in sections)
+    if summary.empty:
+        body = "<p>No finished cases to plot.</p>\n" + body
+    nav = " ".join(
+        f"<a href='#{name.replace('fig_', '')}'>{html.escape(TITLES.get(name, name))}</a>" for name, _ in sections
+    )
     return f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:1.5em}} table.fail td{{padding:2px 8px}}</style></head>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>{CSS}</style>
+<script type="text/javascript">{get_plotlyjs()}</script>
+</head>
 <body><h1>{html.escape(title)}</h1>
-<p>Medians over repeats; error bars are the IQR of the backward time. Lines join widths of one method
-setting; columns are tolerances.</p>
-{status_table(df)}
-{body}
 {env_html}
+{_asv_html(asv, out_dir)}
+<h2 id="status">Cases</h2>
+{status_table(df)}
+<nav>{nav} <a href="#status">Cases and failures</a></nav>
+{body}
 </body></html>"""
 
 
-def write_report(out_dir: str | Path) -> Path:
-    """`DIR/index.html` from `DIR/results.parquet`; returns its path."""
+def find_asv(out_dir: Path) -> Path | None:
+    """asv's published site (`asv publish` -> reports/asv/index.html), looked for beside DIR,
+    in DIR/.. and under ./reports."""
+    for c in (out_dir / "asv", out_dir.parent / "asv", Path("reports") / "asv"):
+        if (c / "index.html").is_file():
+            return (c / "index.html").resolve()
+    return None
+
+
+def write_report(
+    out_dir: str | Path,
+    *,
+    baseline: str | Path | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    profiles: str | Path | None = None,
+    asv: str | Path | None = None,
+) -> Path:
+    """`DIR/index.html` from `DIR/results.parquet`; returns its path.
+
+    `baseline`: another results folder, compared case by case (regressions/improvements beyond
+    `threshold`, 0.1 = 10 %). `profiles`: a `gqbench profile` output folder (default: DIR/profiles,
+    DIR/../profiles or reports/profiles, the first that holds profiles). `asv`: asv's published
+    index.html (default: found beside DIR or under reports/asv)."""
+    from ._profile import find_profiles, load_phases
+
+    if not threshold > 0:
+        raise ValueError(f"write_report(threshold={threshold}): must be > 0, e.g. 0.1 for 10 %")
     out_dir = Path(out_dir)
     df = load_results(out_dir)
+    base_df = load_results(baseline) if baseline is not None else None
+    if profiles is not None and not Path(profiles).is_dir():
+        raise FileNotFoundError(f"profiles folder {profiles} does not exist; run `gqbench profile --out {profiles}`")
+    root = find_profiles(*((profiles,) if profiles is not None else ()), out_dir / "profiles",
+                         out_dir.parent / "profiles", Path("reports") / "profiles")  # fmt: skip
+    asv_path = Path(asv).resolve() if asv is not None else find_asv(out_dir)
+    page = render(
+        df,
+        title=f"gqbench — {out_dir.name}",
+        env_html=environment_html(out_dir),
+        baseline=base_df,
+        baseline_label=str(baseline) if baseline is not None else "",
+        threshold=threshold,
+        phases=load_phases(root) if root is not None else None,
+        profiles_root=root.resolve() if root is not None else None,
+        asv=asv_path,
+        out_dir=out_dir.resolve(),
+    )
     path = out_dir / "index.html"
     tmp = out_dir / ".index.html.tmp"
-    tmp.write_text(render(df, title=f"gqbench — {out_dir.name}", env_html=environment_html(out_dir)))
+    tmp.write_text(page)
     tmp.replace(path)
     return path

@@ -1,4 +1,4 @@
-"""`gqbench list | run | report` (also `python -m gqbench ...`)."""
+"""`gqbench list | run | report | profile` (also `python -m gqbench ...`)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,51 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     rep = sub.add_parser("report", help="write DIR/index.html from DIR/results.parquet")
     rep.add_argument("dir", type=Path)
+    rep.add_argument("--baseline", type=Path, help="another results folder: mark regressions/improvements against it")
+    rep.add_argument("--threshold", type=float, default=0.1, help="relative change that counts (default 0.1 = 10%%)")
+    rep.add_argument("--profiles", type=Path, help="`gqbench profile` output (default: found beside DIR or reports/)")
+    rep.add_argument("--asv", type=Path, help="asv's published index.html (default: found beside DIR or reports/asv)")
+    _profile_parser(sub)
     return p
+
+
+def _profile_parser(sub) -> None:
+    prof = sub.add_parser(
+        "profile",
+        help="run chosen cases under torch.profiler (jax.profiler for JAX methods): traces for TensorBoard",
+        description="Cases: the cross product of the axis flags (like a grid spec's [axes]), or a preset/grid "
+        "filtered by them and by --case-id. Traces land in OUT/<case_id>/ (tensorboard --logdir OUT).",
+    )
+    src = prof.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="take the cases from a shipped grid, filtered by the flags below")
+    src.add_argument("--grid", type=Path, help="take the cases from a grid spec TOML, filtered by the flags below")
+    prof.add_argument("--case-id", action="append", default=[], help="keep only these case ids (repeatable)")
+    for flag, typ in (
+        ("method", str),
+        ("problem", str),
+        ("width", int),
+        ("batch", int),
+        ("rtol", float),
+        ("atol", float),
+        ("gtol", float),
+        ("quad-order", int),
+        ("backward-state", str),
+        ("solver", str),
+        ("device", str),
+        ("dtype", str),
+        ("seed", int),
+        ("threads", int),
+    ):
+        prof.add_argument(f"--{flag}", type=typ, action="append", help="repeatable")
+    prof.add_argument("--out", type=Path, default=Path("reports") / "profiles", help="default: reports/profiles")
+    prof.add_argument("--steps", type=int, default=2, help="recorded forward+backward steps (default 2)")
+    prof.add_argument("--warmup", type=int, default=1, help="steps run before recording (default 1)")
+    prof.add_argument("--with-stack", action="store_true", help="record Python stacks (bigger traces)")
+    prof.add_argument("--no-memory-snapshot", action="store_true", help="CUDA: skip the allocator snapshot")
+    prof.add_argument("--timeout", type=float, default=900.0, help="seconds per case (default 900)")
+    prof.add_argument("--in-process", action="store_true", help="no fresh process per case")
+    prof.add_argument("--report", type=Path, metavar="DIR", help="then rewrite DIR/index.html with the profiles")
+    prof.add_argument("--dry-run", action="store_true", help="print the cases and exit")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     try:
-        return {"list": _list, "run": _run, "report": _report}[args.command](args)
+        return {"list": _list, "run": _run, "report": _report, "profile": _profile}[args.command](args)
     except GridSpecError as exc:
         print(f"gqbench: {exc}", file=sys.stderr)
         return 2
@@ -103,10 +147,77 @@ def _run(args) -> int:
 
 
 def _report(args) -> int:
+    from ._grid import GridSpecError
     from ._report import write_report
 
-    print(write_report(args.dir))
+    if not args.threshold > 0:
+        raise GridSpecError(f"--threshold {args.threshold}: must be > 0, e.g. 0.1 for 10%")
+    print(write_report(args.dir, baseline=args.baseline, threshold=args.threshold, profiles=args.profiles, asv=args.asv))
     return 0
+
+
+def _profile(args) -> int:
+    from ._grid import GridSpecError, load_preset, load_spec, parse_spec
+    from ._profile import profile_cases
+
+    axes = {
+        k: v
+        for k in ("method", "problem", "width", "batch", "rtol", "atol", "gtol", "quad_order", "backward_state",
+                  "solver", "device", "dtype", "seed", "threads")  # fmt: skip
+        if (v := getattr(args, k)) is not None
+    }
+    if args.steps < 1 or args.warmup < 0:
+        raise GridSpecError(f"--steps {args.steps} --warmup {args.warmup}: need steps >= 1 and warmup >= 0")
+    if args.preset or args.grid:
+        spec = load_preset(args.preset) if args.preset else load_spec(args.grid)
+        cases = [c for c in spec.cases if _matches(c, axes)]
+    elif axes:
+        if "method" not in axes:
+            raise GridSpecError("gqbench profile: give --method (e.g. --method torch_gq), or --preset/--grid")
+        axes.setdefault("problem", ["workload_l"])
+        cases = list(parse_spec({"axes": axes}, source="gqbench profile flags").cases)
+    elif args.case_id:
+        raise GridSpecError("gqbench profile --case-id: give --preset or --grid to look the ids up in")
+    else:
+        raise GridSpecError("gqbench profile: choose cases with --method/--problem/--width... or --preset/--grid")
+    if args.case_id:
+        cases = [c for c in cases if c.case_id in set(args.case_id)]
+    if not cases:
+        raise GridSpecError("gqbench profile: no case matches these flags; try --dry-run without some of them")
+    if args.dry_run:
+        for c in cases:
+            print(c.case_id, c.label, c.problem, f"w={c.width} b={c.batch} rtol={c.rtol:g} atol={c.atol:g} {c.device}")
+        print(f"{len(cases)} cases -> {args.out}")
+        return 0
+    results = profile_cases(
+        cases,
+        args.out,
+        steps=args.steps,
+        warmup=args.warmup,
+        with_stack=args.with_stack,
+        memory_snapshot=not args.no_memory_snapshot,
+        timeout=args.timeout,
+        isolate=not args.in_process,
+    )
+    print(f"{args.out}: open with `tensorboard --logdir {args.out}` (PyTorch Profiler tab)")
+    if args.report:
+        from ._report import write_report
+
+        print(write_report(args.report, profiles=args.out))
+    return 0 if all(r.get("status") == "ok" for r in results) else 1
+
+
+def _matches(case, axes: dict) -> bool:
+    import math
+
+    for key, wanted in axes.items():
+        have = getattr(case, key)
+        if isinstance(have, float) or any(isinstance(w, float) for w in wanted):
+            if have is None or not any(math.isclose(float(have), float(w), rel_tol=1e-9) for w in wanted):
+                return False
+        elif have not in wanted:
+            return False
+    return True
 
 
 if __name__ == "__main__":

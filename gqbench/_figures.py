@@ -1,0 +1,613 @@
+"""The report's figures: pure functions, DataFrame in, plotly Figure out (no I/O, no HTML).
+
+`summarize(results)` turns the results table (one row per case x repeat) into one row per case
+(medians and quartiles over repeats); most figures take that summary. A figure function returns
+None when its data are absent (e.g. no CUDA rows: no CPU-vs-CUDA figure), so the page shows
+only what the run measured.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+# Cases that are the same experiment except for the method: GQ is compared to baselines on these.
+MATCH = ["problem", "width", "batch", "rtol", "atol", "solver", "device", "dtype", "seed", "threads"]
+QUAD_METHODS = ("torch_gq", "jax_gq")
+MEDIANS = ("fwd_s", "bwd_s", "total_s", "peak_mem_bytes", "nfe_fwd", "nfe_bwd", "grad_rel_err", "compile_s", "quad_nodes")
+KEYS = ["case_id", "label", "method", "gtol", "quad_order", "backward_state", *MATCH]
+TEMPLATE = "plotly_white"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per finished (`status == "ok"`) case: medians over repeats and the quartiles of
+    the backward and total times (`*_q25`, `*_q75`; `bwd_iqr_s` = their spread)."""
+    ok = df[df["status"] == "ok"].copy()
+    cols = [*KEYS, *MEDIANS, "bwd_iqr_s", "tolerance", "panel", "device_kind", "peak_mem_mib", "total_s"]
+    if ok.empty:
+        return pd.DataFrame(columns=list(dict.fromkeys(cols)))
+    for col in MEDIANS:
+        if col not in ok and col != "total_s":
+            ok[col] = np.nan
+    ok["total_s"] = ok["fwd_s"] + ok["bwd_s"]
+    obj = ok[KEYS].astype(object).where(ok[KEYS].notna(), None)
+    ok[KEYS] = obj
+    g = ok.groupby("case_id", sort=False)
+    num = ok[["case_id", *MEDIANS]].copy()
+    num[list(MEDIANS)] = num[list(MEDIANS)].apply(pd.to_numeric, errors="coerce").astype("float64")
+    gn = num.groupby("case_id", sort=False)
+    med = gn[list(MEDIANS)].median()
+    for col in ("bwd_s", "total_s"):
+        med[col.replace("_s", "_q25")] = gn[col].quantile(0.25)
+        med[col.replace("_s", "_q75")] = gn[col].quantile(0.75)
+    med["bwd_iqr_s"] = med["bwd_q75"] - med["bwd_q25"]
+    med["repeats"] = g.size()
+    out = ok.drop_duplicates("case_id").set_index("case_id")[[k for k in KEYS if k != "case_id"]].join(med)
+    out = out.reset_index()
+    out["width"] = out["width"].astype("int64")
+    out["peak_mem_mib"] = out["peak_mem_bytes"] / 2**20
+    out["tolerance"] = [f"rtol={r:g}, atol={a:g}" for r, a in zip(out["rtol"], out["atol"], strict=True)]
+    out["device_kind"] = [str(d).split(":")[0] for d in out["device"]]
+    out["panel"] = _panel(out)
+    return out.sort_values(["problem", "label", "rtol", "width"]).reset_index(drop=True)
+
+
+def _panel(s: pd.DataFrame) -> list[str]:
+    """A row-facet name from whichever of problem/device/dtype vary ("" when none does)."""
+    vary = [c for c in ("problem", "device", "dtype") if s[c].nunique() > 1]
+    return [" · ".join(str(r[c]) for c in vary) for _, r in s.iterrows()] if vary else [""] * len(s)
+
+
+def speedups(summary: pd.DataFrame) -> pd.DataFrame:
+    """GQ's backward (and total) time speed-up over every baseline run on the same experiment."""
+    cols = [*MATCH, "tolerance", "panel"]
+    gq = summary[summary["method"].isin(QUAD_METHODS)]
+    base = summary[~summary["method"].isin(QUAD_METHODS)]
+    if gq.empty or base.empty:
+        return pd.DataFrame(
+            columns=[*cols, "gq", "baseline", "pair", "speedup_bwd", "speedup_total", "bwd_s_gq", "bwd_s_base"]
+        )
+    keep = cols + ["label", "bwd_s", "total_s"]
+    m = gq[keep].merge(base[keep], on=cols, suffixes=("_gq", "_base"))
+    m["speedup_bwd"] = m["bwd_s_base"] / m["bwd_s_gq"]
+    m["speedup_total"] = m["total_s_base"] / m["total_s_gq"]
+    m["pair"] = m["label_gq"] + " vs " + m["label_base"]
+    return m.rename(columns={"label_gq": "gq", "label_base": "baseline"})
+
+
+def compare_runs(current: pd.DataFrame, baseline: pd.DataFrame, threshold: float = 0.1) -> pd.DataFrame:
+    """Cases present in both summaries (same case_id), with current/baseline ratios of the median
+    backward time, total time and peak memory, and a verdict per case: "regression" when the
+    total time grew by more than `threshold` (0.1 = 10 %), "improvement" when it shrank by more
+    (ratio < 1 / (1 + threshold)), else "same"."""
+    cols = ["case_id", "bwd_s", "total_s", "peak_mem_bytes", "bwd_q25", "bwd_q75"]
+    m = current.merge(baseline[cols], on="case_id", suffixes=("", "_baseline"))
+    for col in ("bwd_s", "total_s", "peak_mem_bytes"):
+        m[f"ratio_{col}"] = m[col] / m[f"{col}_baseline"]
+    r = m["ratio_total_s"]
+    m["verdict"] = np.where(r > 1 + threshold, "regression", np.where(r < 1 / (1 + threshold), "improvement", "same"))
+    return m
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _facets(df: pd.DataFrame, col: str = "tolerance") -> dict:
+    kw = dict(facet_col=col)
+    if df["panel"].nunique() > 1:
+        kw["facet_row"] = "panel"
+    return kw
+
+
+def _style(fig: go.Figure, title: str, *, rows: int = 1) -> go.Figure:
+    fig.update_layout(
+        title=title,
+        legend_title_text="",
+        template=TEMPLATE,
+        height=max(420, 120 + 320 * rows),
+        margin=dict(t=90),
+    )
+    fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]) if "=" in a.text[:12] else None)
+    return fig
+
+
+def _orders(df: pd.DataFrame) -> dict:
+    """The same colour per method label in every figure, tolerance columns loose to tight."""
+    labels = sorted(df["label"].dropna().unique()) if "label" in df else []
+    palette = px.colors.qualitative.Dark24
+    out = dict(color_discrete_map={lab: palette[i % len(palette)] for i, lab in enumerate(labels)})
+    if "tolerance" in df and "rtol" in df:
+        tols = df.sort_values(["rtol", "atol"], ascending=False)["tolerance"].unique()
+        out["category_orders"] = {"tolerance": list(tols), "label": labels}
+    return out
+
+
+def _rows(df: pd.DataFrame) -> int:
+    return max(1, df["panel"].nunique()) if "panel" in df and len(df) else 1
+
+
+def _empty(title: str, why: str) -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=why, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _style(fig, title)
+
+
+def _errors(df: pd.DataFrame, col: str) -> dict:
+    """Asymmetric IQR error bars around the median, where the quartiles were computed."""
+    q = col.replace("_s", "")
+    if f"{q}_q25" not in df:
+        return {}
+    return dict(
+        error_y=(df[f"{q}_q75"] - df[col]).clip(lower=0).to_numpy(),
+        error_y_minus=(df[col] - df[f"{q}_q25"]).clip(lower=0).to_numpy(),
+    )
+
+
+def _time_vs_width(summary: pd.DataFrame, col: str, title: str, ylabel: str) -> go.Figure:
+    d = summary.dropna(subset=[col])
+    if d.empty:
+        return _empty(title, "no finished case has this measurement")
+    d = d.assign(**{f"_{k}": v for k, v in _errors(d, col).items()})
+    fig = px.line(
+        d,
+        x="width",
+        y=col,
+        color="label",
+        markers=True,
+        log_x=True,
+        log_y=True,
+        error_y="_error_y" if "_error_y" in d else None,
+        error_y_minus="_error_y_minus" if "_error_y_minus" in d else None,
+        hover_data=["nfe_fwd", "nfe_bwd", "fwd_s", "bwd_s", "grad_rel_err", "repeats"],
+        labels={col: ylabel, "width": "width"},
+        **_facets(d),
+        **_orders(d),
+    )
+    return _style(fig, title, rows=_rows(d))
+
+
+# ----------------------------------------------------------------------------- scaling
+
+
+def fig_backward_time(summary: pd.DataFrame) -> go.Figure:
+    return _time_vs_width(
+        summary, "bwd_s", "Backward time vs width (median, IQR bars)", "backward time (s, median over repeats)"
+    )
+
+
+def fig_total_time(summary: pd.DataFrame) -> go.Figure:
+    return _time_vs_width(
+        summary, "total_s", "Forward + backward time vs width (median, IQR bars)", "forward + backward time (s)"
+    )
+
+
+def fig_peak_memory(summary: pd.DataFrame) -> go.Figure:
+    d = summary.dropna(subset=["peak_mem_mib"])
+    if d.empty:
+        return _empty("Peak memory vs width", "no peak-memory measurements")
+    fig = px.line(
+        d,
+        x="width",
+        y="peak_mem_mib",
+        color="label",
+        markers=True,
+        log_x=True,
+        log_y=True,
+        hover_data=["nfe_fwd", "nfe_bwd"],
+        labels={"peak_mem_mib": "peak memory of forward+backward (MiB, median)"},
+        **_facets(d),
+        **_orders(d),
+    )
+    return _style(fig, "Peak memory vs width", rows=_rows(d))
+
+
+def fig_memory_vs_nfe(summary: pd.DataFrame) -> go.Figure:
+    """Does memory stay flat when the solver takes more steps? One point per case."""
+    d = summary.dropna(subset=["peak_mem_mib", "nfe_fwd"])
+    title = "Peak memory vs forward NFE (flat = memory independent of the number of solver steps)"
+    if d.empty:
+        return _empty(title, "no cases with both peak memory and forward NFE")
+    fig = px.scatter(
+        d,
+        x="nfe_fwd",
+        y="peak_mem_mib",
+        color="label",
+        symbol="tolerance",
+        log_x=True,
+        log_y=True,
+        hover_data=["width", "problem", "device", "nfe_bwd"],
+        labels={"nfe_fwd": "forward NFE", "peak_mem_mib": "peak memory (MiB, median)"},
+        facet_col="panel" if d["panel"].nunique() > 1 else None,
+        **_orders(d),
+    )
+    return _style(fig, title)
+
+
+# ----------------------------------------------------------------------------- speed-ups
+
+
+def _log2_ticks(lo: float, hi: float) -> tuple[list[float], list[str]]:
+    vals = list(range(math.floor(lo), math.ceil(hi) + 1)) or [0]
+    text = [f"{2**v:g}×" if v >= 0 else f"1/{2 ** -v:g}×" for v in vals]
+    return vals, text
+
+
+def _short_tol(rtol: float, atol: float) -> str:
+    return f"rtol={rtol:g}" if rtol == atol else f"rtol={rtol:g} atol={atol:g}"
+
+
+def _speedup_heatmap(summary: pd.DataFrame, metric: str, what: str) -> go.Figure:
+    """Columns: baselines; rows: panels (device/problem); in each cell a heatmap of width (x)
+    by GQ setting x tolerance (y). Colour: log2 of the speed-up, blue where GQ is faster."""
+    title = f"Speed-up of the GQ adjoint over each baseline: {what} time (> 1×: GQ faster)"
+    sp = speedups(summary).dropna(subset=[metric])
+    sp = sp[np.isfinite(sp[metric]) & (sp[metric] > 0)]
+    if sp.empty:
+        return _empty(title, "needs torch_gq (or jax_gq) and a baseline run on the same experiments")
+    sp = sp.sort_values(["gq", "rtol", "atol"], ascending=[True, False, False])
+    sp = sp.assign(y=[f"{g} · {_short_tol(r, a)}" for g, r, a in zip(sp["gq"], sp["rtol"], sp["atol"], strict=True)])
+    panels, cols = sorted(sp["panel"].unique()), sorted(sp["baseline"].unique())
+    fig = make_subplots(
+        rows=len(panels),
+        cols=len(cols),
+        column_titles=[f"over {c}" for c in cols],
+        row_titles=panels if len(panels) > 1 else None,
+        horizontal_spacing=0.03,
+        vertical_spacing=0.06 if len(panels) > 1 else 0.0,
+        shared_yaxes=True,
+    )
+    span = max(1.0, float(np.abs(np.log2(sp[metric].to_numpy())).max()))
+    n_y = 1
+    for i, panel in enumerate(panels, 1):
+        ys = list(dict.fromkeys(sp.loc[sp["panel"] == panel, "y"]))
+        n_y = max(n_y, len(ys))
+        for j, c in enumerate(cols, 1):
+            cell = sp[(sp["panel"] == panel) & (sp["baseline"] == c)]
+            if cell.empty:
+                continue
+            widths = sorted(cell["width"].unique())
+            grid = cell.pivot_table(index="y", columns="width", values=metric, aggfunc="median")
+            grid = grid.reindex(index=ys, columns=widths).to_numpy()
+            fig.add_trace(
+                go.Heatmap(
+                    x=[str(w) for w in widths],
+                    y=ys,
+                    z=np.log2(grid),
+                    text=[["" if np.isnan(v) else f"{v:.2f}×" for v in row] for row in grid],
+                    texttemplate="%{text}",
+                    customdata=grid,
+                    hovertemplate=f"%{{y}} over {c}<br>width %{{x}}<br>{what} speed-up %{{customdata:.3g}}×"
+                    "<extra></extra>",
+                    coloraxis="coloraxis",
+                    xgap=1,
+                    ygap=1,
+                ),
+                row=i,
+                col=j,
+            )
+    vals, text = _log2_ticks(-span, span)
+    fig.update_layout(
+        coloraxis=dict(colorscale="RdBu", cmin=-span, cmax=span, colorbar=dict(title="speed-up", tickvals=vals, ticktext=text))
+    )
+    fig.update_xaxes(type="category")
+    fig.update_xaxes(title_text="width", row=len(panels))
+    fig.update_yaxes(autorange="reversed", type="category")
+    fig = _style(fig, title)
+    fig.update_layout(height=max(360, 150 + len(panels) * (40 + 26 * n_y)))
+    return fig
+
+
+def fig_speedup_heatmap(summary: pd.DataFrame) -> go.Figure:
+    return _speedup_heatmap(summary, "speedup_bwd", "backward")
+
+
+def fig_speedup_heatmap_total(summary: pd.DataFrame) -> go.Figure:
+    return _speedup_heatmap(summary, "speedup_total", "forward + backward")
+
+
+def fig_speedup(summary: pd.DataFrame) -> go.Figure:
+    title = "GQ's backward speed-up over each baseline vs width (> 1: GQ faster)"
+    sp = speedups(summary).dropna(subset=["speedup_bwd"])
+    if sp.empty:
+        return _empty(title, "needs torch_gq (or jax_gq) and a baseline run on the same experiments")
+    fig = px.line(
+        sp,
+        x="width",
+        y="speedup_bwd",
+        color="baseline",
+        line_dash="gq",
+        markers=True,
+        log_x=True,
+        log_y=True,
+        hover_data=["speedup_total", "bwd_s_gq", "bwd_s_base"],
+        labels={"speedup_bwd": "baseline backward time / GQ backward time"},
+        **_facets(sp),
+    )
+    fig.add_hline(y=1.0, line_dash="dot", line_color="gray")
+    return _style(fig, title, rows=_rows(sp))
+
+
+# ----------------------------------------------------------------------------- accuracy and work
+
+
+def fig_work_precision(summary: pd.DataFrame) -> go.Figure:
+    """The ODE-solver field's standard plot: gradient error against time, one line per method
+    setting through its tolerances (lower-left is better)."""
+    title = "Work-precision: gradient error vs forward + backward time (lower left is better)"
+    d = summary.dropna(subset=["grad_rel_err", "total_s"])
+    d = d[d["grad_rel_err"] > 0]
+    if d.empty:
+        return _empty(title, "no gradient errors recorded (reference missing?)")
+    d = d.sort_values(["label", "width", "rtol"], ascending=[True, True, False])
+    d = d.assign(series=[f"{lab} w={w}" for lab, w in zip(d["label"], d["width"], strict=True)])
+    fig = px.line(
+        d,
+        x="total_s",
+        y="grad_rel_err",
+        color="label",
+        line_group="series",
+        symbol="tolerance",
+        markers=True,
+        log_x=True,
+        log_y=True,
+        hover_data=["width", "tolerance", "nfe_fwd", "nfe_bwd", "bwd_s"],
+        labels={"total_s": "forward + backward time (s, median)", "grad_rel_err": "gradient relative L2 error"},
+        facet_col="panel" if d["panel"].nunique() > 1 else None,
+        **_orders(d),
+    )
+    return _style(fig, title)
+
+
+def fig_nfe(summary: pd.DataFrame) -> go.Figure:
+    title = "Function evaluations per method: forward and backward (direct backprop's backward: 0, it replays the graph)"
+    d = summary.dropna(subset=["nfe_fwd", "nfe_bwd"], how="all")
+    if d.empty:
+        return _empty(title, "no NFE recorded")
+    long = d.melt(
+        id_vars=["label", "width", "tolerance", "panel"],
+        value_vars=["nfe_fwd", "nfe_bwd"],
+        var_name="pass",
+        value_name="nfe",
+    )
+    long["pass"] = long["pass"].map({"nfe_fwd": "forward", "nfe_bwd": "backward"})
+    fig = px.line(
+        long,
+        x="width",
+        y="nfe",
+        color="label",
+        line_dash="pass",
+        markers=True,
+        log_x=True,
+        labels={"nfe": "function evaluations (median)"},
+        **_facets(long),
+        **_orders(d),
+    )
+    return _style(fig, title, rows=_rows(long))
+
+
+def fig_grad_error(summary: pd.DataFrame) -> go.Figure:
+    d = summary.dropna(subset=["grad_rel_err"])
+    d = d[d["grad_rel_err"] > 0]
+    if d.empty:
+        return _empty("Gradient error vs width", "no gradient errors recorded")
+    fig = px.line(
+        d,
+        x="width",
+        y="grad_rel_err",
+        color="label",
+        markers=True,
+        log_x=True,
+        log_y=True,
+        labels={"grad_rel_err": "gradient relative L2 error vs float64 reference"},
+        **_facets(d),
+        **_orders(d),
+    )
+    return _style(fig, "Gradient error vs width", rows=_rows(d))
+
+
+# ----------------------------------------------------------------------------- conditional figures
+
+
+def fig_quadrature_order(summary: pd.DataFrame) -> go.Figure | None:
+    """GQ's knob: gradient error and backward time against the fixed node count n (top) and
+    against gtol (bottom). None unless some GQ experiment ran with two or more settings."""
+    gq = summary[summary["method"].isin(QUAD_METHODS)].copy()
+    if gq.empty:
+        return None
+    exp = ["method", "backward_state", *MATCH]
+    gq[exp] = gq[exp].astype(object).where(gq[exp].notna(), "-")
+    settings = gq.groupby(exp, dropna=False).size()
+    if settings.max() < 2:
+        return None
+    fixed = gq[gq["quad_order"].notna()]
+    rule = gq[gq["quad_order"].isna() & gq["gtol"].notna()]
+    fig = make_subplots(
+        rows=2,
+        cols=2,
+        subplot_titles=[
+            "gradient error vs n (fixed nodes per interval)",
+            "backward time vs n",
+            "gradient error vs gtol (the paper's rule)",
+            "backward time vs gtol",
+        ],
+        horizontal_spacing=0.1,
+        vertical_spacing=0.16,
+    )
+    colors = px.colors.qualitative.Plotly
+
+    def name(r):
+        b = r["backward_state"]
+        p = f" {r['panel']}" if r["panel"] else ""
+        return f"{r['method']}{'' if b in (None, '-', 'backsolve') else ' ' + str(b)} w={r['width']} {r['tolerance']}{p}"
+
+    shown: set[str] = set()
+    series = sorted({name(r) for _, r in gq.iterrows()})
+    color_of = {s: colors[i % len(colors)] for i, s in enumerate(series)}
+    for row, (data, xcol) in enumerate(((fixed, "quad_order"), (rule, "gtol")), 1):
+        if data.empty:
+            continue
+        data = data.assign(series=[name(r) for _, r in data.iterrows()])
+        for s, g in data.groupby("series", sort=True):
+            g = g.sort_values(xcol)
+            for col, ycol in enumerate(("grad_rel_err", "bwd_s"), 1):
+                fig.add_trace(
+                    go.Scatter(
+                        x=g[xcol].astype(float),
+                        y=g[ycol],
+                        mode="lines+markers",
+                        name=s,
+                        legendgroup=s,
+                        showlegend=col == 1 and s not in shown,
+                        line=dict(color=color_of.get(s)),
+                        customdata=g[["quad_nodes", "nfe_bwd"]].to_numpy(),
+                        hovertemplate=f"{s}<br>{xcol} %{{x}}<br>{ycol} %{{y:.3g}}"
+                        "<br>nodes %{customdata[0]}<br>backward NFE %{customdata[1]}<extra></extra>",
+                    ),
+                    row=row,
+                    col=col,
+                )
+            shown.add(s)
+    fig.update_yaxes(type="log")
+    fig.update_xaxes(type="log", row=2)
+    fig.update_xaxes(title_text="quadrature nodes per interval n", row=1)
+    fig.update_xaxes(title_text="gtol", row=2)
+    fig.update_yaxes(title_text="gradient rel. error", col=1)
+    fig.update_yaxes(title_text="backward time (s)", col=2)
+    fig = _style(fig, "Quadrature order: accuracy and cost of the GQ adjoint's node count", rows=2)
+    return fig
+
+
+def fig_device_comparison(summary: pd.DataFrame) -> go.Figure | None:
+    """CPU and CUDA side by side (shared y axis), when both are in the results."""
+    if summary.empty or summary["device_kind"].nunique() < 2:
+        return None
+    d = summary.dropna(subset=["bwd_s"]).copy()
+    d["row"] = [f"{t}{' · ' + p if p and 'device' not in p else ''}" for t, p in zip(d["tolerance"], d["problem"], strict=True)]
+    fig = px.line(
+        d,
+        x="width",
+        y="bwd_s",
+        color="label",
+        markers=True,
+        log_x=True,
+        log_y=True,
+        facet_col="device_kind",
+        facet_row="row" if d["row"].nunique() > 1 else None,
+        hover_data=["total_s", "nfe_fwd", "nfe_bwd", "peak_mem_mib"],
+        labels={"bwd_s": "backward time (s, median)", "device_kind": "device"},
+        category_orders={"device_kind": sorted(d["device_kind"].unique())},
+        color_discrete_map=_orders(d)["color_discrete_map"],
+    )
+    return _style(fig, "CPU vs CUDA: backward time side by side", rows=d["row"].nunique())
+
+
+def fig_compile_time(summary: pd.DataFrame) -> go.Figure | None:
+    """JAX methods' tracing + compilation time (its own column, never inside the timed calls)."""
+    d = summary.dropna(subset=["compile_s"])
+    if d.empty:
+        return None
+    fig = px.line(
+        d,
+        x="width",
+        y="compile_s",
+        color="label",
+        markers=True,
+        log_x=True,
+        log_y=True,
+        labels={"compile_s": "compile time (s, once per case)"},
+        **_facets(d),
+        **_orders(d),
+    )
+    return _style(fig, "JAX compile time (not included in the timed calls)", rows=_rows(d))
+
+
+def fig_baseline_comparison(comparison: pd.DataFrame, threshold: float = 0.1) -> go.Figure | None:
+    """current / baseline total time per case; points beyond the threshold band are coloured."""
+    if comparison is None or comparison.empty:
+        return None
+    colors = {"regression": "#d62728", "improvement": "#2ca02c", "same": "#7f7f7f"}
+    fig = px.scatter(
+        comparison,
+        x="width",
+        y="ratio_total_s",
+        color="verdict",
+        symbol="label",
+        log_x=True,
+        log_y=True,
+        color_discrete_map=colors,
+        category_orders={"verdict": ["regression", "improvement", "same"]},
+        hover_data=["label", "problem", "tolerance", "total_s", "total_s_baseline", "ratio_bwd_s", "ratio_peak_mem_bytes"],
+        labels={"ratio_total_s": "total time: this run / baseline"},
+        **_facets(comparison),
+    )
+    for y, dash in ((1.0, "solid"), (1 + threshold, "dot"), (1 / (1 + threshold), "dot")):
+        fig.add_hline(y=y, line_dash=dash, line_color="gray", line_width=1)
+    return _style(
+        fig, f"Against the baseline run: total time ratio per case (band: ±{threshold:.0%})", rows=_rows(comparison)
+    )
+
+
+PHASE_COLORS = {
+    "forward": "#9ecae1",
+    "gq::forward_solve": "#6baed6",
+    "forward (other)": "#c6dbef",
+    "backward": "#fd8d3c",
+    "gq::backward_solve": "#e6550d",
+    "gq::quadrature_vjp": "#31a354",
+    "gq::accumulate": "#756bb1",
+    "backward (other)": "#fdae6b",
+}
+
+
+def fig_phases(phases: pd.DataFrame) -> go.Figure | None:
+    """Where the time goes: stacked per-step milliseconds of each profiled phase per case, from
+    torch.profiler's own aggregation (`key_averages`) of the record_function ranges.
+
+    `phases`: one row per (case, leaf phase) with columns case, phase, ms (per step)."""
+    if phases is None or phases.empty:
+        return None
+    order = [p for p in PHASE_COLORS if p in set(phases["phase"])]
+    order += sorted(set(phases["phase"]) - set(order))
+    fig = px.bar(
+        phases,
+        y="case",
+        x="ms",
+        color="phase",
+        orientation="h",
+        color_discrete_map=PHASE_COLORS,
+        category_orders={"phase": order},
+        hover_data=[c for c in ("share", "calls", "source") if c in phases],
+        labels={"ms": "milliseconds per step (forward + backward)", "case": ""},
+        text=[f"{v:.0f}" if v >= 1 else "" for v in phases["ms"]],
+    )
+    fig.update_layout(barmode="stack")
+    fig.update_yaxes(autorange="reversed")
+    fig = _style(fig, "Where the time goes: profiled phases per step")
+    fig.update_layout(height=max(320, 160 + 60 * phases["case"].nunique()))
+    return fig
+
+
+# The figures every report shows (each one div, data or not); the conditional ones follow.
+FIGURES = (
+    fig_backward_time,
+    fig_total_time,
+    fig_speedup_heatmap,
+    fig_speedup_heatmap_total,
+    fig_speedup,
+    fig_peak_memory,
+    fig_memory_vs_nfe,
+    fig_work_precision,
+    fig_nfe,
+    fig_grad_error,
+)
+OPTIONAL_FIGURES = (fig_quadrature_order, fig_device_comparison, fig_compile_time)
