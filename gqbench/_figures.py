@@ -19,7 +19,17 @@ from plotly.subplots import make_subplots
 # Cases that are the same experiment except for the method: GQ is compared to baselines on these.
 MATCH = ["problem", "width", "batch", "rtol", "atol", "solver", "device", "dtype", "seed", "threads"]
 QUAD_METHODS = ("torch_gq", "jax_gq")
-MEDIANS = ("fwd_s", "bwd_s", "total_s", "peak_mem_bytes", "nfe_fwd", "nfe_bwd", "grad_rel_err", "compile_s", "quad_nodes")
+MEDIANS = (
+    "fwd_s",
+    "bwd_s",
+    "total_s",
+    "peak_mem_bytes",
+    "nfe_fwd",
+    "nfe_bwd",
+    "grad_rel_err",
+    "compile_s",
+    "quad_nodes",
+)
 KEYS = ["case_id", "label", "method", "gtol", "quad_order", "backward_state", *MATCH]
 TEMPLATE = "plotly_white"
 
@@ -238,7 +248,7 @@ def fig_memory_vs_nfe(summary: pd.DataFrame) -> go.Figure:
 
 def _log2_ticks(lo: float, hi: float) -> tuple[list[float], list[str]]:
     vals = list(range(math.floor(lo), math.ceil(hi) + 1)) or [0]
-    text = [f"{2**v:g}×" if v >= 0 else f"1/{2 ** -v:g}×" for v in vals]
+    text = [f"{2**v:g}×" if v >= 0 else f"1/{2**-v:g}×" for v in vals]
     return vals, text
 
 
@@ -250,7 +260,8 @@ def _speedup_heatmap(summary: pd.DataFrame, metric: str, what: str) -> go.Figure
     """Columns: baselines; rows: panels (device/problem); in each cell a heatmap of width (x)
     by GQ setting x tolerance (y). Colour: log2 of the speed-up, blue where GQ is faster."""
     title = f"Speed-up of the GQ adjoint over each baseline: {what} time (> 1×: GQ faster)"
-    sp = speedups(summary).dropna(subset=[metric])
+    sp = speedups(summary)
+    sp[metric] = pd.to_numeric(sp[metric], errors="coerce").astype("float64")
     sp = sp[np.isfinite(sp[metric]) & (sp[metric] > 0)]
     if sp.empty:
         return _empty(title, "needs torch_gq (or jax_gq) and a baseline run on the same experiments")
@@ -297,7 +308,9 @@ def _speedup_heatmap(summary: pd.DataFrame, metric: str, what: str) -> go.Figure
             )
     vals, text = _log2_ticks(-span, span)
     fig.update_layout(
-        coloraxis=dict(colorscale="RdBu", cmin=-span, cmax=span, colorbar=dict(title="speed-up", tickvals=vals, ticktext=text))
+        coloraxis=dict(
+            colorscale="RdBu", cmin=-span, cmax=span, colorbar=dict(title="speed-up", tickvals=vals, ticktext=text)
+        )
     )
     fig.update_xaxes(type="category")
     fig.update_xaxes(title_text="width", row=len(panels))
@@ -369,7 +382,9 @@ def fig_work_precision(summary: pd.DataFrame) -> go.Figure:
 
 
 def fig_nfe(summary: pd.DataFrame) -> go.Figure:
-    title = "Function evaluations per method: forward and backward (direct backprop's backward: 0, it replays the graph)"
+    title = (
+        "Function evaluations per method: forward and backward (direct backprop's backward: 0, it replays the graph)"
+    )
     d = summary.dropna(subset=["nfe_fwd", "nfe_bwd"], how="all")
     if d.empty:
         return _empty(title, "no NFE recorded")
@@ -448,7 +463,9 @@ def fig_quadrature_order(summary: pd.DataFrame) -> go.Figure | None:
     def name(r):
         b = r["backward_state"]
         p = f" {r['panel']}" if r["panel"] else ""
-        return f"{r['method']}{'' if b in (None, '-', 'backsolve') else ' ' + str(b)} w={r['width']} {r['tolerance']}{p}"
+        return (
+            f"{r['method']}{'' if b in (None, '-', 'backsolve') else ' ' + str(b)} w={r['width']} {r['tolerance']}{p}"
+        )
 
     shown: set[str] = set()
     series = sorted({name(r) for _, r in gq.iterrows()})
@@ -492,7 +509,9 @@ def fig_device_comparison(summary: pd.DataFrame) -> go.Figure | None:
     if summary.empty or summary["device_kind"].nunique() < 2:
         return None
     d = summary.dropna(subset=["bwd_s"]).copy()
-    d["row"] = [f"{t}{' · ' + p if p and 'device' not in p else ''}" for t, p in zip(d["tolerance"], d["problem"], strict=True)]
+    d["row"] = [
+        f"{t}{' · ' + p if p and 'device' not in p else ''}" for t, p in zip(d["tolerance"], d["problem"], strict=True)
+    ]
     fig = px.line(
         d,
         x="width",
@@ -546,7 +565,15 @@ def fig_baseline_comparison(comparison: pd.DataFrame, threshold: float = 0.1) ->
         log_y=True,
         color_discrete_map=colors,
         category_orders={"verdict": ["regression", "improvement", "same"]},
-        hover_data=["label", "problem", "tolerance", "total_s", "total_s_baseline", "ratio_bwd_s", "ratio_peak_mem_bytes"],
+        hover_data=[
+            "label",
+            "problem",
+            "tolerance",
+            "total_s",
+            "total_s_baseline",
+            "ratio_bwd_s",
+            "ratio_peak_mem_bytes",
+        ],
         labels={"ratio_total_s": "total time: this run / baseline"},
         **_facets(comparison),
     )
@@ -593,7 +620,10 @@ def fig_phases(phases: pd.DataFrame) -> go.Figure | None:
     fig.update_layout(barmode="stack")
     fig.update_yaxes(autorange="reversed")
     fig = _style(fig, "Where the time goes: profiled phases per step")
-    fig.update_layout(height=max(320, 160 + 60 * phases["case"].nunique()))
+    fig.update_layout(
+        height=max(360, 220 + 60 * phases["case"].nunique()),
+        legend=dict(orientation="h", yanchor="top", y=-0.25, x=0),
+    )
     return fig
 
 
@@ -603,7 +633,6 @@ FIGURES = (
     fig_total_time,
     fig_speedup_heatmap,
     fig_speedup_heatmap_total,
-    fig_speedup,
     fig_peak_memory,
     fig_memory_vs_nfe,
     fig_work_precision,

@@ -244,9 +244,7 @@ def _profile_jax(run, case: Case, case_dir: Path, *, steps: int, warmup: int) ->
                 c = time.perf_counter()
             wall["forward"].append((b - a) * 1e3)
             wall["backward"].append((c - b) * 1e3)
-    phases = [
-        dict(phase=p, label=OUTER[p], parent=None, ms=sum(v) / len(v), calls=1.0) for p, v in wall.items()
-    ]
+    phases = [dict(phase=p, label=OUTER[p], parent=None, ms=sum(v) / len(v), calls=1.0) for p, v in wall.items()]
     return dict(
         phases=phases,
         wall_ms=wall,

@@ -191,25 +191,10 @@ def _baseline_html(comparison: pd.DataFrame, threshold: float, label: str, n_now
     moved = comparison[comparison["verdict"] != "same"].sort_values("ratio_total_s", ascending=False)
     if moved.empty:
         return head
-    rows = []
-    for _, r in moved.iterrows():
-        iqr = (r["bwd_q75"] - r["bwd_q25"]) / r["bwd_s"] if r["bwd_s"] else float("nan")
-        cells = [
-            r["verdict"],
-            r["label"],
-            r["problem"],
-            str(r["width"]),
-            r["tolerance"],
-            str(r["device"]),
-            f"{r['total_s_baseline']:.4g} → {r['total_s']:.4g}",
-            f"{r['ratio_total_s']:.3f}",
-            f"{r['ratio_bwd_s']:.3f}",
-            f"{r['ratio_peak_mem_bytes']:.3f}",
-            f"{iqr:.0%}",
-        ]
-        rows.append(
-            f"<tr class='{r['verdict']}'>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
-        )
+
+    def rows_html(part: pd.DataFrame) -> str:
+        return "".join(_baseline_row(r) for _, r in part.iterrows())
+
     header = (
         "verdict",
         "method",
@@ -223,8 +208,38 @@ def _baseline_html(comparison: pd.DataFrame, threshold: float, label: str, n_now
         "memory ratio",
         "backward IQR/median now",
     )
-    th = "".join(f"<th>{h}</th>" for h in header)
-    return f"{head}<table class='baseline'><tr>{th}</tr>{''.join(rows)}</table>"
+    th = "<tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>"
+    # The largest changes first (worst regressions, then best improvements); the rest folded.
+    reg, imp = moved[moved["verdict"] == "regression"], moved[moved["verdict"] == "improvement"]
+    top = pd.concat([reg.head(MAX_ROWS), imp.sort_values("ratio_total_s").head(MAX_ROWS)])
+    rest = moved.drop(top.index)
+    more = (
+        f"<details><summary>{len(rest)} more</summary><table class='baseline'>{th}{rows_html(rest)}</table></details>"
+        if len(rest)
+        else ""
+    )
+    return f"{head}<table class='baseline'>{th}{rows_html(top)}</table>{more}"
+
+
+MAX_ROWS = 15
+
+
+def _baseline_row(r) -> str:
+    iqr = (r["bwd_q75"] - r["bwd_q25"]) / r["bwd_s"] if r["bwd_s"] else float("nan")
+    cells = [
+        r["verdict"],
+        r["label"],
+        r["problem"],
+        str(r["width"]),
+        r["tolerance"],
+        str(r["device"]),
+        f"{r['total_s_baseline']:.4g} → {r['total_s']:.4g}",
+        f"{r['ratio_total_s']:.3f}",
+        f"{r['ratio_bwd_s']:.3f}",
+        f"{r['ratio_peak_mem_bytes']:.3f}",
+        f"{iqr:.0%}",
+    ]
+    return f"<tr class='{r['verdict']}'>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
 
 
 def _profiles_html(phases: pd.DataFrame, root: Path, out_dir: Path | None) -> str:
@@ -232,7 +247,9 @@ def _profiles_html(phases: pd.DataFrame, root: Path, out_dir: Path | None) -> st
     rows = []
     for case_id, g in phases.groupby("case_id", sort=False):
         total = g["ms"].sum()
-        split = "; ".join(f"{p} {ms:.1f} ms ({s:.0%})" for p, ms, s in zip(g["phase"], g["ms"], g["share"], strict=True))
+        split = "; ".join(
+            f"{p} {ms:.1f} ms ({s:.0%})" for p, ms, s in zip(g["phase"], g["ms"], g["share"], strict=True)
+        )
         res_path = root / case_id / "phases.json"
         top = ""
         try:
@@ -252,7 +269,8 @@ def _profiles_html(phases: pd.DataFrame, root: Path, out_dir: Path | None) -> st
         for h in ("case", "ms / step", "phases", "NFE fwd / bwd", "top ops in backward (self time / step)", "traces")
     )
     return (
-        f"<table>{th}{''.join(rows)}</table><p class=note>From <code>{html.escape(str(root))}</code>. Open the traces with "
+        f"<table>{th}{''.join(rows)}</table>"
+        f"<p class=note>From <code>{html.escape(str(root))}</code>. Open the traces with "
         f"<code>tensorboard --logdir {html.escape(str(root))}</code> (PyTorch Profiler tab: Overview, Operator, "
         "Trace, Memory; needs torch-tb-profiler) or drop a <code>*.pt.trace.json</code> on "
         "ui.perfetto.dev.</p>"
@@ -300,9 +318,9 @@ def render(
         comparison = compare_runs(summary, base_summary, threshold) if not summary.empty else None
         if comparison is not None and not comparison.empty:
             fig = fig_baseline_comparison(comparison, threshold)
-            body = _baseline_html(
-                comparison, threshold, baseline_label, len(summary), len(base_summary)
-            ) + _figure_div(fig, "fig_baseline_comparison")
+            body = _baseline_html(comparison, threshold, baseline_label, len(summary), len(base_summary)) + _figure_div(
+                fig, "fig_baseline_comparison"
+            )
         else:
             body = f"<p>No case of this run is in the baseline <code>{html.escape(baseline_label)}</code>.</p>"
         sections.append(("fig_baseline_comparison", body))

@@ -152,7 +152,9 @@ def _report(args) -> int:
 
     if not args.threshold > 0:
         raise GridSpecError(f"--threshold {args.threshold}: must be > 0, e.g. 0.1 for 10%")
-    print(write_report(args.dir, baseline=args.baseline, threshold=args.threshold, profiles=args.profiles, asv=args.asv))
+    print(
+        write_report(args.dir, baseline=args.baseline, threshold=args.threshold, profiles=args.profiles, asv=args.asv)
+    )
     return 0
 
 
@@ -162,8 +164,22 @@ def _profile(args) -> int:
 
     axes = {
         k: v
-        for k in ("method", "problem", "width", "batch", "rtol", "atol", "gtol", "quad_order", "backward_state",
-                  "solver", "device", "dtype", "seed", "threads")  # fmt: skip
+        for k in (
+            "method",
+            "problem",
+            "width",
+            "batch",
+            "rtol",
+            "atol",
+            "gtol",
+            "quad_order",
+            "backward_state",
+            "solver",
+            "device",
+            "dtype",
+            "seed",
+            "threads",
+        )  # fmt: skip
         if (v := getattr(args, k)) is not None
     }
     if args.steps < 1 or args.warmup < 0:

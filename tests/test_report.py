@@ -12,7 +12,6 @@ import shutil
 import tempfile
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from gqbench import Case, write_report
@@ -265,7 +264,9 @@ def _browser_missing() -> str | None:
     except ImportError:
         return "selenium is not installed (pip install -e '.[test]')"
     if CHROMIUM is None or CHROMEDRIVER is None:
-        return "Debian packages chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)"
+        return (
+            "Debian packages chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)"
+        )
     return None
 
 
@@ -312,8 +313,9 @@ def test_every_figure_renders_in_chromium(report_dirs, browser):
     _, path = report_dirs
     browser.get(path.as_uri())
     count = "return document.querySelectorAll('.js-plotly-plot').length"
-    drawn = "return document.querySelectorAll('.js-plotly-plot svg.main-svg').length ? " \
-            "[...document.querySelectorAll('.js-plotly-plot')].filter(d => d.querySelector('svg.main-svg')).length : 0"  # fmt: skip
+    drawn = (
+        "return [...document.querySelectorAll('.js-plotly-plot')].filter(d => d.querySelector('svg.main-svg')).length"
+    )
     divs = browser.execute_script("return document.querySelectorAll('.plotly-graph-div').length")
     WebDriverWait(browser, 60).until(lambda d: d.execute_script(count) == divs)
     WebDriverWait(browser, 60).until(lambda d: d.execute_script(drawn) == divs)
@@ -321,7 +323,9 @@ def test_every_figure_renders_in_chromium(report_dirs, browser):
     # Heatmaps really drew their cells, lines their traces.
     assert browser.execute_script("return document.querySelectorAll('#fig-speedup-heatmap .heatmaplayer image, "
                                   "#fig-speedup-heatmap .hm image').length") > 0  # fmt: skip
-    assert browser.execute_script("return document.querySelectorAll('#fig-backward-time .scatterlayer .trace').length") > 0
+    assert (
+        browser.execute_script("return document.querySelectorAll('#fig-backward-time .scatterlayer .trace').length") > 0
+    )
     logs = browser.get_log("browser")
     errors = [e for e in logs if e["level"] == "SEVERE" and "favicon.ico" not in e["message"]]
     assert not errors, errors
