@@ -215,7 +215,10 @@ def _profile(args) -> int:
         timeout=args.timeout,
         isolate=not args.in_process,
     )
-    print(f"{args.out}: open with `tensorboard --logdir {args.out}` (PyTorch Profiler tab)")
+    print(
+        f"{args.out}: open with `tensorboard --logdir {args.out}` (torch cases: PyTorch Profiler tab); "
+        "JAX cases: plugins/profile/*/perfetto_trace.json.gz in ui.perfetto.dev"
+    )
     if args.report:
         from ._report import write_report
 

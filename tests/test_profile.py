@@ -126,3 +126,15 @@ def test_profile_cli_selects_cases_from_a_preset(capsys):
     assert main(["profile", "--preset", "default", "--method", "torch_gq", "--width", "7", "--dry-run"]) == 2
     assert main(["profile", "--width", "32"]) == 2  # no method
     assert main(["profile", "--method", "torch_gq", "--width", "32", "--dry-run"]) == 0
+
+
+def test_jax_case_goes_through_jax_profiler(tmp_path):
+    pytest.importorskip("diffrax")
+    from gqbench._profile import profile_cases
+
+    case = Case("jax_gq", "workload_l", 16, 8, rtol=1e-3, atol=1e-3, gtol=0.1, backward_state="backsolve")
+    (res,) = profile_cases([case], tmp_path, steps=1, warmup=1, isolate=False, log=lambda _: None)
+    assert res["status"] == "ok" and res["backend"] == "jax", res
+    assert any(f.endswith("perfetto_trace.json.gz") for f in res["jax_trace_files"])
+    assert {r["phase"] for r in res["leaves"]} == {"forward", "backward"}
+    assert load_phases(tmp_path)["method"].eq("jax_gq").all()
