@@ -247,7 +247,8 @@ def fig_memory_vs_nfe(summary: pd.DataFrame) -> go.Figure:
 
 
 def _log2_ticks(lo: float, hi: float) -> tuple[list[float], list[str]]:
-    vals = list(range(math.floor(lo), math.ceil(hi) + 1)) or [0]
+    step = max(1, math.ceil((hi - lo) / 8))  # at most ~9 labels
+    vals = [v for v in range(math.floor(lo), math.ceil(hi) + 1) if v % step == 0] or [0]
     text = [f"{2**v:g}×" if v >= 0 else f"1/{2**-v:g}×" for v in vals]
     return vals, text
 
