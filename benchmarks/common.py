@@ -126,7 +126,7 @@ def _axes() -> dict[str, list]:
         return dict(method=list(LABELS), width=list(WIDTHS), rtol=list(RTOLS), device=list(DEVICES))
     pts = default_points()
     return dict(
-        method=list(LABELS),
+        method=[label for label in LABELS if any(p[0] == label for p in pts)],
         width=sorted({w for _, w, _ in pts}),
         rtol=sorted({r for _, _, r in pts}, reverse=True),
         device=list(DEVICES),
