@@ -82,6 +82,7 @@ def read_grid(path: Path = PRESET_PATH) -> tuple[dict, dict[str, dict]]:
 
 PRESET, POINTS = read_grid()
 LABELS = tuple(POINTS)
+METHODS_IN_PRESET = tuple(dict.fromkeys(p["method"][0] for p in POINTS.values()))
 WIDTHS = tuple(sorted(PRESET["axes"]["width"]))
 RTOLS = tuple(sorted(PRESET["axes"]["rtol"], reverse=True))  # loosest first
 DEVICES = tuple(d.strip() for d in os.environ.get(DEVICES_ENV, "cpu").split(",") if d.strip()) or ("cpu",)
