@@ -55,7 +55,7 @@ def read_grid(path: Path = PRESET_PATH) -> tuple[dict, dict[str, dict]]:
     for key in ("width", "rtol"):
         if not isinstance(axes.get(key), list) or not axes[key]:
             raise GridError(f"{path.name}: [axes] {key} must be a non-empty list (it is an asv parameter)")
-    for key in ("atol", "device", "batch", "backward_state", "tolerances"):
+    for key in ("atol", "device", "batch", "backward_state", "warm_start", "tolerances"):
         if key in axes:
             raise GridError(f"{path.name}: [axes] {key} is not supported by the asv suite; remove it")
     points: dict[str, dict] = {}

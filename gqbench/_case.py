@@ -18,6 +18,7 @@ CASE_FIELDS = (
     "gtol",
     "quad_order",
     "backward_state",
+    "warm_start",
     "solver",
     "device",
     "dtype",
@@ -43,6 +44,7 @@ class Case:
     gtol: float | None = None
     quad_order: int | None = None
     backward_state: str | None = None
+    warm_start: bool | None = None
     solver: str = "dopri5"
     device: str = "cpu"
     dtype: str = "float32"
@@ -59,6 +61,9 @@ class Case:
     @property
     def case_id(self) -> str:
         canon = {k: (float(v) if isinstance(v, float) else v) for k, v in self.to_dict().items()}
+        # Fields added after the first release hash only when set, so earlier ids stay valid.
+        if not canon["warm_start"]:
+            del canon["warm_start"]
         blob = json.dumps(canon, sort_keys=True, separators=(",", ":"))
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -72,6 +77,8 @@ class Case:
             opts.append(f"gtol={self.gtol:g}")
         if self.backward_state not in (None, "backsolve"):
             opts.append(self.backward_state)
+        if self.warm_start:
+            opts.append("warm")
         return f"{self.method}[{','.join(opts)}]" if opts else self.method
 
     @property

@@ -30,7 +30,7 @@ MEDIANS = (
     "compile_s",
     "quad_nodes",
 )
-KEYS = ["case_id", "label", "method", "gtol", "quad_order", "backward_state", *MATCH]
+KEYS = ["case_id", "label", "method", "gtol", "quad_order", "backward_state", "warm_start", *MATCH]
 TEMPLATE = "plotly_white"
 
 

@@ -9,7 +9,7 @@ points at large ones. Without `[[grid]]`, `[axes]` alone is the grid.
 Rules:
 - `rtol`/`atol`: `tolerances = "paired"` (default) zips them (equal lengths; `atol` defaults to
   `rtol`), `"crossed"` crosses them.
-- Quadrature axes (`gtol`, `quad_order`, `backward_state`) apply only to methods declaring
+- Quadrature axes (`gtol`, `quad_order`, `backward_state`, `warm_start`) apply only to methods declaring
   `quadrature=True` (torch_gq, later jax_gq); other methods get them as None, once.
   A quadrature method runs one case per gtol value plus one per quad_order value.
 - `batch` omitted: each problem's default batch; `width` omitted: each problem's default width.
@@ -36,6 +36,7 @@ AXES = (
     "gtol",
     "quad_order",
     "backward_state",
+    "warm_start",
     "solver",
     "device",
     "dtype",
@@ -49,6 +50,7 @@ DEFAULT_AXES = dict(
     rtol=[1e-6],
     gtol=[0.1],
     backward_state=["backsolve"],
+    warm_start=[False],
     solver=["dopri5"],
     device=["cpu"],
     dtype=["float32"],
@@ -171,6 +173,9 @@ def _expand(axes: dict, where: str) -> list[Case]:
     _choices(where, "method", ax["method"], list(METHODS))
     _choices(where, "problem", ax["problem"], list(PROBLEMS))
     _choices(where, "backward_state", ax["backward_state"], BACKWARD_STATES)
+    for v in ax["warm_start"]:
+        if not isinstance(v, bool):
+            _fail(where, "warm_start", f"value {v!r} is not a boolean; use true or false")
     _choices(where, "solver", ax["solver"], SOLVERS)
     _choices(where, "dtype", ax["dtype"], DTYPES)
     for d in ax["device"]:
@@ -197,11 +202,11 @@ def _expand(axes: dict, where: str) -> list[Case]:
         batches = ax.get("batch", [problem.default_batch])
         is_quad = METHODS[method].quadrature
         quad_points = (
-            [(g, n, b) for (g, n), b in itertools.product(quad, ax["backward_state"])]
+            [(g, n, b, ws) for (g, n), b, ws in itertools.product(quad, ax["backward_state"], ax["warm_start"])]
             if is_quad
-            else [(None, None, None)]
+            else [(None, None, None, None)]
         )
-        for w, b, (rtol, atol), (g, n, bs), solver, device, dtype, seed, threads in itertools.product(
+        for w, b, (rtol, atol), (g, n, bs, ws), solver, device, dtype, seed, threads in itertools.product(
             widths, batches, tols, quad_points, ax["solver"], ax["device"], ax["dtype"], ax["seed"], ax["threads"]
         ):
             cases.append(
@@ -215,6 +220,7 @@ def _expand(axes: dict, where: str) -> list[Case]:
                     gtol=None if g is None else float(g),
                     quad_order=n,
                     backward_state=bs,
+                    warm_start=ws,
                     solver=solver,
                     device=device,
                     dtype=dtype,

@@ -48,6 +48,8 @@ class _JaxMethod(AbstractMethod):
     backend: ClassVar[str] = "jax"
 
     def unsupported(self, case):
+        if case.warm_start:
+            return "warm_start is a torch_gq option; the JAX GQ adjoint starts each backward solve afresh"
         if importlib.util.find_spec("jax") is None or importlib.util.find_spec("diffrax") is None:
             return "jax/diffrax are not installed; pip install 'gqbench[jax]'"
         if case.solver not in _SOLVERS:

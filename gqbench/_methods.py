@@ -161,7 +161,7 @@ class TorchGQ(AbstractMethod):
     def build(self, *, case, problem):
         import impls
 
-        kw = dict(_tols(case), backward_state=case.backward_state or "backsolve")
+        kw = dict(_tols(case), backward_state=case.backward_state or "backsolve", warm_start=bool(case.warm_start))
         if case.quad_order is not None:
             kw["quad_order"] = case.quad_order
         elif case.gtol is not None:

@@ -53,6 +53,7 @@ _DTYPES = {
         )
     },
     **{c: "Int64" for c in ("width", "batch", "quad_order", "seed", "threads", "repeat", "warmup")},
+    "warm_start": "boolean",
 }
 
 

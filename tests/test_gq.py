@@ -1,6 +1,6 @@
 """The GQ adjoint against direct backprop (float64, tight tolerances), on everything torchdiffeq's
 adjoint accepts. Tolerances are set a few times above the observed error so that a wrong sign, a
-missing interval or a one-node rule fails them (see test_tolerances_can_fail)."""
+one-node rule fails them (see test_tolerances_can_fail)."""
 
 from __future__ import annotations
 
@@ -315,6 +315,22 @@ def test_stats_report_nfe_and_orders_without_module_attributes():
     assert stats.nfe_backward > 0
 
 
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_warm_start_saves_backward_evaluations_not_accuracy(direction):
+    func, y0, t = _problem("tensor", direction, times=5, seed=6)
+    ref = _reference(func, y0, t)
+    errs, nfe = {}, {}
+    for warm in (True, False):
+        def solve(warm=warm):
+            return odeint_adjoint_gq(func, y0, t, rtol=1e-8, atol=1e-8, quad_order=6, warm_start=warm)
+
+        with gq_stats() as stats:
+            got = _grads(solve, y0, t, list(func.parameters()))
+        errs[warm], nfe[warm] = max(_rel_errs(got, ref)), stats.nfe_backward
+    assert nfe[True] < nfe[False], nfe
+    assert errs[True] < 1e-5 and errs[False] < 1e-5, errs
+
+
 def test_vmap_fallback_for_unbatchable_func():
     func = MLP()
 
@@ -364,6 +380,7 @@ def _call(**kw):
         (dict(func=torch.nn.Identity()), ValueError, r"adjoint_params=\(\)"),
         (dict(backward_state="forward"), ValueError, r"backward_state='forward'.*'backsolve', 'interpolate'"),
         (dict(quad_batch=0), ValueError, r"quad_batch=0"),
+        (dict(warm_start="yes"), TypeError, r"warm_start='yes'.*True or False"),
         (dict(options=[1]), TypeError, r"options=\[1\]"),
     ],
 )

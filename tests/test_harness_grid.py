@@ -22,6 +22,17 @@ def test_quadrature_axes_apply_to_gq_only():
     assert {(c.gtol, c.quad_order) for c in gq} == {(0.1, None), (1.0, None), (None, 2), (None, 4)}
 
 
+def test_warm_start_axis_applies_to_gq_only():
+    s = parse_spec(spec(warm_start=[False, True]))
+    assert {c.warm_start for c in s.cases if c.method == "torch_direct"} == {None}
+    gq = [c for c in s.cases if c.method == "torch_gq"]
+    assert sorted(c.warm_start for c in gq) == [False, False, True, True]
+    assert {c.label for c in gq} == {"torch_gq[gtol=0.1]", "torch_gq[gtol=0.1,warm]"}
+    cold = next(c for c in gq if not c.warm_start)
+    assert cold.case_id == cold.with_(warm_start=None).case_id  # unset and off hash alike (stable ids)
+    assert cold.case_id != cold.with_(warm_start=True).case_id
+
+
 def test_quad_order_alone_drops_default_gtol():
     s = parse_spec(spec(quad_order=[3]))
     assert {(c.gtol, c.quad_order) for c in s.cases if c.method == "torch_gq"} == {(None, 3)}
@@ -103,6 +114,7 @@ BAD = [
     (spec(quad_order=[0]), "quad_order value 0"),
     (spec(quad_order=[65]), "quad_order value 65 is above 64"),
     (spec(backward_state=["forward"]), "backward_state value 'forward' is unknown"),
+    (spec(warm_start=["yes"]), "warm_start value 'yes' is not a boolean; use true or false"),
     (spec(device=["tpu"]), "device value 'tpu' is not a device"),
     (spec(dtype=["float16"]), "dtype value 'float16' is unknown"),
     (spec(solver=["euler"]), "solver value 'euler' is unknown"),
