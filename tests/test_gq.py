@@ -321,6 +321,7 @@ def test_warm_start_saves_backward_evaluations_not_accuracy(direction):
     ref = _reference(func, y0, t)
     errs, nfe = {}, {}
     for warm in (True, False):
+
         def solve(warm=warm):
             return odeint_adjoint_gq(func, y0, t, rtol=1e-8, atol=1e-8, quad_order=6, warm_start=warm)
 
