@@ -163,11 +163,10 @@ def _errors(df: pd.DataFrame, col: str) -> dict:
     )
 
 
-def _time_vs_width(summary: pd.DataFrame, col: str, title: str, ylabel: str) -> go.Figure:
-    d = summary.dropna(subset=[col])
-    if d.empty:
-        return _empty(title, "no finished case has this measurement")
-    d = d.assign(**{f"_{k}": v for k, v in _errors(d, col).items()})
+def _vs_width(d: pd.DataFrame, col: str, title: str, ylabel: str, *, hover=None, iqr: bool = False) -> go.Figure:
+    """One log-log line per method setting of `col` against width, faceted like every scaling plot."""
+    if iqr:
+        d = d.assign(**{f"_{k}": v for k, v in _errors(d, col).items()})
     fig = px.line(
         d,
         x="width",
@@ -178,12 +177,20 @@ def _time_vs_width(summary: pd.DataFrame, col: str, title: str, ylabel: str) -> 
         log_y=True,
         error_y="_error_y" if "_error_y" in d else None,
         error_y_minus="_error_y_minus" if "_error_y_minus" in d else None,
-        hover_data=["nfe_fwd", "nfe_bwd", "fwd_s", "bwd_s", "grad_rel_err", "repeats"],
+        hover_data=hover,
         labels={col: ylabel, "width": "width"},
         **_facets(d),
         **_orders(d),
     )
     return _style(fig, title, rows=_rows(d))
+
+
+def _time_vs_width(summary: pd.DataFrame, col: str, title: str, ylabel: str) -> go.Figure:
+    d = summary.dropna(subset=[col])
+    if d.empty:
+        return _empty(title, "no finished case has this measurement")
+    hover = ["nfe_fwd", "nfe_bwd", "fwd_s", "bwd_s", "grad_rel_err", "repeats"]
+    return _vs_width(d, col, title, ylabel, hover=hover, iqr=True)
 
 
 # ----------------------------------------------------------------------------- scaling
@@ -205,20 +212,8 @@ def fig_peak_memory(summary: pd.DataFrame) -> go.Figure:
     d = summary.dropna(subset=["peak_mem_mib"])
     if d.empty:
         return _empty("Peak memory vs width", "no peak-memory measurements")
-    fig = px.line(
-        d,
-        x="width",
-        y="peak_mem_mib",
-        color="label",
-        markers=True,
-        log_x=True,
-        log_y=True,
-        hover_data=["nfe_fwd", "nfe_bwd"],
-        labels={"peak_mem_mib": "peak memory of forward+backward (MiB, median)"},
-        **_facets(d),
-        **_orders(d),
-    )
-    return _style(fig, "Peak memory vs width", rows=_rows(d))
+    ylabel = "peak memory of forward+backward (MiB, median)"
+    return _vs_width(d, "peak_mem_mib", "Peak memory vs width", ylabel, hover=["nfe_fwd", "nfe_bwd"])
 
 
 def fig_memory_vs_nfe(summary: pd.DataFrame) -> go.Figure:
@@ -416,19 +411,8 @@ def fig_grad_error(summary: pd.DataFrame) -> go.Figure:
     d = d[d["grad_rel_err"] > 0]
     if d.empty:
         return _empty("Gradient error vs width", "no gradient errors recorded")
-    fig = px.line(
-        d,
-        x="width",
-        y="grad_rel_err",
-        color="label",
-        markers=True,
-        log_x=True,
-        log_y=True,
-        labels={"grad_rel_err": "gradient relative L2 error vs float64 reference"},
-        **_facets(d),
-        **_orders(d),
-    )
-    return _style(fig, "Gradient error vs width", rows=_rows(d))
+    ylabel = "gradient relative L2 error vs float64 reference"
+    return _vs_width(d, "grad_rel_err", "Gradient error vs width", ylabel)
 
 
 # ----------------------------------------------------------------------------- conditional figures
@@ -536,19 +520,8 @@ def fig_compile_time(summary: pd.DataFrame) -> go.Figure | None:
     d = summary.dropna(subset=["compile_s"])
     if d.empty:
         return None
-    fig = px.line(
-        d,
-        x="width",
-        y="compile_s",
-        color="label",
-        markers=True,
-        log_x=True,
-        log_y=True,
-        labels={"compile_s": "compile time (s, once per case)"},
-        **_facets(d),
-        **_orders(d),
-    )
-    return _style(fig, "JAX compile time (not included in the timed calls)", rows=_rows(d))
+    title = "JAX compile time (not included in the timed calls)"
+    return _vs_width(d, "compile_s", title, "compile time (s, once per case)")
 
 
 def fig_baseline_comparison(comparison: pd.DataFrame, threshold: float = 0.1) -> go.Figure | None:

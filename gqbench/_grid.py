@@ -24,25 +24,9 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 
-from ._case import Case
+from ._case import CASE_FIELDS, Case
 
-AXES = (
-    "method",
-    "problem",
-    "width",
-    "batch",
-    "rtol",
-    "atol",
-    "gtol",
-    "quad_order",
-    "backward_state",
-    "warm_start",
-    "solver",
-    "device",
-    "dtype",
-    "seed",
-    "threads",
-)
+AXES = CASE_FIELDS  # every field of a Case is a grid axis
 AXIS_OPTIONS = ("tolerances",)
 RUN_KEYS = ("repeats", "warmup", "timeout", "reference_timeout")
 TOP_KEYS = ("name", "description", "run", "axes", "grid")

@@ -159,29 +159,10 @@ def _report(args) -> int:
 
 
 def _profile(args) -> int:
-    from ._grid import GridSpecError, load_preset, load_spec, parse_spec
+    from ._grid import AXES, GridSpecError, load_preset, load_spec, parse_spec
     from ._profile import profile_cases
 
-    axes = {
-        k: v
-        for k in (
-            "method",
-            "problem",
-            "width",
-            "batch",
-            "rtol",
-            "atol",
-            "gtol",
-            "quad_order",
-            "backward_state",
-            "solver",
-            "device",
-            "dtype",
-            "seed",
-            "threads",
-        )  # fmt: skip
-        if (v := getattr(args, k)) is not None
-    }
+    axes = {k: v for k in AXES if (v := getattr(args, k, None)) is not None}
     if args.steps < 1 or args.warmup < 0:
         raise GridSpecError(f"--steps {args.steps} --warmup {args.warmup}: need steps >= 1 and warmup >= 0")
     if args.preset or args.grid:

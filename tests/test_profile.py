@@ -123,7 +123,9 @@ def _importable(name: str) -> bool:
 def test_profile_cli_selects_cases_from_a_preset(capsys):
     assert main(["profile", "--preset", "default", "--method", "torch_gq", "--width", "2000", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "torch_gq" in out and "w=2000" in out and "1 cases" in out
+    listed = [line for line in out.splitlines() if "workload_l" in line]
+    assert listed and all("torch_gq" in line and "w=2000" in line for line in listed)
+    assert f"{len(listed)} cases" in out
     assert main(["profile", "--preset", "default", "--method", "torch_gq", "--width", "7", "--dry-run"]) == 2
     assert main(["profile", "--width", "32"]) == 2  # no method
     assert main(["profile", "--method", "torch_gq", "--width", "32", "--dry-run"]) == 0
