@@ -134,9 +134,13 @@ def _orders(df: pd.DataFrame) -> dict:
     labels = sorted(df["label"].dropna().unique()) if "label" in df else []
     palette = px.colors.qualitative.Dark24
     out = dict(color_discrete_map={lab: palette[i % len(palette)] for i, lab in enumerate(labels)})
+    orders = {"label": labels}
     if "tolerance" in df and "rtol" in df:
-        tols = df.sort_values(["rtol", "atol"], ascending=False)["tolerance"].unique()
-        out["category_orders"] = {"tolerance": list(tols), "label": labels}
+        orders["tolerance"] = list(df.sort_values(["rtol", "atol"], ascending=False)["tolerance"].unique())
+    if "panel" in df and "width" in df:
+        # The panel with the most widths (the scaling study) on top, single-width checks below it.
+        orders["panel"] = list(df.groupby("panel")["width"].nunique().sort_values(ascending=False, kind="stable").index)
+    out["category_orders"] = orders
     return out
 
 
