@@ -14,6 +14,8 @@ import pandas as pd
 
 from ._case import CASE_FIELDS
 
+_INTS = ("width", "batch", "quad_order", "seed", "threads", "repeat", "warmup")
+_STRINGS = ("case_id", "label", "method", "problem", "backward_state", "solver", "device", "dtype", "status", "error")
 MEASURES = (
     "repeat",
     "fwd_s",
@@ -32,27 +34,10 @@ MEASURES = (
     "worker_s",
 )
 COLUMNS = ("case_id", "label", *CASE_FIELDS, *MEASURES)
+# Every column not an integer, a string or a flag is a float.
 _DTYPES = {
-    **{
-        c: "float64"
-        for c in (
-            "rtol",
-            "atol",
-            "gtol",
-            "fwd_s",
-            "bwd_s",
-            "peak_mem_bytes",
-            "nfe_fwd",
-            "nfe_bwd",
-            "quad_nodes",
-            "grad_rel_err",
-            "loss",
-            "compile_s",
-            "setup_s",
-            "worker_s",
-        )
-    },
-    **{c: "Int64" for c in ("width", "batch", "quad_order", "seed", "threads", "repeat", "warmup")},
+    **{c: "float64" for c in COLUMNS if c not in (*_INTS, *_STRINGS, "warm_start")},
+    **{c: "Int64" for c in _INTS},
     "warm_start": "boolean",
 }
 
@@ -96,18 +81,7 @@ def frame(rows: list[dict]) -> pd.DataFrame:
     df = df[list(COLUMNS) + extra]
     for col, dtype in _DTYPES.items():
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(dtype)
-    for col in (
-        "case_id",
-        "label",
-        "method",
-        "problem",
-        "backward_state",
-        "solver",
-        "device",
-        "dtype",
-        "status",
-        "error",
-    ):
+    for col in _STRINGS:
         df[col] = df[col].astype("string")
     return df
 
