@@ -69,8 +69,10 @@ class StepRecorder:
             )
         k = torch.stack([self.f_start] + [f for _, f in self.calls], dim=-1)
         dt_u = (self.sign * dt).to(y0.dtype)  # callbacks see the solver's (positive) internal step
-        mid = self._mid.to(dtype=y0.dtype, device=y0.device)
-        c_sol = self._c_sol.to(dtype=y0.dtype, device=y0.device)
+        if self._mid.device != y0.device or self._mid.dtype != y0.dtype:  # once, not a copy per step
+            self._mid = self._mid.to(dtype=y0.dtype, device=y0.device)
+            self._c_sol = self._c_sol.to(dtype=y0.dtype, device=y0.device)
+        mid, c_sol = self._mid, self._c_sol
         y_mid = y0 + (k * (dt_u * mid)).sum(-1)
         y1 = y0 + (k * (dt_u * c_sol)).sum(-1)
         self.coeffs.append(torch.stack(_interp_fit(y0, y1, y_mid, k[..., 0], k[..., -1], dt_u)))
