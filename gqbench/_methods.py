@@ -131,27 +131,16 @@ def _tols(case: Case) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class TorchDirect(AbstractMethod):
+class TorchBaseline(AbstractMethod):
+    """A torchdiffeq baseline: `solve` names the adapter in `impls` (odeint_direct, odeint_adjoint, ...)."""
+
+    solve: str = "odeint_direct"
+
     def build(self, *, case, problem):
         import impls
 
-        return _TorchRun(problem, lambda f, y0, t: impls.odeint_direct(f, y0, t, **_tols(case)), case.device, True)
-
-
-@dataclasses.dataclass(frozen=True)
-class TorchAdjoint(AbstractMethod):
-    def build(self, *, case, problem):
-        import impls
-
-        return _TorchRun(problem, lambda f, y0, t: impls.odeint_adjoint(f, y0, t, **_tols(case)), case.device, True)
-
-
-@dataclasses.dataclass(frozen=True)
-class TorchSeminorm(AbstractMethod):
-    def build(self, *, case, problem):
-        import impls
-
-        return _TorchRun(problem, lambda f, y0, t: impls.odeint_seminorm(f, y0, t, **_tols(case)), case.device, True)
+        solve = getattr(impls, self.solve)
+        return _TorchRun(problem, lambda f, y0, t: solve(f, y0, t, **_tols(case)), case.device, True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,9 +208,9 @@ def get_method(name: str) -> AbstractMethod:
 
 
 for _m in (
-    TorchDirect("torch_direct", "torchdiffeq.odeint + autograd through the solver steps"),
-    TorchAdjoint("torch_adjoint", "torchdiffeq.odeint_adjoint (continuous adjoint)"),
-    TorchSeminorm("torch_seminorm", "odeint_adjoint with adjoint_options=dict(norm='seminorm')"),
+    TorchBaseline("torch_direct", "torchdiffeq.odeint + autograd through the solver steps", "odeint_direct"),
+    TorchBaseline("torch_adjoint", "torchdiffeq.odeint_adjoint (continuous adjoint)", "odeint_adjoint"),
+    TorchBaseline("torch_seminorm", "odeint_adjoint with adjoint_options=dict(norm='seminorm')", "odeint_seminorm"),
     TorchGQ("torch_gq", "impls.odeint_adjoint_gq (Gauss-Legendre quadrature adjoint)"),
 ):
     register_method(_m)

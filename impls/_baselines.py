@@ -31,67 +31,19 @@ def odeint_direct(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=Non
     return torchdiffeq.odeint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options)
 
 
-def odeint_adjoint(
-    func,
-    y0,
-    t,
-    *,
-    rtol=1e-7,
-    atol=1e-9,
-    method=None,
-    options=None,
-    adjoint_rtol=None,
-    adjoint_atol=None,
-    adjoint_method=None,
-    adjoint_options=None,
-    adjoint_params=None,
-):
-    """The continuous adjoint: `torchdiffeq.odeint_adjoint` (mixed norm over [z, a, dL/dtheta])."""
-    return torchdiffeq.odeint_adjoint(
-        func,
-        y0,
-        t,
-        rtol=rtol,
-        atol=atol,
-        method=method,
-        options=options,
-        adjoint_rtol=adjoint_rtol,
-        adjoint_atol=adjoint_atol,
-        adjoint_method=adjoint_method,
-        adjoint_options=adjoint_options,
-        adjoint_params=adjoint_params,
-    )
+def odeint_adjoint(func, y0, t, **kwargs):
+    """The continuous adjoint: `torchdiffeq.odeint_adjoint` (mixed norm over [z, a, dL/dtheta]).
+
+    Keywords are torchdiffeq's (rtol, atol, method, options, adjoint_rtol, adjoint_atol, ...).
+    """
+    return torchdiffeq.odeint_adjoint(func, y0, t, **kwargs)
 
 
-def odeint_seminorm(
-    func,
-    y0,
-    t,
-    *,
-    rtol=1e-7,
-    atol=1e-9,
-    method=None,
-    options=None,
-    adjoint_rtol=None,
-    adjoint_atol=None,
-    adjoint_method=None,
-    adjoint_params=None,
-):
+def odeint_seminorm(func, y0, t, **kwargs):
     """The seminorm adjoint (Kidger et al. 2021): parameter adjoints left out of the step-size norm."""
-    return odeint_adjoint(
-        func,
-        y0,
-        t,
-        rtol=rtol,
-        atol=atol,
-        method=method,
-        options=options,
-        adjoint_rtol=adjoint_rtol,
-        adjoint_atol=adjoint_atol,
-        adjoint_method=adjoint_method,
-        adjoint_options=dict(norm="seminorm"),
-        adjoint_params=adjoint_params,
-    )
+    if "adjoint_options" in kwargs:
+        raise TypeError("odeint_seminorm(adjoint_options=...): it sets norm='seminorm' itself; use odeint_adjoint.")
+    return torchdiffeq.odeint_adjoint(func, y0, t, adjoint_options=dict(norm="seminorm"), **kwargs)
 
 
 def synchronize(device: torch.device | str) -> None:
