@@ -1,8 +1,8 @@
 """What gqbench measures: the GQ adjoint (PyTorch; JAX in `impls.jax`) and baseline adapters."""
 
 from ._baselines import NFECounter, odeint_adjoint, odeint_direct, odeint_seminorm, synchronize
-from ._gq import BACKWARD_STATES, odeint_adjoint_gq
-from ._quadrature import MAX_QUAD_ORDER, gauss_legendre, quad_order_from_gtol
+from ._gq import BACKWARD_STATES, QUADRATURES, odeint_adjoint_gq
+from ._quadrature import MAX_QUAD_ORDER, gauss_kronrod, gauss_legendre, quad_order_from_gtol
 from ._stats import GQStats, gq_stats
 
 __all__ = [
@@ -10,6 +10,8 @@ __all__ = [
     "GQStats",
     "MAX_QUAD_ORDER",
     "NFECounter",
+    "QUADRATURES",
+    "gauss_kronrod",
     "gauss_legendre",
     "gq_stats",
     "odeint_adjoint",

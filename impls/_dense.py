@@ -116,6 +116,10 @@ class PiecewiseQuartic:
         dev = coeffs.device
         self.lo, self.t0, self.t1, self.coeffs = lo.to(dev), t0.to(dev), t1.to(dev), coeffs
 
+    def breakpoints(self) -> torch.Tensor:
+        """Where the accepted steps start (ascending, float64): the pieces' boundaries."""
+        return self.lo
+
     def __call__(self, s: torch.Tensor) -> torch.Tensor:
         scalar = s.dim() == 0
         s = s.reshape(-1).to(self.lo.dtype)
@@ -146,6 +150,9 @@ class CubicHermite:
     @property
     def evals_needed(self) -> int:
         return len(self.missing)
+
+    def breakpoints(self) -> torch.Tensor:
+        return self.t
 
     def fill(self, rhs_batch) -> None:
         """Compute f where the solver did not evaluate it (e.g. the final point), in one batch."""

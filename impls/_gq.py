@@ -24,16 +24,22 @@ from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 from torchdiffeq._impl.solvers import FixedGridODESolver
 
 from ._dense import StepRecorder
-from ._quadrature import MAX_QUAD_ORDER, gauss_legendre, quad_order_from_gtol
+from ._quadrature import MAX_QUAD_ORDER, gauss_kronrod, gauss_legendre, quad_order_from_gtol
 from ._rhs import FlatRHS, StepSizes, flatten, unflatten
 from ._stats import GQStats, current_stats
 
 BACKWARD_STATES = ("backsolve", "interpolate")
+QUADRATURES = ("adaptive", "gtol", "fixed")
 # Nodes per batched quadrature call, bounded by the state size: activations grow with nodes x batch,
 # so a big batch (where one node is already a large matmul and batching gains little) takes one or
 # two nodes at a time and peak memory stays flat as the tolerance -- hence n -- grows, while a small
 # state (memory-bound on the weights, where batching pays most) takes all nodes at once.
 _QUAD_BATCH_ELEMENTS = 2048
+# Adaptive quadrature: at most this many bisections of an interval's panels (64x the backward
+# solver's steps) before the estimate is accepted as it is (and counted as unconverged).
+_MAX_REFINEMENTS = 6
+# Solvers without dense output we can follow (scipy_solver): uniform panels per interval to start.
+_PANELS_WITHOUT_DENSE = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +52,11 @@ class _Config:
     adjoint_atol: Any
     adjoint_method: str
     adjoint_options: dict
-    gtol: float
+    quadrature: str
+    gtol: float | None
     quad_order: int | None
+    quad_rtol: float
+    quad_atol: float
     backward_state: str
     quad_batch: int | None
     warm_start: bool
@@ -61,6 +70,7 @@ class _Problem:
     config: _Config
     params: tuple[torch.Tensor, ...]
     stats: GQStats | None
+    event_fn: Callable | None = None
     steps: StepSizes | None = None
     vmap_ok: bool = True
 
@@ -74,8 +84,12 @@ def odeint_adjoint_gq(
     atol=1e-9,
     method: str | None = None,
     options: dict | None = None,
-    gtol: float = 0.1,
+    event_fn: Callable | None = None,
+    gtol: float | None = None,
     quad_order: int | None = None,
+    quadrature: str | None = None,
+    quad_rtol: float | None = None,
+    quad_atol: float | None = None,
     adjoint_rtol=None,
     adjoint_atol=None,
     adjoint_method: str | None = None,
@@ -87,11 +101,22 @@ def odeint_adjoint_gq(
 ):
     """Solve dy/dt = func(t, y) like `torchdiffeq.odeint`; gradients by the GQ adjoint.
 
-    Arguments shared with `torchdiffeq.odeint_adjoint` mean what they mean there. Further:
+    Arguments shared with `torchdiffeq.odeint_adjoint` mean what they mean there (`event_fn`
+    included: then `(event_t, solution)` is returned). The parameter gradient
+    dL/dtheta = int a^T df/dtheta dt is computed by one of three rules (`quadrature`):
 
-    gtol: the paper's rule n = min(ceil(gtol * NFE_forward * |dt_i| / |T|), 64) quadrature
-        nodes per observation interval (ignored when `quad_order` is given).
-    quad_order: a fixed number of Gauss-Legendre nodes per interval.
+    "adaptive" (default): error-controlled. Each interval's backward solve keeps its dense
+        output; every accepted backward step is a panel with the Gauss-Kronrod pair G2/K5 on it,
+        all nodes in batched VJPs. When the estimate |K5 - G2| exceeds
+        quad_atol + quad_rtol * |dL/dtheta| (RMS over all parameters), the interval's panels
+        are bisected and the interval redone. `quad_rtol`/`quad_atol` default to the adjoint
+        tolerances.
+    "gtol": the paper's rule, n = min(ceil(gtol * NFE_forward * |dt_i| / |T|), 64)
+        Gauss-Legendre nodes per observation interval (selected by passing `gtol`, 0.1 in the
+        paper). No error control: far off on long or oscillating intervals.
+    "fixed": `quad_order` Gauss-Legendre nodes per observation interval (selected by passing
+        `quad_order`).
+
     backward_state: "backsolve" solves z backwards beside a (the paper's method);
         "interpolate" keeps the forward solution and interpolates z, which stays stable on
         contractive dynamics where backsolving z diverges.
@@ -99,15 +124,15 @@ def odeint_adjoint_gq(
     warm_start: start each backward solve (adaptive solvers, same method both ways) with the
         step size the forward solve took at that time, instead of torchdiffeq's initial-step
         heuristic and the short steps that follow it: about half the backward evaluations on
-        smooth problems, with gradient errors still of the order of the tolerance (close to the
-        default's at tight tolerances, up to ~25x larger at loose ones). Off by default, so that
-        the backward solve picks its steps as torchdiffeq's adjoint does.
+        smooth problems, with gradient errors still of the order of the tolerance. Off by
+        default, so that the backward solve picks its steps as torchdiffeq's adjoint does.
 
-    Read NFE and quadrature orders with `impls.gq_stats()`.
+    Read NFE, quadrature nodes and the quadrature's error estimate with `impls.gq_stats()`.
     """
     cfg, params = _check_inputs(
-        func, y0, t, rtol, atol, method, options, gtol, quad_order, adjoint_rtol, adjoint_atol,
-        adjoint_method, adjoint_options, adjoint_params, backward_state, quad_batch, warm_start,
+        func, y0, t, rtol, atol, method, options, event_fn, gtol, quad_order, quadrature, quad_rtol, quad_atol,
+        adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options, adjoint_params, backward_state, quad_batch,
+        warm_start,
     )  # fmt: skip
     is_tuple = isinstance(y0, tuple)
     shapes = [y.shape for y in y0] if is_tuple else None
@@ -123,9 +148,13 @@ def odeint_adjoint_gq(
     stats = current_stats()
     if stats is not None:
         stats.calls += 1
-    prob = _Problem(rhs=rhs, config=cfg, params=params, stats=stats, steps=steps)
-    sol = _GQAdjoint.apply(prob, flat_y0, t, *params)
-    return unflatten(sol, shapes) if is_tuple else sol
+    if event_fn is not None and is_tuple:
+        user_event_fn = event_fn
+        event_fn = lambda t_, y_: user_event_fn(t_, unflatten(y_, shapes))  # noqa: E731
+    prob = _Problem(rhs=rhs, config=cfg, params=params, stats=stats, event_fn=event_fn, steps=steps)
+    sol, event_t = _GQAdjoint.apply(prob, flat_y0, t, *params)
+    sol = unflatten(sol, shapes) if is_tuple else sol
+    return sol if event_fn is None else (event_t, sol)
 
 
 class _GQAdjoint(torch.autograd.Function):
@@ -133,33 +162,44 @@ class _GQAdjoint(torch.autograd.Function):
     def forward(ctx, prob: _Problem, y0: torch.Tensor, t: torch.Tensor, *params: torch.Tensor):
         cfg, rhs = prob.config, prob.rhs
         with torch.no_grad(), record_function("gq::forward_solve"):
-            sol = torchdiffeq.odeint(rhs, y0, t, rtol=cfg.rtol, atol=cfg.atol, method=cfg.method,
-                                     options=dict(cfg.options))  # fmt: skip
+            kw = dict(rtol=cfg.rtol, atol=cfg.atol, method=cfg.method, options=dict(cfg.options))
+            if prob.event_fn is None:
+                sol = torchdiffeq.odeint(rhs, y0, t, **kw)
+                event_t, t_sol = t.new_zeros(()), t
+            else:
+                # As torchdiffeq: the solution at [t0, event time]; no gradient through the event
+                # time itself (`torchdiffeq.odeint_event` reroutes that one).
+                event_t, sol = torchdiffeq.odeint(rhs, y0, t, event_fn=prob.event_fn, **kw)
+                event_t = event_t.to(t)
+                t_sol = torch.stack([t[0], event_t.reshape(())])
         nfe = rhs.nfe
         # One host read of t, here rather than in the backward loop.
-        t_host = t.detach().cpu().tolist()
+        t_host = t_sol.detach().cpu().tolist()
         span = t_host[-1] - t_host[0]
-        if cfg.quad_order is not None:
+        if cfg.quadrature == "fixed":
             orders = [cfg.quad_order] * (len(t_host) - 1)
-        else:
+        elif cfg.quadrature == "gtol":
             orders = [quad_order_from_gtol(cfg.gtol, nfe, b - a, span) for a, b in zip(t_host, t_host[1:])]
-        ctx.prob, ctx.orders, ctx.nfe_forward = prob, orders, nfe
+        else:
+            orders = None
+        ctx.prob, ctx.orders, ctx.nfe_forward, ctx.n_t = prob, orders, nfe, len(t)
         # Backward solve i starts at t_i with the step the forward took there (warm_start).
         ctx.first_steps = prob.steps.at(t_host) if prob.steps is not None else None
         prob.steps = None
         ctx.dense = None
         if rhs.recorder is not None:
-            ctx.dense = rhs.recorder.finish(t[-1], sol[-1])
+            ctx.dense = rhs.recorder.finish(t_sol[-1], sol[-1])
             rhs.recorder = None  # drop references to the stage evaluations
         if prob.stats is not None:
             prob.stats.nfe_forward += nfe
             prob.stats.knots += 0 if ctx.dense is None else ctx.dense.n_knots
-        ctx.save_for_backward(t, sol)
-        return sol
+        ctx.mark_non_differentiable(event_t)
+        ctx.save_for_backward(t_sol, sol)
+        return sol, event_t
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_sol: torch.Tensor):
+    def backward(ctx, grad_sol: torch.Tensor, _grad_event_t: torch.Tensor):
         prob, cfg, rhs = ctx.prob, ctx.prob.config, ctx.prob.rhs
         t, sol = ctx.saved_tensors
         params = prob.params
@@ -173,29 +213,26 @@ class _GQAdjoint(torch.autograd.Function):
             rhs.nfe += dense.evals_needed
             dense.fill(quad.rhs_batch)
 
-        adj_kwargs = dict(rtol=cfg.adjoint_rtol, atol=cfg.adjoint_atol, method=cfg.adjoint_method)
+        brhs = _BacksolveRHS(rhs) if dense is None else _InterpRHS(rhs, dense)
         a = grad_sol[-1].clone()
+        orders = []
         for i in range(len(t) - 1, 0, -1):
             t_hi, t_lo = t[i], t[i - 1]
-            x, w = gauss_legendre(ctx.orders[i - 1], dtype=t.dtype, device=t.device)
-            half = (t_hi - t_lo) / 2
-            nodes = (t_lo + t_hi) / 2 + half * x
-            # Solve from t_i to t_{i-1}, reading the state at the nodes on the way.
-            span = torch.cat([t_hi.reshape(1), nodes.flip(0), t_lo.reshape(1)])
             opts = dict(cfg.adjoint_options)
             if ctx.first_steps is not None:
                 opts["first_step"] = ctx.first_steps[i]
+            state = torch.stack([sol[i], a]) if dense is None else a
             with record_function("gq::backward_solve"):
-                if dense is None:
-                    za = torchdiffeq.odeint(_BacksolveRHS(rhs), torch.stack([sol[i], a]), span, options=opts,
-                                            **adj_kwargs)  # fmt: skip
-                    z_nodes, a_nodes, a = za[1:-1, 0].flip(0), za[1:-1, 1].flip(0), za[-1, 1]
-                else:
-                    a_path = torchdiffeq.odeint(_InterpRHS(rhs, dense), a, span, options=opts, **adj_kwargs)
-                    z_nodes, a_nodes, a = dense(nodes), a_path[1:-1].flip(0), a_path[-1]
-            weights = (w * half).to(a_nodes.dtype).reshape((-1,) + (1,) * (a_nodes.dim() - 1))
-            quad.accumulate(nodes, z_nodes, a_nodes * weights)
-            a = a + grad_sol[i - 1]
+                path = _BackwardPath(brhs, state, t_hi, t_lo, cfg, opts)
+            if ctx.orders is not None:
+                x, w = gauss_legendre(ctx.orders[i - 1], dtype=t.dtype, device=t.device)
+                orders.append(quad.integrate_rule(path, dense, t_lo, t_hi, x, w))
+            elif params or need_t:
+                orders.append(quad.integrate_adaptive(path, dense, t_lo, t_hi))
+            else:
+                orders.append(0)
+            end = path.end
+            a = (end if dense is not None else end[1]) + grad_sol[i - 1]
 
         t_grad = None
         if need_t:
@@ -204,15 +241,72 @@ class _GQAdjoint(torch.autograd.Function):
             rhs.nfe += len(t) - 1
             dl_dt = (f_obs * grad_sol[1:]).reshape(len(t) - 1, -1).sum(-1)
             t_grad = torch.cat([(quad.t_integral - dl_dt.sum()).reshape(1), dl_dt]).to(t.dtype)
+            if len(t_grad) != ctx.n_t:  # event mode: t was (t0, dummy); the event time is not t[1]
+                t_grad = torch.cat([t_grad[:1], t_grad.new_zeros(ctx.n_t - 1)])
 
         if prob.stats is not None:
             s = prob.stats
             s.nfe_backward += rhs.nfe - nfe_start
-            s.quad_nodes += sum(ctx.orders)
+            s.quad_nodes += quad.nodes
             s.quad_calls += quad.calls
-            s.quad_orders = list(ctx.orders)
+            s.quad_orders = orders[::-1]
+            s.quad_panels += quad.panels
+            s.quad_refinements += quad.refinements
+            s.quad_unconverged += quad.unconverged
+            if quad.err is not None:
+                norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+                est = torch.sqrt(sum((e.double() ** 2).sum() for e in quad.err)) / norm
+                s.quad_error = float(est)
             s.vmap_fallback = s.vmap_fallback or not prob.vmap_ok
         return (None, a, t_grad, *grads)
+
+
+class _BackwardPath:
+    """One interval's backward solve, t_i -> t_{i-1}, and its states at any time inside.
+
+    Solvers whose steps we can follow (adaptive Runge-Kutta, fixed grids) keep their own dense
+    output, so quadrature nodes -- however many, however refined -- cost interpolations, not
+    solves. Others (scipy_solver) are re-solved with the nodes as output times.
+    """
+
+    def __init__(self, brhs, state, t_hi, t_lo, cfg: _Config, opts: dict):
+        self.brhs, self.state, self.t_hi, self.t_lo = brhs, state, t_hi, t_lo
+        self.kw = dict(rtol=cfg.adjoint_rtol, atol=cfg.adjoint_atol, method=cfg.adjoint_method, options=opts)
+        solver = SOLVERS[cfg.adjoint_method]
+        span = torch.stack([t_hi, t_lo])
+        self.dense = None
+        if issubclass(solver, (RKAdaptiveStepsizeODESolver, FixedGridODESolver)):
+            recorder = StepRecorder(solver, reverse=bool(t_hi > t_lo))
+            watched = FlatRHS(brhs, None, recorder=recorder)
+            out = torchdiffeq.odeint(watched, state, span, **self.kw)
+            self.dense = recorder.finish(t_lo, out[-1])
+            if self.dense.evals_needed:
+                self.dense.fill(lambda ts, ys: torch.stack([brhs(tj, yj) for tj, yj in zip(ts, ys)]))
+        else:
+            out = torchdiffeq.odeint(brhs, state, span, **self.kw)
+        self.end = out[-1]
+
+    def edges(self) -> torch.Tensor:
+        """Initial panel boundaries, ascending: the backward solver's steps inside the interval."""
+        lo, hi = torch.minimum(self.t_lo, self.t_hi), torch.maximum(self.t_lo, self.t_hi)
+        if self.dense is None:
+            return torch.linspace(0, 1, _PANELS_WITHOUT_DENSE + 1, dtype=lo.dtype, device=lo.device) * (hi - lo) + lo
+        inner = self.dense.breakpoints().to(lo)
+        inner = inner[(inner > lo) & (inner < hi)]
+        edges = torch.cat([lo.reshape(1), inner, hi.reshape(1)])
+        # Drop slivers left where a step boundary nearly meets the interval's end.
+        keep = torch.cat([torch.ones(1, dtype=torch.bool, device=lo.device),
+                          edges.diff() > 1e-10 * (hi - lo)])  # fmt: skip
+        return edges[keep].contiguous() if keep[-1] else torch.cat([edges[keep][:-1], hi.reshape(1)])
+
+    def at(self, s: torch.Tensor) -> torch.Tensor:
+        """The backward state at times s (any order)."""
+        if self.dense is not None:
+            return self.dense(s)
+        order = torch.argsort(s, descending=bool(self.t_hi > self.t_lo))
+        span = torch.cat([self.t_hi.reshape(1), s[order]])
+        out = torchdiffeq.odeint(self.brhs, self.state, span, **self.kw)[1:]
+        return out[torch.argsort(order)]
 
 
 class _BacksolveRHS:
@@ -246,12 +340,13 @@ def _f_and_vjp(rhs: FlatRHS, t, z, a):
 
 
 class _Quadrature:
-    """Accumulates sum_j w_j a_j^T df/dtheta(tau_j, z_j) (and df/dt) in batched calls."""
+    """Accumulates int a^T df/dtheta dt (and a^T df/dt) over each interval from batched node VJPs."""
 
     def __init__(self, prob: _Problem, grads: list[torch.Tensor], need_t: bool):
         self.prob, self.grads, self.need_t = prob, grads, need_t
         self.t_integral = 0.0
-        self.calls = 0
+        self.calls = self.nodes = self.panels = self.refinements = self.unconverged = 0
+        self.err: list[torch.Tensor] | None = None  # summed K5 - G2 estimates (adaptive rule only)
 
     def _chunk(self, n: int, state_numel: int) -> int:
         if self.prob.config.quad_batch is not None:
@@ -280,28 +375,116 @@ class _Quadrature:
             return torch.cat([self._batched(self.prob.rhs.eval, ts[s : s + chunk], ys[s : s + chunk])
                               for s in range(0, len(ts), chunk)])  # fmt: skip
 
-    def accumulate(self, nodes: torch.Tensor, z: torch.Tensor, wa: torch.Tensor) -> None:
+    @staticmethod
+    def _states(path: _BackwardPath, dense, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = path.at(nodes)
+        return (s[:, 0], s[:, 1]) if dense is None else (dense(nodes), s)
+
+    def integrate_rule(self, path: _BackwardPath, dense, t_lo, t_hi, x, w) -> int:
+        """One Gauss-Legendre rule over the interval (the paper's rule, or a fixed order)."""
+        half = (t_hi - t_lo) / 2
+        nodes = (t_lo + t_hi) / 2 + half * x
+        z, a = self._states(path, dense, nodes)
+        self.t_integral = self.t_integral + self._sum(nodes, z, a, (w * half).to(a.dtype), None, self.grads, None)
+        self.nodes += len(nodes)
+        self.panels += 1
+        return len(nodes)
+
+    def integrate_adaptive(self, path: _BackwardPath, dense, t_lo, t_hi) -> int:
+        """G2/K5 on every backward step of the interval; bisect all panels until the estimate passes."""
+        cfg = self.prob.config
+        x, wk, wg = gauss_kronrod(dtype=t_lo.dtype, device=t_lo.device)
+        edges = path.edges()
+        if self.err is None:
+            self.err = [torch.zeros_like(g) for g in self.grads]
+        used = 0
+        for level in range(_MAX_REFINEMENTS + 1):
+            lo, hi = edges[:-1], edges[1:]
+            half = ((hi - lo) / 2).unsqueeze(1)
+            nodes = ((lo + hi) / 2).unsqueeze(1) + half * x
+            nodes, w_k, w_e = nodes.reshape(-1), (half * wk).reshape(-1), (half * (wk - wg)).reshape(-1)
+            if t_hi < t_lo:  # decreasing time: the integral runs from t_lo down to t_hi
+                w_k, w_e = -w_k, -w_e
+            z, a = self._states(path, dense, nodes)
+            part = [torch.zeros_like(g) for g in self.grads]
+            err = [torch.zeros_like(g) for g in self.grads]
+            t_part = self._sum(nodes, z, a, w_k.to(a.dtype), w_e.to(a.dtype), part, err)
+            used += len(nodes)
+            self.panels += len(lo)
+            if not self.grads or self._converged(part, err, cfg):
+                break
+            if level == _MAX_REFINEMENTS:
+                self.unconverged += 1
+                break
+            self.refinements += 1
+            edges = torch.stack([lo, (lo + hi) / 2], 1).reshape(-1)
+            edges = torch.cat([edges, hi[-1:]])
+        for g, p, e, ae in zip(self.grads, part, err, self.err):
+            g.add_(p)
+            ae.add_(e)
+        self.t_integral = self.t_integral + t_part
+        self.nodes += used
+        return used
+
+    def _converged(self, part, err, cfg: _Config) -> bool:
+        sq, n = 0.0, 0
+        for g, p, e in zip(self.grads, part, err):
+            scale = cfg.quad_atol + cfg.quad_rtol * (g + p).abs()
+            sq = sq + ((e / scale) ** 2).sum()
+            n += e.numel()
+        return bool(sq / max(n, 1) <= 1.0)  # one host read per interval and refinement
+
+    def _sum(self, nodes, z, a, w_k, w_e, out, err):
+        """out += sum_j w_k[j] a_j^T df/dtheta(tau_j, z_j); err likewise with w_e (when given).
+
+        Both sums come from ONE forward per node chunk: the cotangents are batched
+        (`is_grads_batched`), so the error estimate costs a second VJP, not a second f.
+        Returns the matching t-integral (a scalar tensor, or 0.0).
+        """
         params = self.prob.params
+        shape = (-1,) + (1,) * (a.dim() - 1)
+        wa_k = a * w_k.reshape(shape)
+        wa_e = None if w_e is None else a * w_e.reshape(shape)
         chunk = self._chunk(len(nodes), z[0].numel())
+        t_sum = 0.0
         for s in range(0, len(nodes), chunk):
             sl = slice(s, s + chunk)
             with torch.enable_grad(), record_function("gq::quadrature_vjp"):
                 tn = nodes[sl].detach().requires_grad_(self.need_t)
-                out = self._batched(self.prob.rhs.eval, tn, z[sl].detach())
+                f = self._batched(self.prob.rhs.eval, tn, z[sl].detach())
                 inputs = params + ((tn,) if self.need_t else ())
-                if not inputs or not out.requires_grad:
+                if not inputs or not f.requires_grad:
                     continue
-                g = torch.autograd.grad(out, inputs, wa[sl], allow_unused=True)
+                if wa_e is None:
+                    g, ge = torch.autograd.grad(f, inputs, wa_k[sl], allow_unused=True), None
+                else:
+                    g, ge = self._grad_pair(f, inputs, wa_k[sl], wa_e[sl])
             self.calls += 1
             with record_function("gq::accumulate"):
-                for acc, gi in zip(self.grads, g):
+                for acc, gi in zip(out, g):
                     if gi is not None:
                         acc.add_(gi)
+                if ge is not None:
+                    for acc, gi in zip(err, ge):
+                        if gi is not None:
+                            acc.add_(gi)
                 if self.need_t and g[-1] is not None:
-                    self.t_integral = self.t_integral + g[-1].sum()
+                    t_sum = t_sum + g[-1].sum()
             # Free this chunk's parameter-sized gradients before the next chunk makes its own: peak
             # memory is then accumulators + one chunk, the same for every n (every tolerance).
-            del out, g
+            del f, g, ge
+        return t_sum
+
+    def _grad_pair(self, f, inputs, v_k, v_e):
+        if self.prob.vmap_ok:
+            try:
+                both = torch.autograd.grad(f, inputs, torch.stack([v_k, v_e]), allow_unused=True,
+                                           is_grads_batched=True)  # fmt: skip
+                return [None if b is None else b[0] for b in both], [None if b is None else b[1] for b in both]
+            except RuntimeError:  # an op without a batching rule for its backward: two passes
+                pass
+        g = torch.autograd.grad(f, inputs, v_k, allow_unused=True, retain_graph=True)
+        return g, torch.autograd.grad(f, inputs, v_e, allow_unused=True)
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -321,13 +504,19 @@ def _check_tol(name: str, tol) -> None:
             _fail(ValueError, name, tol, "tolerances must be finite and > 0, e.g. 1e-6.")
 
 
+def _min_tol(tol) -> float:
+    """A tensor tolerance (per state element) as one number: its tightest entry."""
+    return float(tol.min()) if torch.is_tensor(tol) else float(tol)
+
+
 def _check_method(name: str, method: str) -> None:
     if method not in SOLVERS:
         _fail(ValueError, name, method, f"unknown solver; use one of {', '.join(sorted(SOLVERS))}.")
 
 
-def _check_inputs(func, y0, t, rtol, atol, method, options, gtol, quad_order, adjoint_rtol, adjoint_atol,
-                  adjoint_method, adjoint_options, adjoint_params, backward_state, quad_batch, warm_start):  # fmt: skip
+def _check_inputs(func, y0, t, rtol, atol, method, options, event_fn, gtol, quad_order, quadrature, quad_rtol,
+                  quad_atol, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options, adjoint_params,
+                  backward_state, quad_batch, warm_start):  # fmt: skip
     if not callable(func):
         _fail(TypeError, "func", func, "func must be callable as func(t, y).")
     states = y0 if isinstance(y0, tuple) else (y0,)
@@ -352,11 +541,32 @@ def _check_inputs(func, y0, t, rtol, atol, method, options, gtol, quad_order, ad
     adjoint_atol = atol if adjoint_atol is None else adjoint_atol
     _check_tol("adjoint_rtol", adjoint_rtol)
     _check_tol("adjoint_atol", adjoint_atol)
-    if isinstance(gtol, bool) or not isinstance(gtol, (int, float)) or not math.isfinite(gtol) or gtol <= 0:
-        _fail(ValueError, "gtol", gtol, "gtol must be a finite number > 0 (the paper uses 0.1).")
+    if event_fn is not None and not callable(event_fn):
+        _fail(TypeError, "event_fn", event_fn, "event_fn must be callable as event_fn(t, y), or None.")
+    if gtol is not None and (isinstance(gtol, bool) or not isinstance(gtol, (int, float)) or not math.isfinite(gtol)
+                             or gtol <= 0):  # fmt: skip
+        _fail(ValueError, "gtol", gtol, "gtol must be a finite number > 0 (the paper uses 0.1), or None.")
     if quad_order is not None and (isinstance(quad_order, bool) or not isinstance(quad_order, int) or quad_order < 1):
         _fail(ValueError, "quad_order", quad_order,
               f"quad_order must be an int >= 1 (e.g. 2..{MAX_QUAD_ORDER}), or None to use gtol.")  # fmt: skip
+    if gtol is not None and quad_order is not None:
+        _fail(ValueError, "gtol", gtol, "gtol (the paper's rule) and quad_order (a fixed rule) exclude each other; "
+              "pass one of them.")  # fmt: skip
+    implied = "fixed" if quad_order is not None else "gtol" if gtol is not None else None
+    if quadrature is None:
+        quadrature = implied or "adaptive"
+    elif quadrature not in QUADRATURES:
+        _fail(ValueError, "quadrature", quadrature, f"use one of {', '.join(map(repr, QUADRATURES))}.")
+    elif implied is not None and quadrature != implied:
+        _fail(ValueError, "quadrature", quadrature, f"{'gtol' if implied == 'gtol' else 'quad_order'} selects "
+              f"quadrature={implied!r}; drop one of the two.")  # fmt: skip
+    if quadrature == "gtol" and gtol is None:
+        gtol = 0.1  # the paper's value
+    if quadrature == "fixed" and quad_order is None:
+        _fail(ValueError, "quadrature", quadrature, "the fixed rule needs quad_order=n (nodes per interval).")
+    if quadrature != "adaptive" and (quad_rtol is not None or quad_atol is not None):
+        _fail(ValueError, "quad_rtol", quad_rtol, f"quad_rtol/quad_atol control the adaptive rule only; "
+              f"drop them or {'gtol' if quadrature == 'gtol' else 'quad_order'}.")  # fmt: skip
     if quad_batch is not None and (isinstance(quad_batch, bool) or not isinstance(quad_batch, int) or quad_batch < 1):
         _fail(ValueError, "quad_batch", quad_batch, "quad_batch must be an int >= 1, or None for automatic.")
     if not isinstance(warm_start, bool):
@@ -377,22 +587,24 @@ def _check_inputs(func, y0, t, rtol, atol, method, options, gtol, quad_order, ad
         # default linear interpolation there would cap the gradient at second order.
         adjoint_options.setdefault("interp", "cubic")
     if adjoint_params is None:
-        if not callable(getattr(func, "parameters", None)):
-            fix = "func has no .parameters(); pass adjoint_params=(tensors...) or () for y0/t gradients only."
+        if not isinstance(func, torch.nn.Module):
+            fix = "func is not an nn.Module; pass adjoint_params=(tensors...), or () for y0/t gradients only."
             _fail(TypeError, "adjoint_params", None, fix)
         adjoint_params = tuple(func.parameters())
-        if not adjoint_params:
-            _fail(ValueError, "adjoint_params", None,
-                  "func has no parameters; pass adjoint_params=() to differentiate w.r.t. y0/t only.")  # fmt: skip
     adjoint_params = tuple(adjoint_params)
     if not all(torch.is_tensor(p) for p in adjoint_params):
         _fail(TypeError, "adjoint_params", adjoint_params, "adjoint_params must be a sequence of Tensors.")
     # Only parameters that need a gradient enter the autograd graph (as in torchdiffeq).
     params = tuple(p for p in adjoint_params if p.requires_grad)
+    quad_rtol = _min_tol(adjoint_rtol) if quad_rtol is None else quad_rtol
+    quad_atol = _min_tol(adjoint_atol) if quad_atol is None else quad_atol
+    _check_tol("quad_rtol", quad_rtol)
+    _check_tol("quad_atol", quad_atol)
     cfg = _Config(
         rtol=rtol, atol=atol, method=method, options=options, adjoint_rtol=adjoint_rtol,
         adjoint_atol=adjoint_atol, adjoint_method=adjoint_method, adjoint_options=adjoint_options,
-        gtol=float(gtol), quad_order=quad_order, backward_state=backward_state, quad_batch=quad_batch,
-        warm_start=warm_start,
+        quadrature=quadrature, gtol=None if gtol is None else float(gtol), quad_order=quad_order,
+        quad_rtol=float(quad_rtol), quad_atol=float(quad_atol), backward_state=backward_state,
+        quad_batch=quad_batch, warm_start=warm_start,
     )  # fmt: skip
     return cfg, params

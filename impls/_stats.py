@@ -22,13 +22,19 @@ class GQStats:
     nfe_backward: int = 0  # right-hand-side evaluations of the backward [z, a] (or a) solve
     quad_nodes: int = 0  # Gauss-Legendre nodes evaluated (each: one f evaluation + VJP)
     quad_calls: int = 0  # batched node evaluations actually issued
-    quad_orders: list[int] = dataclasses.field(default_factory=list)  # n per interval, last backward
+    quad_orders: list[int] = dataclasses.field(default_factory=list)  # nodes per interval, last backward
+    quad_panels: int = 0  # panels integrated (adaptive: one per backward step, more where refined)
+    quad_refinements: int = 0  # times an interval's panels were bisected because the estimate failed
+    quad_unconverged: int = 0  # intervals whose estimate still failed after the last refinement
+    # The adaptive rule's own error estimate of dL/dtheta, relative (L2), last backward; NaN otherwise.
+    quad_error: float = float("nan")
     knots: int = 0  # forward checkpoints kept for backward_state="interpolate"
     vmap_fallback: bool = False
 
     def reset(self) -> None:
         for f in dataclasses.fields(self):
-            setattr(self, f.name, f.default_factory() if callable(f.default_factory) else f.default)
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            setattr(self, f.name, default)
 
 
 @contextlib.contextmanager
