@@ -35,7 +35,7 @@ DEVICES_ENV = "GQBENCH_ASV_DEVICES"
 # Bump when this suite's own meaning changes (what a benchmark measures, not the grid);
 # gqbench.HARNESS_VERSION is appended, so a harness change also invalidates old asv results.
 SUITE_VERSION = "1"
-QUAD_AXES = ("gtol", "quad_order")
+QUAD_AXES = ("quadrature", "gtol", "quad_order")
 # Keys a [[grid]] table may set; width/rtol belong to [axes] (they are asv parameters of their own).
 GRID_KEYS = ("method", *QUAD_AXES)
 
@@ -67,8 +67,12 @@ def read_grid(path: Path = PRESET_PATH) -> tuple[dict, dict[str, dict]]:
         shared = {k: v for k, v in merged.items() if k not in QUAD_AXES and k != "method"}
         settings = []
         if any(k in block for k in QUAD_AXES):
-            settings += [(dict(gtol=[g]), f"gtol={g:g}") for g in block.get("gtol", [])]
-            settings += [(dict(quad_order=[n]), f"n={n}") for n in block.get("quad_order", [])]
+            # The same rule choice as gqbench's grid: without `quadrature`, adaptive plus what is named.
+            rules = block.get("quadrature", ["adaptive"] + ["gtol"] * ("gtol" in block) + ["fixed"] * ("quad_order" in block))
+            if "adaptive" in rules:
+                settings.append((dict(quadrature=["adaptive"]), "adaptive"))
+            settings += [(dict(quadrature=["gtol"], gtol=[g]), f"gtol={g:g}") for g in block.get("gtol", [])]
+            settings += [(dict(quadrature=["fixed"], quad_order=[n]), f"n={n}") for n in block.get("quad_order", [])]
         for method in merged.get("method", []):
             for quad, opt in settings or [({}, "")]:
                 label = f"{method}[{opt}]" if opt else method

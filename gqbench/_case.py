@@ -15,6 +15,7 @@ CASE_FIELDS = (
     "batch",
     "rtol",
     "atol",
+    "quadrature",
     "gtol",
     "quad_order",
     "backward_state",
@@ -41,6 +42,7 @@ class Case:
     batch: int
     rtol: float = 1e-6
     atol: float = 1e-6
+    quadrature: str | None = None  # GQ: "adaptive", "gtol" (the paper's rule) or "fixed" (quad_order)
     gtol: float | None = None
     quad_order: int | None = None
     backward_state: str | None = None
@@ -62,8 +64,9 @@ class Case:
     def case_id(self) -> str:
         canon = {k: (float(v) if isinstance(v, float) else v) for k, v in self.to_dict().items()}
         # Fields added after the first release hash only when set, so earlier ids stay valid.
-        if not canon["warm_start"]:
-            del canon["warm_start"]
+        for late in ("warm_start", "quadrature"):
+            if not canon[late]:
+                del canon[late]
         blob = json.dumps(canon, sort_keys=True, separators=(",", ":"))
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -71,7 +74,9 @@ class Case:
     def label(self) -> str:
         """Method plus its quadrature setting, e.g. `torch_gq[n=4,interpolate]`; a plot legend entry."""
         opts = []
-        if self.quad_order is not None:
+        if self.quadrature == "adaptive":
+            opts.append("adaptive")
+        elif self.quad_order is not None:
             opts.append(f"n={self.quad_order}")
         elif self.gtol is not None and not (isinstance(self.gtol, float) and math.isnan(self.gtol)):
             opts.append(f"gtol={self.gtol:g}")

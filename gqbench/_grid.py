@@ -9,9 +9,11 @@ points at large ones. Without `[[grid]]`, `[axes]` alone is the grid.
 Rules:
 - `rtol`/`atol`: `tolerances = "paired"` (default) zips them (equal lengths; `atol` defaults to
   `rtol`), `"crossed"` crosses them.
-- Quadrature axes (`gtol`, `quad_order`, `backward_state`, `warm_start`) apply only to methods declaring
-  `quadrature=True` (torch_gq, later jax_gq); other methods get them as None, once.
-  A quadrature method runs one case per gtol value plus one per quad_order value.
+- Quadrature axes (`quadrature`, `gtol`, `quad_order`, `backward_state`, `warm_start`) apply only to
+  methods declaring `quadrature=True` (torch_gq, jax_gq); other methods get them as None, once.
+  `quadrature` lists the rules: "adaptive" (error-controlled, the default), "gtol" (the paper's rule:
+  one case per gtol value), "fixed" (one case per quad_order value). Without a `quadrature` axis, a
+  spec that names `gtol` or `quad_order` runs those rules beside "adaptive".
 - `batch` omitted: each problem's default batch; `width` omitted: each problem's default width.
 """
 
@@ -32,6 +34,7 @@ RUN_KEYS = ("repeats", "warmup", "timeout", "reference_timeout")
 TOP_KEYS = ("name", "description", "run", "axes", "grid")
 DEFAULT_AXES = dict(
     rtol=[1e-6],
+    quadrature=["adaptive"],
     gtol=[0.1],
     backward_state=["backsolve"],
     warm_start=[False],
@@ -43,6 +46,7 @@ DEFAULT_AXES = dict(
 )
 SOLVERS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")  # adaptive: tolerances mean something
 BACKWARD_STATES = ("backsolve", "interpolate")
+QUADRATURES = ("adaptive", "gtol", "fixed")
 DTYPES = ("float32", "float64")
 
 
@@ -157,6 +161,7 @@ def _expand(axes: dict, where: str) -> list[Case]:
     _choices(where, "method", ax["method"], list(METHODS))
     _choices(where, "problem", ax["problem"], list(PROBLEMS))
     _choices(where, "backward_state", ax["backward_state"], BACKWARD_STATES)
+    _choices(where, "quadrature", ax["quadrature"], QUADRATURES)
     for v in ax["warm_start"]:
         if not isinstance(v, bool):
             _fail(where, "warm_start", f"value {v!r} is not a boolean; use true or false")
@@ -175,10 +180,14 @@ def _expand(axes: dict, where: str) -> list[Case]:
         for v in ax.get(key, []):
             _positive(where, key, v)
     tols = _tolerances(where, ax, axes.get("tolerances", "paired"))
-    quad = [(g, None) for g in ax["gtol"] if "quad_order" not in axes or "gtol" in axes]
-    quad += [(None, n) for n in ax.get("quad_order", [])]
-    if not quad:
-        quad = [(DEFAULT_AXES["gtol"][0], None)]
+    rules = ax["quadrature"] if "quadrature" in axes else (
+        ["adaptive"] + (["gtol"] if "gtol" in axes else []) + (["fixed"] if "quad_order" in axes else [])
+    )
+    if "fixed" in rules and "quad_order" not in ax:
+        _fail(where, "quadrature", 'lists "fixed" but no quad_order axis gives its orders; add quad_order = [2, 8]')
+    quad = [("adaptive", None, None)] if "adaptive" in rules else []
+    quad += [("gtol", g, None) for g in ax["gtol"] if "gtol" in rules]
+    quad += [("fixed", None, n) for n in ax.get("quad_order", []) if "fixed" in rules]
     cases = []
     for method, problem_name in itertools.product(ax["method"], ax["problem"]):
         problem = PROBLEMS[problem_name]
@@ -186,11 +195,11 @@ def _expand(axes: dict, where: str) -> list[Case]:
         batches = ax.get("batch", [problem.default_batch])
         is_quad = METHODS[method].quadrature
         quad_points = (
-            [(g, n, b, ws) for (g, n), b, ws in itertools.product(quad, ax["backward_state"], ax["warm_start"])]
+            [(q, g, n, b, ws) for (q, g, n), b, ws in itertools.product(quad, ax["backward_state"], ax["warm_start"])]
             if is_quad
-            else [(None, None, None, None)]
+            else [(None, None, None, None, None)]
         )
-        for w, b, (rtol, atol), (g, n, bs, ws), solver, device, dtype, seed, threads in itertools.product(
+        for w, b, (rtol, atol), (q, g, n, bs, ws), solver, device, dtype, seed, threads in itertools.product(
             widths, batches, tols, quad_points, ax["solver"], ax["device"], ax["dtype"], ax["seed"], ax["threads"]
         ):
             cases.append(
@@ -201,6 +210,7 @@ def _expand(axes: dict, where: str) -> list[Case]:
                     batch=b,
                     rtol=float(rtol),
                     atol=float(atol),
+                    quadrature=q,
                     gtol=None if g is None else float(g),
                     quad_order=n,
                     backward_state=bs,

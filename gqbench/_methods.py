@@ -111,7 +111,7 @@ class _TorchRun(AbstractRun):
             self.nfe_backward = self.func.nfe - self.nfe_forward
         else:
             self.nfe_backward = self._stats.nfe_backward
-            self.extra = {"quad_nodes": self._stats.quad_nodes}
+            self.extra = {"quad_nodes": self._stats.quad_nodes, "quad_err_est": self._stats.quad_error}
 
     def loss_value(self):
         return float(self._loss.detach())
@@ -151,9 +151,9 @@ class TorchGQ(AbstractMethod):
         import impls
 
         kw = dict(_tols(case), backward_state=case.backward_state or "backsolve", warm_start=bool(case.warm_start))
-        if case.quad_order is not None:
+        if case.quadrature == "fixed" or (case.quadrature is None and case.quad_order is not None):
             kw["quad_order"] = case.quad_order
-        elif case.gtol is not None:
+        elif case.quadrature == "gtol" or (case.quadrature is None and case.gtol is not None):
             kw["gtol"] = case.gtol
         return _TorchRun(problem, lambda f, y0, t: impls.odeint_adjoint_gq(f, y0, t, **kw), case.device, False)
 

@@ -201,6 +201,69 @@ class Linear(AbstractProblem):
         return list(torch.autograd.grad(inst.loss(y1[None]), (a, y0)))
 
 
+@dataclasses.dataclass(frozen=True)
+class CubicOscillator(AbstractProblem):
+    """A long-horizon oscillator: dy/dt = (y^3) A + MLP(y), A = [[-0.1, 1.5], [-1.5, -0.1]] learnable,
+    the MLP a small perturbation; 10 observation times on [0, 25], loss sum of y^2 at all of them.
+
+    torchdiffeq's cubic test problem, where the paper's one-rule-per-interval quadrature is far off:
+    the integrand oscillates many times inside each long interval.
+    """
+
+    depth: int = 2
+    span: float = 25.0
+    n_obs: int = 10
+
+    def _make(self, *, width, batch, gen):
+        func = _CubicField(self.state_dim, width, self.depth)
+        phi = 2 * math.pi * torch.rand(batch, generator=gen)
+        r = 1.0 + 0.5 * torch.rand(batch, generator=gen)
+        y0 = torch.stack([r * torch.cos(phi), r * torch.sin(phi)], dim=1)
+        t = torch.linspace(0.0, self.span, self.n_obs)
+        return func, y0, t, _fixed(lambda ys: ys.pow(2).sum() / ys.shape[1])
+
+
+class _CubicField(nn.Module):
+    def __init__(self, dim: int, width: int, depth: int):
+        super().__init__()
+        self.A = nn.Parameter(torch.tensor([[-0.1, 1.5], [-1.5, -0.1]]))
+        self.mlp = MLP(dim, dim, width, depth, time_input=False)
+        with torch.no_grad():  # a perturbation of the oscillator, not a replacement
+            self.mlp.net[-1].weight.mul_(0.01)
+            self.mlp.net[-1].bias.zero_()
+
+    def forward(self, t, y):
+        return (y**3) @ self.A + self.mlp(t, y)
+
+
+@dataclasses.dataclass(frozen=True)
+class ForcedMLP(AbstractProblem):
+    """An MLP field driven by sin(8t) through its input, observed at only 3 times on [0, 6]: long
+    intervals over which a^T df/dtheta oscillates (~15 periods), few observations to anchor it."""
+
+    depth: int = 2
+    span: float = 6.0
+    n_obs: int = 3
+    frequency: float = 8.0
+
+    def _make(self, *, width, batch, gen):
+        func = _ForcedField(self.state_dim, width, self.depth, self.frequency)
+        y0 = torch.randn(batch, self.state_dim, generator=gen) * 0.5
+        t = torch.linspace(0.0, self.span, self.n_obs)
+        return func, y0, t, _fixed(lambda ys: ys.pow(2).sum() / ys.shape[1])
+
+
+class _ForcedField(nn.Module):
+    def __init__(self, dim: int, width: int, depth: int, frequency: float):
+        super().__init__()
+        self.frequency = frequency
+        self.mlp = MLP(dim + 1, dim, width, depth, time_input=False)
+
+    def forward(self, t, y):
+        # ones_like * sin(t): stays valid when t is a vmapped 0-d tensor.
+        return self.mlp(t, torch.cat([y, torch.ones_like(y[..., :1]) * torch.sin(self.frequency * t)], dim=-1))
+
+
 class _LinearField(nn.Module):
     def __init__(self, width: int):
         super().__init__()
@@ -218,6 +281,8 @@ PROBLEMS: dict[str, AbstractProblem] = {
         NestedSpheres("spheres", "nested 2-D annuli, 3 augmented dims, MLP(t, y)", 5, 200),
         Sines("sines", "second-order ODE on [x, v], t in [0, 2 pi], 10 observation times", 2, 100),
         Linear("linear", "dy/dt = A y (closed form; width = state size) for validation", 0, 10, 8),
+        CubicOscillator("oscillator", "hard: (y^3) A + small MLP, 10 times on [0, 25] (long, oscillating)", 2, 16),
+        ForcedMLP("forced_mlp", "hard: MLP(y, sin 8t), 3 times on [0, 6] (long intervals, oscillating)", 2, 16),
     )
 }
 

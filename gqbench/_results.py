@@ -15,7 +15,7 @@ import pandas as pd
 from ._case import CASE_FIELDS
 
 _INTS = ("width", "batch", "quad_order", "seed", "threads", "repeat", "warmup")
-_STRINGS = ("case_id", "label", "method", "problem", "backward_state", "solver", "device", "dtype", "status", "error")
+_STRINGS = ("case_id", "label", "method", "problem", "quadrature", "backward_state", "solver", "device", "dtype", "status", "error")
 MEASURES = (
     "repeat",
     "fwd_s",
@@ -24,6 +24,7 @@ MEASURES = (
     "nfe_fwd",
     "nfe_bwd",
     "quad_nodes",
+    "quad_err_est",  # GQ's own relative error estimate of dL/dtheta (adaptive rule), beside the measured one
     "grad_rel_err",
     "loss",
     "compile_s",

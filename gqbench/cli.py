@@ -52,6 +52,7 @@ def _profile_parser(sub) -> None:
         ("batch", int),
         ("rtol", float),
         ("atol", float),
+        ("quadrature", str),
         ("gtol", float),
         ("quad-order", int),
         ("backward-state", str),

@@ -18,12 +18,26 @@ def test_quadrature_axes_apply_to_gq_only():
     gq = [c for c in s.cases if c.method == "torch_gq"]
     assert len(direct) == 2  # one per width, not duplicated by the quadrature axes
     assert all(c.gtol is None and c.quad_order is None and c.backward_state is None for c in direct)
-    assert len(gq) == 2 * (2 + 2) * 2  # widths x (gtol values + quad orders) x backward states
-    assert {(c.gtol, c.quad_order) for c in gq} == {(0.1, None), (1.0, None), (None, 2), (None, 4)}
+    assert len(gq) == 2 * (1 + 2 + 2) * 2  # widths x (adaptive + gtol values + quad orders) x backward states
+    assert {(c.quadrature, c.gtol, c.quad_order) for c in gq} == {
+        ("adaptive", None, None), ("gtol", 0.1, None), ("gtol", 1.0, None), ("fixed", None, 2), ("fixed", None, 4)
+    }
+
+
+def test_quadrature_axis_picks_the_rules():
+    s = parse_spec(spec(quadrature=["gtol"], gtol=[0.1], quad_order=[2]))
+    assert {(c.quadrature, c.gtol, c.quad_order) for c in s.cases if c.method == "torch_gq"} == {("gtol", 0.1, None)}
+    s = parse_spec(spec())
+    gq = [c for c in s.cases if c.method == "torch_gq"]
+    assert {c.quadrature for c in gq} == {"adaptive"} and {c.label for c in gq} == {"torch_gq[adaptive]"}
+    with pytest.raises(GridSpecError, match=r"quadrature lists \"fixed\" but no quad_order"):
+        parse_spec(spec(quadrature=["fixed"]))
+    with pytest.raises(GridSpecError, match=r"quadrature value 'gauss' is unknown"):
+        parse_spec(spec(quadrature=["gauss"]))
 
 
 def test_warm_start_axis_applies_to_gq_only():
-    s = parse_spec(spec(warm_start=[False, True]))
+    s = parse_spec(spec(warm_start=[False, True], gtol=[0.1], quadrature=["gtol"]))
     assert {c.warm_start for c in s.cases if c.method == "torch_direct"} == {None}
     gq = [c for c in s.cases if c.method == "torch_gq"]
     assert sorted(c.warm_start for c in gq) == [False, False, True, True]
@@ -35,7 +49,7 @@ def test_warm_start_axis_applies_to_gq_only():
 
 def test_quad_order_alone_drops_default_gtol():
     s = parse_spec(spec(quad_order=[3]))
-    assert {(c.gtol, c.quad_order) for c in s.cases if c.method == "torch_gq"} == {(None, 3)}
+    assert {(c.gtol, c.quad_order) for c in s.cases if c.method == "torch_gq"} == {(None, None), (None, 3)}
 
 
 def test_tolerances_paired_and_crossed():
