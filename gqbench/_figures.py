@@ -29,8 +29,9 @@ MEDIANS = (
     "grad_rel_err",
     "compile_s",
     "quad_nodes",
+    "quad_err_est",
 )
-KEYS = ["case_id", "label", "method", "gtol", "quad_order", "backward_state", "warm_start", *MATCH]
+KEYS = ["case_id", "label", "method", "quadrature", "gtol", "quad_order", "backward_state", "warm_start", *MATCH]
 TEMPLATE = "plotly_white"
 
 
@@ -493,6 +494,35 @@ def fig_quadrature_order(summary: pd.DataFrame) -> go.Figure | None:
     return fig
 
 
+def fig_quadrature_error(summary: pd.DataFrame) -> go.Figure | None:
+    """GQ's own estimate of its quadrature error against the measured gradient error, one point per
+    case. Points on the diagonal: the integral limits accuracy; far below it: the solver does."""
+    d = summary.dropna(subset=["quad_err_est", "grad_rel_err"]) if "quad_err_est" in summary else summary.iloc[:0]
+    d = d[(d["quad_err_est"] > 0) & (d["grad_rel_err"] > 0)]
+    if d.empty:
+        return None
+    fig = go.Figure()
+    for (label, problem), g in d.groupby(["label", "problem"], sort=True):
+        fig.add_trace(
+            go.Scatter(
+                x=g["grad_rel_err"],
+                y=g["quad_err_est"],
+                mode="markers",
+                name=f"{label} · {problem}",
+                customdata=g[["width", "rtol", "quad_nodes"]].to_numpy(),
+                hovertemplate=f"{label} · {problem}<br>w=%{{customdata[0]}} rtol=%{{customdata[1]:g}}"
+                "<br>measured %{x:.2g}<br>estimated %{y:.2g}<br>nodes %{customdata[2]}<extra></extra>",
+            )
+        )
+    lo = float(min(d["grad_rel_err"].min(), d["quad_err_est"].min())) / 2
+    hi = float(max(d["grad_rel_err"].max(), d["quad_err_est"].max())) * 2
+    fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(color="#999", dash="dot"),
+                             name="estimate = measured", hoverinfo="skip"))  # fmt: skip
+    fig.update_xaxes(type="log", title_text="measured gradient rel. error (vs float64 reference)")
+    fig.update_yaxes(type="log", title_text="quadrature's own error estimate (relative)")
+    return _style(fig, "Quadrature error: GQ's estimate vs the measured gradient error")
+
+
 def fig_device_comparison(summary: pd.DataFrame) -> go.Figure | None:
     """CPU and CUDA side by side (shared y axis), when both are in the results."""
     if summary.empty or summary["device_kind"].nunique() < 2:
@@ -617,4 +647,4 @@ FIGURES = (
     fig_nfe,
     fig_grad_error,
 )
-OPTIONAL_FIGURES = (fig_quadrature_order, fig_device_comparison, fig_compile_time)
+OPTIONAL_FIGURES = (fig_quadrature_order, fig_quadrature_error, fig_device_comparison, fig_compile_time)

@@ -22,6 +22,7 @@ from gqbench._figures import (
     fig_compile_time,
     fig_device_comparison,
     fig_phases,
+    fig_quadrature_error,
     fig_quadrature_order,
     fig_speedup_heatmap,
     speedups,
@@ -40,7 +41,7 @@ BWD = {
     "jax_checkpoint": 0.3,
     "jax_gq": 0.1,
 }
-QUAD = [dict(gtol=0.1), dict(gtol=0.01), dict(quad_order=2), dict(quad_order=8)]
+QUAD = [dict(quadrature="adaptive"), dict(gtol=0.1), dict(gtol=0.01), dict(quad_order=2), dict(quad_order=8)]
 
 
 def rich_rows(*, slow: float = 1.0, jax: bool = True) -> list[dict]:
@@ -61,6 +62,7 @@ def rich_rows(*, slow: float = 1.0, jax: bool = True) -> list[dict]:
                             200,
                             rtol=rtol,
                             atol=rtol,
+                            quadrature=q.get("quadrature"),
                             gtol=q.get("gtol"),
                             quad_order=q.get("quad_order"),
                             backward_state="backsolve" if q else None,
@@ -83,6 +85,7 @@ def rich_rows(*, slow: float = 1.0, jax: bool = True) -> list[dict]:
                                     grad_rel_err=(rtol * 10 / n) if q else rtol,
                                     compile_s=2.5 if method.startswith("jax") else float("nan"),
                                     quad_nodes=n if q else float("nan"),
+                                    quad_err_est=rtol / n if q.get("quadrature") == "adaptive" else float("nan"),
                                     status="ok",
                                     error="",
                                 )
@@ -162,7 +165,7 @@ def test_summary_has_quartiles_and_panels():
     s = summarize(frame(rich_rows()))
     assert (s["bwd_q25"] <= s["bwd_s"]).all() and (s["bwd_s"] <= s["bwd_q75"]).all()
     assert set(s["panel"]) == {"cpu", "cuda"}  # device varies -> a row facet per device
-    assert len(s) == (4 + 2 * 4) * 2 * 3 * 2  # (baselines + GQ settings) x devices x widths x tolerances
+    assert len(s) == (4 + 2 * len(QUAD)) * 2 * 3 * 2  # (baselines + GQ settings) x devices x widths x tolerances
 
 
 def test_speedup_heatmap_covers_torch_gq_and_jax_gq_over_every_baseline():
@@ -173,7 +176,7 @@ def test_speedup_heatmap_covers_torch_gq_and_jax_gq_over_every_baseline():
     fig = fig_speedup_heatmap(s)
     heat = [t for t in fig.data if t.type == "heatmap"]
     assert len(heat) == 2 * 4  # rows: devices; columns: baselines
-    assert all(t.z.shape == (8 * 2, 3) for t in heat)  # (GQ settings x tolerances) x widths
+    assert all(t.z.shape == (2 * len(QUAD) * 2, 3) for t in heat)  # (GQ settings x tolerances) x widths
     assert (np.exp2(np.concatenate([t.z.ravel() for t in heat])) > 1).all()  # GQ is faster everywhere here
 
 
@@ -183,12 +186,15 @@ def test_figures_without_jax_or_cuda_rows():
     assert not s["method"].str.startswith("jax").any()
     assert fig_device_comparison(s) is None and fig_compile_time(s) is None
     assert fig_quadrature_order(s) is not None
+    err = fig_quadrature_error(s)  # adaptive GQ: its estimate against the measured error
+    assert err is not None and len(err.data) == 2 and err.data[0].name == "torch_gq[adaptive] · workload_l"
     for make in FIGURES:
         make(s)  # all draw, nothing raises
 
 
 def test_quadrature_order_figure_only_with_several_settings():
     rows = [r for r in rich_rows() if r.get("quad_order") is None and r.get("gtol") in (None, 0.1)]
+    rows = [r for r in rows if r.get("quadrature") != "adaptive"]
     assert fig_quadrature_order(summarize(frame(rows))) is None
 
 
@@ -230,7 +236,7 @@ def test_page_has_every_section(report_dirs):
 
 def test_render_without_extras_skips_optional_sections():
     rows = [r for r in rich_rows(jax=False) if r.get("device") == "cpu" and r.get("quad_order") is None]
-    rows = [r for r in rows if r.get("gtol") in (None, 0.1)]
+    rows = [r for r in rows if r.get("gtol") in (None, 0.1) and r.get("quadrature") != "adaptive"]
     page = render(frame(rows))
     assert page.count('class="plotly-graph-div"') == len(FIGURES)
     assert "fig-phases" not in page and "asv" not in page
