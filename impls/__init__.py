@@ -1,15 +1,27 @@
-"""What gqbench measures: the GQ adjoint (PyTorch; JAX in `impls.jax`) and baseline adapters."""
+"""What gqbench measures: the GQ adjoint (PyTorch; JAX in `impls.jax`), baseline adapters, and Wong–Zakai
+neural SDEs (trained as ODEs through the GQ adjoint, sampled with torchsde)."""
 
 from ._baselines import NFECounter, odeint_adjoint, odeint_direct, odeint_seminorm, synchronize
 from ._gq import BACKWARD_STATES, odeint_adjoint_gq
 from ._quadrature import MAX_QUAD_ORDER, gauss_legendre, quad_order_from_gtol
 from ._stats import GQStats, gq_stats
+from ._wong_zakai import (
+    StratonovichSDE,
+    WongZakaiNoise,
+    WongZakaiODE,
+    sample_sde,
+    stratonovich_sde,
+    wong_zakai_ode,
+)
 
 __all__ = [
     "BACKWARD_STATES",
     "GQStats",
     "MAX_QUAD_ORDER",
     "NFECounter",
+    "StratonovichSDE",
+    "WongZakaiNoise",
+    "WongZakaiODE",
     "gauss_legendre",
     "gq_stats",
     "odeint_adjoint",
@@ -17,5 +29,8 @@ __all__ = [
     "odeint_direct",
     "odeint_seminorm",
     "quad_order_from_gtol",
+    "sample_sde",
+    "stratonovich_sde",
     "synchronize",
+    "wong_zakai_ode",
 ]
