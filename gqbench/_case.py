@@ -24,6 +24,8 @@ CASE_FIELDS = (
     "dtype",
     "seed",
     "threads",
+    "epochs",
+    "ncosines",
 )
 
 
@@ -50,6 +52,8 @@ class Case:
     dtype: str = "float32"
     seed: int = 0
     threads: int = 2
+    epochs: int | None = None  # set: a training run (gqbench.training), else one gradient measurement
+    ncosines: int | None = None  # Wong–Zakai noise terms (torch_gq on SDE training problems)
 
     def to_dict(self) -> dict:
         return {f: getattr(self, f) for f in CASE_FIELDS}
@@ -62,8 +66,9 @@ class Case:
     def case_id(self) -> str:
         canon = {k: (float(v) if isinstance(v, float) else v) for k, v in self.to_dict().items()}
         # Fields added after the first release hash only when set, so earlier ids stay valid.
-        if not canon["warm_start"]:
-            del canon["warm_start"]
+        for key in ("warm_start", "epochs", "ncosines"):
+            if not canon[key]:
+                del canon[key]
         blob = json.dumps(canon, sort_keys=True, separators=(",", ":"))
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -79,6 +84,8 @@ class Case:
             opts.append(self.backward_state)
         if self.warm_start:
             opts.append("warm")
+        if self.ncosines is not None:
+            opts.append(f"nc={self.ncosines}")
         return f"{self.method}[{','.join(opts)}]" if opts else self.method
 
     @property

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -245,15 +248,35 @@ TRAIN_DATA_SEED, VAL_DATA_SEED = 982846947, 535617672  # the data are fixed; run
 BAND_PATHS = 200
 
 
-def train_run(method: str, width: int, settings: OUSettings, seed: int, epochs: int, *, on_epoch=None):
+def load_data(settings: OUSettings, cache_dir=None) -> tuple[OUData, OUData]:
+    """(train, validation) data; cached as .pt files in `cache_dir` (written atomically) when given."""
+    s = settings
+    out = []
+    for n, seed in ((s.n_train, TRAIN_DATA_SEED), (s.n_val, VAL_DATA_SEED)):
+        path = None
+        if cache_dir is not None:
+            path = Path(cache_dir) / f"ou-n{n}-p{s.n_paths}-s{seed}-dt{s.data_dt:g}.pt"
+            if path.exists():
+                out.append(OUData(**torch.load(path)))
+                continue
+        data = make_ou_data(n, s.n_paths, seed, dt=s.data_dt)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            torch.save(dataclasses.asdict(data), tmp)
+            os.replace(tmp, path)
+        out.append(data)
+    return out[0], out[1]
+
+
+def train_run(method: str, width: int, settings: OUSettings, seed: int, epochs: int, *, data=None, on_epoch=None):
     """Train one model; returns (epoch rows, band rows). Epoch 0 is the untrained model (validation only).
 
     Every method of a seed sees the same initial weights, the same batch order and the same validation
-    Brownian paths; `on_epoch(row)` is called after each epoch (e.g. to write progress).
+    Brownian paths. `data`: (train, val) from `load_data` (default: generated here).
     """
     s = settings
-    train = make_ou_data(s.n_train, s.n_paths, TRAIN_DATA_SEED, dt=s.data_dt)
-    val = make_ou_data(s.n_val, s.n_paths, VAL_DATA_SEED, dt=s.data_dt)
+    train, val = load_data(s) if data is None else data
     model = build_model(width, seed)
     trainer = Trainer(method, model, s, noise_seed=seed)
     order = torch.Generator().manual_seed(seed)
@@ -271,6 +294,57 @@ def train_run(method: str, width: int, settings: OUSettings, seed: int, epochs: 
         if on_epoch is not None:
             on_epoch(row)
     return rows, bands(model, val, s)
+
+
+def settings_for(case, problem) -> OUSettings:
+    """A case (and its training problem's options) -> OUSettings; GQ's options pass through as keywords."""
+    gq = {}
+    if case.method == "torch_gq":
+        gq = dict(backward_state=case.backward_state or "backsolve", warm_start=bool(case.warm_start))
+        if case.quad_order is not None:
+            gq["quad_order"] = case.quad_order
+        elif case.gtol is not None:
+            gq["gtol"] = case.gtol
+    kw = dict(problem.options)
+    if case.ncosines is not None:
+        kw["ncosines"] = case.ncosines
+    return OUSettings(rtol=case.rtol, atol=case.atol, solver=case.solver, gq_options=tuple(sorted(gq.items())),
+                      batch=case.batch, **kw)  # fmt: skip
+
+
+def run_case(case, problem, cache_dir=None) -> tuple[list[dict], dict[str, list[dict]]]:
+    """The worker's entry: train, then one results row (medians over trained epochs) and the tables
+    `epochs` and `sde_bands`, every row carrying the case fields."""
+    from .._measure import PeakMemory, Skip
+
+    if case.device != "cpu" and not torch.cuda.is_available():
+        raise Skip(f"device={case.device} but torch.cuda.is_available() is False on this machine")
+    if case.device != "cpu" or case.dtype != "float32":
+        raise Skip(f"{problem.name} runs on cpu in float32 only (got {case.device}, {case.dtype})")
+    torch.set_num_threads(case.threads)
+    settings = settings_for(case, problem)
+    t0 = time.perf_counter()
+    data = load_data(settings, cache_dir)
+    setup_s = time.perf_counter() - t0
+    with PeakMemory(case.device) as mem:
+        epochs, band_rows = train_run(case.method, case.width, settings, case.seed, case.epochs, data=data)
+    key = dict(case.to_dict(), case_id=case.case_id)
+    trained = [r for r in epochs if r["epoch"] > 0]
+    timed = trained[1:] if len(trained) >= 3 else trained  # the first epoch holds the warm-up
+
+    def med(k):
+        return float(statistics.median(r[k] for r in timed))
+
+    last = epochs[-1]
+    row = dict(key, repeat=0, fwd_s=med("fwd_s"), bwd_s=med("bwd_s"), step_s=med("step_s"), epoch_s=med("epoch_s"),
+               nfe_fwd=med("nfe_fwd"), nfe_bwd=med("nfe_bwd"), peak_mem_bytes=float(mem.bytes),
+               grad_rel_err=float("nan"), loss=last["loss"], val_loglik=last["val_loglik"], val_kl=last["val_kl"],
+               train_s=last["wall_s"], compile_s=float("nan"), setup_s=setup_s, warmup=0, status="ok",
+               error="")  # fmt: skip
+    if not all(math.isfinite(r["val_loglik"]) for r in epochs):
+        row.update(status="nan", error="non-finite validation log-likelihood")
+    tables = dict(epochs=[dict(key, **r) for r in epochs], sde_bands=[dict(key, **r) for r in band_rows])
+    return [row], tables
 
 
 def bands(model: SDEModel, val: OUData, settings: OUSettings, n_curves: int = 3) -> list[dict]:
