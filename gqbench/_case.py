@@ -25,6 +25,8 @@ CASE_FIELDS = (
     "dtype",
     "seed",
     "threads",
+    "epochs",
+    "ncosines",
 )
 
 
@@ -52,6 +54,8 @@ class Case:
     dtype: str = "float32"
     seed: int = 0
     threads: int = 2
+    epochs: int | None = None  # set: a training run (gqbench.training), else one gradient measurement
+    ncosines: int | None = None  # Wong–Zakai noise terms (torch_gq on SDE training problems)
 
     def to_dict(self) -> dict:
         return {f: getattr(self, f) for f in CASE_FIELDS}
@@ -64,7 +68,7 @@ class Case:
     def case_id(self) -> str:
         canon = {k: (float(v) if isinstance(v, float) else v) for k, v in self.to_dict().items()}
         # Fields added after the first release hash only when set, so earlier ids stay valid.
-        for late in ("warm_start", "quadrature"):
+        for late in ("warm_start", "quadrature", "epochs", "ncosines"):
             if not canon[late]:
                 del canon[late]
         blob = json.dumps(canon, sort_keys=True, separators=(",", ":"))
@@ -84,6 +88,8 @@ class Case:
             opts.append(self.backward_state)
         if self.warm_start:
             opts.append("warm")
+        if self.ncosines is not None:
+            opts.append(f"nc={self.ncosines}")
         return f"{self.method}[{','.join(opts)}]" if opts else self.method
 
     @property

@@ -15,6 +15,9 @@ Rules:
   one case per gtol value), "fixed" (one case per quad_order value). Without a `quadrature` axis, a
   spec that names `gtol` or `quad_order` runs those rules beside "adaptive".
 - `batch` omitted: each problem's default batch; `width` omitted: each problem's default width.
+- Training problems (`gqbench.training`, e.g. sde_ou): every case trains for `epochs` (default: the
+  problem's); `ncosines` (Wong–Zakai noise terms) applies to torch_gq on SDE problems only. Both are
+  None on gradient problems.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ DEFAULT_AXES = dict(
 SOLVERS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")  # adaptive: tolerances mean something
 BACKWARD_STATES = ("backsolve", "interpolate")
 QUADRATURES = ("adaptive", "gtol", "fixed")
+DEFAULT_NCOSINES = 10  # the paper's Wong–Zakai noise terms
 DTYPES = ("float32", "float64")
 
 
@@ -134,19 +138,23 @@ def parse_spec(
             cases.setdefault(case.case_id, case)
     if not cases:
         _fail(source, "method", "the grid expands to no cases; give every axis at least one value")
+    # Training runs of one seed and width run back to back, method after method, so that drift on a shared
+    # machine spreads over every method instead of going into their ratio.
+    order = sorted(cases.values(), key=lambda c: (0, 0, 0) if c.epochs is None else (1, c.seed, c.width))
     name = data.get("name", default_name)
     return GridSpec(
         name=str(name),
         description=str(data.get("description", "")),
         settings=settings,
-        cases=tuple(cases.values()),
+        cases=tuple(order),
         source=data,
     )
 
 
 def _expand(axes: dict, where: str) -> list[Case]:
-    from ._methods import METHODS
+    from ._methods import METHODS, TrainingOnly
     from ._problems import PROBLEMS
+    from .training import TRAINING_PROBLEMS
 
     for key in axes:
         if key not in AXES + AXIS_OPTIONS:
@@ -159,7 +167,7 @@ def _expand(axes: dict, where: str) -> list[Case]:
         if key not in ax:
             _fail(where, key, f"is missing; add e.g. {key} = [{_example(key)}]")
     _choices(where, "method", ax["method"], list(METHODS))
-    _choices(where, "problem", ax["problem"], list(PROBLEMS))
+    _choices(where, "problem", ax["problem"], [*PROBLEMS, *TRAINING_PROBLEMS])
     _choices(where, "backward_state", ax["backward_state"], BACKWARD_STATES)
     _choices(where, "quadrature", ax["quadrature"], QUADRATURES)
     for v in ax["warm_start"]:
@@ -170,7 +178,7 @@ def _expand(axes: dict, where: str) -> list[Case]:
     for d in ax["device"]:
         if not isinstance(d, str) or not (d == "cpu" or d == "cuda" or d.startswith("cuda:")):
             _fail(where, "device", f'value {d!r} is not a device; use "cpu", "cuda" or "cuda:N"')
-    for key in ("width", "batch", "seed", "threads", "quad_order"):
+    for key in ("width", "batch", "seed", "threads", "quad_order", "epochs", "ncosines"):
         for v in ax.get(key, []):
             _positive(where, key, v, integer=True, zero_ok=key == "seed")
     for v in ax.get("quad_order", []):
@@ -190,7 +198,16 @@ def _expand(axes: dict, where: str) -> list[Case]:
     quad += [("fixed", None, n) for n in ax.get("quad_order", []) if "fixed" in rules]
     cases = []
     for method, problem_name in itertools.product(ax["method"], ax["problem"]):
-        problem = PROBLEMS[problem_name]
+        training = TRAINING_PROBLEMS.get(problem_name)
+        problem = training or PROBLEMS[problem_name]
+        if training is not None and training.unsupported(method):
+            _fail(where, "method", f"{method!r}: {training.unsupported(method)}; give it its own [[grid]]")
+        if training is None and isinstance(METHODS[method], TrainingOnly):
+            trainers = ", ".join(TRAINING_PROBLEMS)
+            _fail(where, "method", f"{method!r} trains only ({trainers}); give it its own [[grid]] with those problems")
+        epochs = [None] if training is None else ax.get("epochs", [training.default_epochs])
+        wong_zakai = training is not None and training.noise_axis and method == "torch_gq"
+        noise = ax.get("ncosines", [DEFAULT_NCOSINES]) if wong_zakai else [None]
         widths = ax.get("width", [problem.default_width])
         batches = ax.get("batch", [problem.default_batch])
         is_quad = METHODS[method].quadrature
@@ -199,9 +216,10 @@ def _expand(axes: dict, where: str) -> list[Case]:
             if is_quad
             else [(None, None, None, None, None)]
         )
-        for w, b, (rtol, atol), (q, g, n, bs, ws), solver, device, dtype, seed, threads in itertools.product(
-            widths, batches, tols, quad_points, ax["solver"], ax["device"], ax["dtype"], ax["seed"], ax["threads"]
-        ):
+        for w, b, (rtol, atol), (q, g, n, bs, ws), solver, device, dtype, seed, threads, ep, nc in itertools.product(
+            widths, batches, tols, quad_points, ax["solver"], ax["device"], ax["dtype"], ax["seed"], ax["threads"],
+            epochs, noise,
+        ):  # fmt: skip
             cases.append(
                 Case(
                     method=method,
@@ -220,6 +238,8 @@ def _expand(axes: dict, where: str) -> list[Case]:
                     dtype=dtype,
                     seed=seed,
                     threads=threads,
+                    epochs=ep,
+                    ncosines=nc,
                 )
             )
     return cases

@@ -158,6 +158,21 @@ class TorchGQ(AbstractMethod):
         return _TorchRun(problem, lambda f, y0, t: impls.odeint_adjoint_gq(f, y0, t, **kw), case.device, False)
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainingOnly(AbstractMethod):
+    """A method that only trains (`gqbench.training`): torchsde's solvers on the SDE problems."""
+
+    needs_reference: ClassVar[bool] = False
+
+    def unsupported(self, case):
+        if case.epochs is None:
+            return f"{self.name} runs training cases only (a training problem such as sde_ou, with epochs)"
+        return super().unsupported(case)
+
+    def build(self, *, case, problem):
+        raise NotImplementedError(f"{self.name} has no single-gradient measurement; it runs training cases only")
+
+
 class _Registry(Mapping):
     """name -> method; plugin modules (env GQBENCH_PLUGINS) are imported on first look-up."""
 
@@ -212,5 +227,7 @@ for _m in (
     TorchBaseline("torch_adjoint", "torchdiffeq.odeint_adjoint (continuous adjoint)", "odeint_adjoint"),
     TorchBaseline("torch_seminorm", "odeint_adjoint with adjoint_options=dict(norm='seminorm')", "odeint_seminorm"),
     TorchGQ("torch_gq", "impls.odeint_adjoint_gq (Gauss-Legendre quadrature adjoint)"),
+    TrainingOnly("sde_direct", "torchsde.sdeint, reversible Heun, backprop through the steps (SDE training)"),
+    TrainingOnly("sde_adjoint", "torchsde.sdeint_adjoint, adjoint reversible Heun (SDE training)"),
 ):
     register_method(_m)

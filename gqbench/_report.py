@@ -26,7 +26,8 @@ from ._figures import (
     speedups,
     summarize,
 )
-from ._results import load_results
+from ._results import load_results, load_table
+from .training import sde_figures
 
 __all__ = [
     "FIGURES",
@@ -64,6 +65,7 @@ NOTES = {
     "the measured error. Far below the diagonal: the solver, not the integral, limits accuracy.",
     "fig_device_comparison": "The same methods on CPU and CUDA, y axes shared.",
     "fig_compile_time": "Tracing plus XLA compilation, measured once per case and kept out of the timed calls.",
+    **sde_figures.NOTES,
 }
 TITLES = {
     "fig_backward_time": "Backward time vs width",
@@ -82,6 +84,8 @@ TITLES = {
     "fig_compile_time": "JAX compile time",
     "fig_baseline_comparison": "Against the baseline run",
     "fig_phases": "Where the time goes (profiles)",
+    "sde_training": "SDE training",
+    **sde_figures.TITLES,
 }
 
 CSS = """
@@ -303,12 +307,16 @@ def render(
     profiles_root: Path | None = None,
     asv: Path | None = None,
     out_dir: Path | None = None,
+    epochs: pd.DataFrame | None = None,
+    sde_bands: pd.DataFrame | None = None,
 ) -> str:
     """The whole page as a string. `baseline`: another run's results table to compare against;
-    `phases`: `_profile.load_phases(...)` of the profiles to show."""
+    `phases`: `_profile.load_phases(...)` of the profiles to show; `epochs`/`sde_bands`: the training
+    tables (the "SDE training" section)."""
     from plotly.offline import get_plotlyjs
 
-    summary = summarize(df)
+    training = df["epochs"].notna() if "epochs" in df else pd.Series(False, index=df.index)
+    summary = summarize(df[~training])  # the gradient figures; training cases have their own section
     sections: list[tuple[str, str]] = []
     if not summary.empty:
         for make in FIGURES:
@@ -317,6 +325,8 @@ def render(
             fig = make(summary)
             if fig is not None:
                 sections.append((make.__name__, _figure_div(fig, make.__name__)))
+    if epochs is not None and not epochs.empty:
+        sections += _sde_sections(epochs, sde_bands)
     if baseline is not None:
         base_summary = summarize(baseline)
         comparison = compare_runs(summary, base_summary, threshold) if not summary.empty else None
@@ -332,7 +342,7 @@ def render(
         fig = fig_phases(phases)
         sections.append(("fig_phases", _figure_div(fig, "fig_phases") + _profiles_html(phases, profiles_root, out_dir)))
     body = "\n".join(_section(name, html_) for name, html_ in sections)
-    if summary.empty:
+    if summary.empty and not sections:
         body = "<p>No finished cases to plot.</p>\n" + body
     nav = " ".join(
         f"<a href='#{name.replace('fig_', '')}'>{html.escape(TITLES.get(name, name))}</a>" for name, _ in sections
@@ -351,6 +361,14 @@ def render(
 <nav>{nav} <a href="#status">Cases and failures</a></nav>
 {body}
 </body></html>"""
+
+
+def _sde_sections(epochs: pd.DataFrame, bands: pd.DataFrame | None) -> list[tuple[str, str]]:
+    figs = sde_figures.section_figures(epochs, bands)
+    if not figs:
+        return []
+    out = [("sde_training", sde_figures.tables_html(epochs))]
+    return out + [(name, _figure_div(fig, name)) for name, fig in figs]
 
 
 def find_asv(out_dir: Path) -> Path | None:
@@ -399,6 +417,8 @@ def write_report(
         profiles_root=root.resolve() if root is not None else None,
         asv=asv_path,
         out_dir=out_dir.resolve(),
+        epochs=load_table(out_dir, "epochs"),
+        sde_bands=load_table(out_dir, "sde_bands"),
     )
     path = out_dir / "index.html"
     tmp = out_dir / ".index.html.tmp"

@@ -14,8 +14,9 @@ import pandas as pd
 
 from ._case import CASE_FIELDS
 
-_INTS = ("width", "batch", "quad_order", "seed", "threads", "repeat", "warmup")
-_STRINGS = ("case_id", "label", "method", "problem", "quadrature", "backward_state", "solver", "device", "dtype", "status", "error")
+_INTS = ("width", "batch", "quad_order", "seed", "threads", "repeat", "warmup", "epochs", "ncosines")
+_STRINGS = ("case_id", "label", "method", "problem", "quadrature", "backward_state", "solver", "device", "dtype", "status",
+            "error")  # fmt: skip
 MEASURES = (
     "repeat",
     "fwd_s",
@@ -59,6 +60,36 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def write_case(out_dir: Path, case_id: str, rows: list[dict]) -> None:
     write_atomic(case_path(out_dir, case_id), json.dumps(rows, default=_json_default).encode())
+
+
+def write_table(out_dir: Path, name: str, case_id: str, rows: list[dict]) -> None:
+    """A further table's rows of one case (e.g. a training run's epochs): DIR/tables/<name>/<case_id>.json."""
+    write_atomic(Path(out_dir) / "tables" / name / f"{case_id}.json", json.dumps(rows, default=_json_default).encode())
+
+
+def rebuild_tables(out_dir: Path) -> dict[str, pd.DataFrame]:
+    """DIR/<name>.parquet from the per-case files of finished cases (a killed case's partial table is left out)."""
+    out_dir = Path(out_dir)
+    done = finished_ids(out_dir)
+    out = {}
+    for folder in sorted(p for p in (out_dir / "tables").glob("*") if p.is_dir()):
+        rows = []
+        for p in sorted(folder.glob("*.json")):
+            if p.stem in done:
+                rows += json.loads(p.read_text())
+        df = frame(rows)
+        df = df.drop(columns=[c for c in MEASURES if c not in rows[0]] if rows else [])
+        tmp = out_dir / f".{folder.name}.parquet.{os.getpid()}.tmp"
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, out_dir / f"{folder.name}.parquet")
+        out[folder.name] = df
+    return out
+
+
+def load_table(out_dir: str | Path, name: str) -> pd.DataFrame | None:
+    """DIR/<name>.parquet (e.g. `epochs`), or None when the run has no such table."""
+    path = Path(out_dir) / f"{name}.parquet"
+    return pd.read_parquet(path) if path.exists() else None
 
 
 def _json_default(x):

@@ -20,7 +20,7 @@ from ._case import Case
 from ._grid import RunSettings
 from ._measure import failure_rows, reference_path
 from ._methods import get_method
-from ._results import rebuild_results, write_atomic, write_case
+from ._results import rebuild_results, rebuild_tables, write_atomic, write_case, write_table
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,6 +37,8 @@ def worker_env(case: Case) -> dict:
         MALLOC_MMAP_THRESHOLD_="65536",
         PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")])),
     )
+    if case.epochs is not None:
+        env.pop("MALLOC_MMAP_THRESHOLD_")  # training epochs are timed under the allocator users' loops run on
     return env
 
 
@@ -128,28 +130,33 @@ def run_grid(
         for case in todo:
             bar.update(task, description=f"{case.label} {case.problem} w={case.width} tol={case.rtol:g}")
             started = time.perf_counter()
-            rows = _run_case(case, out_dir, settings, ref_dir, failed_refs, console)
+            rows, tables = _run_case(case, out_dir, settings, ref_dir, failed_refs, console)
             for row in rows:
                 row["label"] = case.label
                 row["worker_s"] = time.perf_counter() - started
+            for name, table in tables.items():  # before the case file, which marks the case finished
+                write_table(out_dir, name, case.case_id, [dict(r, label=case.label) for r in table])
             write_case(out_dir, case.case_id, rows)
             rebuild_results(out_dir)
+            if tables:
+                rebuild_tables(out_dir)
             bar.advance(task)
     return rebuild_results(out_dir)
 
 
 def _run_case(
     case: Case, out_dir: Path, settings: RunSettings, ref_dir: Path, failed_refs: dict, console
-) -> list[dict]:
+) -> tuple[list[dict], dict]:
+    """-> (results rows, further tables {name: rows}, e.g. a training case's per-epoch rows)."""
     try:
         method = get_method(case.method)
         reason = method.unsupported(case)
     except Exception as exc:  # noqa: BLE001 -- a broken plugin must not stop the grid
-        return failure_rows(case, "error", f"{type(exc).__name__}: {exc}")
+        return failure_rows(case, "error", f"{type(exc).__name__}: {exc}"), {}
     if reason:
-        return failure_rows(case, "skipped", reason)
+        return failure_rows(case, "skipped", reason), {}
     log = out_dir / "logs" / f"{case.case_id}.log"
-    use_ref = method.needs_reference
+    use_ref = method.needs_reference and case.epochs is None
     if use_ref and not reference_path(case, ref_dir).exists():
         key = case.reference_key
         if key not in failed_refs:
@@ -170,9 +177,9 @@ def _run_case(
     outcome, result, msg = _spawn(job, case, settings.timeout, log)
     if outcome == "done":
         log.unlink(missing_ok=True)  # keep logs of failures only
-        return result["rows"]
+        return result["rows"], result.get("tables", {})
     status = {"timeout": "timeout", "killed": "oom"}.get(outcome, "error")
-    return failure_rows(case, status, msg)
+    return failure_rows(case, status, msg), {}
 
 
 def _write_environment(

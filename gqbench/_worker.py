@@ -1,7 +1,8 @@
 """One case (or one reference gradient) in a fresh process: `python -m gqbench._worker JOB.json`.
 
 JOB: {"kind": "case" | "reference", "case": {...}, "repeats", "warmup", "reference_dir", "result"}.
-Writes {"rows": [...]} (or {"ok": true}) to JOB["result"] atomically. An exception becomes failure
+Writes {"rows": [...]} (or {"ok": true}) to JOB["result"] atomically; a training case (`epochs` set) adds
+{"tables": {name: [rows]}} (per-epoch rows and the like). An exception becomes failure
 rows with a status; a hard crash or a timeout is recorded by the runner. Imports stay lean: no
 pandas, no plotly, and no jax unless the method's own build imports it.
 """
@@ -45,6 +46,8 @@ def run_job(job: dict) -> dict:
     if job["kind"] == "reference":
         reference_gradients(case, cache_dir=job.get("reference_dir"))
         return {"ok": True}
+    if case.epochs is not None:
+        return _run_training(case, job)
     try:
         rows = measure(
             case,
@@ -58,6 +61,20 @@ def run_job(job: dict) -> dict:
             raise
         rows = failure_rows(case, classify(exc), _one_line(exc))
     return {"rows": rows}
+
+
+def _run_training(case, job: dict) -> dict:
+    from ._measure import classify, failure_rows
+    from .training import TRAINING_PROBLEMS
+
+    try:
+        problem = TRAINING_PROBLEMS[case.problem]
+        rows, tables = problem.run(case, cache_dir=job.get("reference_dir"))
+    except BaseException as exc:  # noqa: BLE001 -- every failure of a case becomes a row
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        return {"rows": failure_rows(case, classify(exc), _one_line(exc))}
+    return {"rows": rows, "tables": tables}
 
 
 def main(argv: list[str]) -> int:

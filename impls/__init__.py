@@ -1,9 +1,18 @@
-"""What gqbench measures: the GQ adjoint (PyTorch; JAX in `impls.jax`) and baseline adapters."""
+"""What gqbench measures: the GQ adjoint (PyTorch; JAX in `impls.jax`), baseline adapters, and Wong–Zakai
+neural SDEs (trained as ODEs through the GQ adjoint, sampled with torchsde)."""
 
 from ._baselines import NFECounter, odeint_adjoint, odeint_direct, odeint_seminorm, synchronize
 from ._gq import BACKWARD_STATES, QUADRATURES, odeint_adjoint_gq
 from ._quadrature import MAX_QUAD_ORDER, gauss_kronrod, gauss_legendre, quad_order_from_gtol
 from ._stats import GQStats, gq_stats
+from ._wong_zakai import (
+    StratonovichSDE,
+    WongZakaiNoise,
+    WongZakaiODE,
+    sample_sde,
+    stratonovich_sde,
+    wong_zakai_ode,
+)
 
 __all__ = [
     "BACKWARD_STATES",
@@ -11,6 +20,9 @@ __all__ = [
     "MAX_QUAD_ORDER",
     "NFECounter",
     "QUADRATURES",
+    "StratonovichSDE",
+    "WongZakaiNoise",
+    "WongZakaiODE",
     "gauss_kronrod",
     "gauss_legendre",
     "gq_stats",
@@ -19,5 +31,8 @@ __all__ = [
     "odeint_direct",
     "odeint_seminorm",
     "quad_order_from_gtol",
+    "sample_sde",
+    "stratonovich_sde",
     "synchronize",
+    "wong_zakai_ode",
 ]
