@@ -68,7 +68,8 @@ def read_grid(path: Path = PRESET_PATH) -> tuple[dict, dict[str, dict]]:
         settings = []
         if any(k in block for k in QUAD_AXES):
             # The same rule choice as gqbench's grid: without `quadrature`, adaptive plus what is named.
-            rules = block.get("quadrature", ["adaptive"] + ["gtol"] * ("gtol" in block) + ["fixed"] * ("quad_order" in block))
+            named = ["gtol"] * ("gtol" in block) + ["fixed"] * ("quad_order" in block)
+            rules = block.get("quadrature", ["adaptive", *named])
             if "adaptive" in rules:
                 settings.append((dict(quadrature=["adaptive"]), "adaptive"))
             settings += [(dict(quadrature=["gtol"], gtol=[g]), f"gtol={g:g}") for g in block.get("gtol", [])]

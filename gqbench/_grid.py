@@ -188,8 +188,10 @@ def _expand(axes: dict, where: str) -> list[Case]:
         for v in ax.get(key, []):
             _positive(where, key, v)
     tols = _tolerances(where, ax, axes.get("tolerances", "paired"))
-    rules = ax["quadrature"] if "quadrature" in axes else (
-        ["adaptive"] + (["gtol"] if "gtol" in axes else []) + (["fixed"] if "quad_order" in axes else [])
+    rules = (
+        ax["quadrature"]
+        if "quadrature" in axes
+        else (["adaptive"] + (["gtol"] if "gtol" in axes else []) + (["fixed"] if "quad_order" in axes else []))
     )
     if "fixed" in rules and "quad_order" not in ax:
         _fail(where, "quadrature", 'lists "fixed" but no quad_order axis gives its orders; add quad_order = [2, 8]')

@@ -15,8 +15,10 @@ import pandas as pd
 from ._case import CASE_FIELDS
 
 _INTS = ("width", "batch", "quad_order", "seed", "threads", "repeat", "warmup", "epochs", "ncosines")
-_STRINGS = ("case_id", "label", "method", "problem", "quadrature", "backward_state", "solver", "device", "dtype", "status",
-            "error")  # fmt: skip
+_STRINGS = (
+    "case_id", "label", "method", "problem", "quadrature", "backward_state", "solver", "device", "dtype", "status",
+    "error",
+)  # fmt: skip
 MEASURES = (
     "repeat",
     "fwd_s",

@@ -20,7 +20,11 @@ def test_quadrature_axes_apply_to_gq_only():
     assert all(c.gtol is None and c.quad_order is None and c.backward_state is None for c in direct)
     assert len(gq) == 2 * (1 + 2 + 2) * 2  # widths x (adaptive + gtol values + quad orders) x backward states
     assert {(c.quadrature, c.gtol, c.quad_order) for c in gq} == {
-        ("adaptive", None, None), ("gtol", 0.1, None), ("gtol", 1.0, None), ("fixed", None, 2), ("fixed", None, 4)
+        ("adaptive", None, None),
+        ("gtol", 0.1, None),
+        ("gtol", 1.0, None),
+        ("fixed", None, 2),
+        ("fixed", None, 4),
     }
 
 

@@ -206,7 +206,8 @@ def _rel_err(run, name, ref=None):
     f, y0, t = _hard(name)
     y0.requires_grad_(True)
     (run(f, y0, t) ** 2).sum().backward()
-    g = torch.cat([y0.grad] + [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in f.parameters()])
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in f.parameters()]
+    g = torch.cat([y0.grad] + [x.reshape(-1) for x in grads])
     return g if ref is None else float((g - ref).norm() / ref.norm())
 
 
