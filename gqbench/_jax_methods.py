@@ -100,6 +100,11 @@ class JaxBacksolve(_JaxMethod):
 class JaxGQ(_JaxMethod):
     quadrature: ClassVar[bool] = True
 
+    def unsupported(self, case):
+        if case.quadrature == "adaptive":
+            return 'the JAX GQ adjoint has no adaptive quadrature yet; use quadrature = ["gtol"] or ["fixed"]'
+        return super().unsupported(case)
+
     def adjoint(self, case):
         from impls.jax import GaussLegendreAdjoint
 
