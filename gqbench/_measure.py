@@ -52,8 +52,8 @@ class PeakMemory:
 
     CUDA: the caching allocator's own peak. CPU: the kernel's RSS high-water mark, reset through
     /proc/self/clear_refs (falls back to ru_maxrss, which cannot be reset: then only the first
-    block in a process is meaningful). Set MALLOC_MMAP_THRESHOLD_ (the runner does) so freed
-    tensors go back to the kernel and later repeats measure their own peak.
+    block in a process is meaningful). Call `return_freed_memory()` first (the runner's workers do,
+    after their timed calls) so freed tensors go back to the kernel and the peak is the block's own.
     """
 
     def __init__(self, device: str):
@@ -101,6 +101,92 @@ def _maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def warm_up(case: Case, warmup: int = 1) -> tuple[AbstractRun, float]:
+    """`prepare` the case and make `warmup` untimed calls: -> (run, setup seconds)."""
+    t0 = time.perf_counter()
+    run = prepare(case)
+    setup_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        run.forward()
+        run.backward()
+    return run, setup_s
+
+
+def time_call(run: AbstractRun) -> dict:
+    """One timed forward + backward (each returns after the device is idle): a sample's fields."""
+    a = time.perf_counter()
+    run.forward()
+    b = time.perf_counter()
+    run.backward()
+    c = time.perf_counter()
+    return dict(
+        fwd_s=b - a,
+        bwd_s=c - b,
+        nfe_fwd=run.nfe_forward,
+        nfe_bwd=run.nfe_backward,
+        loss=run.loss_value(),
+        compile_s=run.compile_s,
+        **run.extra,
+    )
+
+
+def memory_call(run: AbstractRun, device: str) -> float:
+    """Peak bytes of one forward + backward above what was in use before (see `PeakMemory`)."""
+    with PeakMemory(device) as mem:
+        run.forward()
+        run.backward()
+    return float(mem.bytes)
+
+
+def return_freed_memory() -> None:
+    """From now on, glibc hands freed blocks >= 64 KiB back to the kernel (as MALLOC_MMAP_THRESHOLD_=65536
+    would), so an RSS high-water mark measures the block's own peak. Only for memory repeats, after the
+    timed ones: it slows allocation-heavy code (direct backprop's backward by up to 45%)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def finish(
+    case: Case,
+    run: AbstractRun,
+    samples: list[dict],
+    *,
+    peak_mem_bytes: float,
+    setup_s: float,
+    warmup: int,
+    reference_dir: str | Path | None = None,
+    reference: bool = True,
+) -> list[dict]:
+    """The case's rows, one per timed sample (`repeat` = `round`: the round it was timed in), with
+    the peak memory, the gradient error against the float64 reference and the status."""
+    method = get_method(case.method)
+    grads = [np.asarray(g, dtype=np.float64) for g in run.gradients()]
+    finite = all(np.isfinite(g).all() for g in grads) and all(math.isfinite(s["loss"]) for s in samples)
+    err = float("nan")
+    if finite and reference and method.needs_reference:
+        err = grad_rel_err(grads, reference_gradients(case, cache_dir=reference_dir))
+    return [
+        dict(
+            case.to_dict(),
+            case_id=case.case_id,
+            repeat=r,
+            round=r,
+            **sample,
+            peak_mem_bytes=peak_mem_bytes,
+            setup_s=setup_s,
+            warmup=warmup,
+            grad_rel_err=err,
+            status="ok" if finite else "nan",
+            error="" if finite else "non-finite loss or gradient",
+        )
+        for r, sample in enumerate(samples)
+    ]
+
+
 def measure(
     case: Case,
     *,
@@ -110,58 +196,26 @@ def measure(
     run: AbstractRun | None = None,
     reference: bool = True,
 ) -> list[dict]:
-    """Warm up, then time `repeats` forward and backward calls: one row per repeat.
+    """In one process: warm up, time `repeats` forward and backward calls, then one memory call.
 
     Rows carry the case fields, `repeat`, `fwd_s`, `bwd_s`, `peak_mem_bytes`, `nfe_fwd`, `nfe_bwd`,
     `grad_rel_err` (vs the cached float64 reference), `loss`, `status` ("ok" or "nan") and more.
     Exceptions propagate (the worker turns them into failure rows with `classify`).
     `run`: an already prepared run (asv/pytest-benchmark set up once); `reference=False`: no
-    gradient error (NaN), e.g. when the reference could not be computed.
+    gradient error (NaN), e.g. when the reference could not be computed. The runner does the same
+    steps in worker processes, with the timed calls of compared methods alternating round by round.
     """
-    t0 = time.perf_counter()
-    method = get_method(case.method)
-    run = prepare(case) if run is None else run
-    setup_s = time.perf_counter() - t0
-    for _ in range(warmup):
-        run.forward()
-        run.backward()
-    rows = []
-    for r in range(repeats):
-        with PeakMemory(case.device) as mem:
-            a = time.perf_counter()
+    if run is None:
+        run, setup_s = warm_up(case, warmup)
+    else:
+        setup_s = 0.0
+        for _ in range(warmup):
             run.forward()
-            b = time.perf_counter()
             run.backward()
-            c = time.perf_counter()
-        rows.append(
-            dict(
-                case.to_dict(),
-                case_id=case.case_id,
-                repeat=r,
-                fwd_s=b - a,
-                bwd_s=c - b,
-                peak_mem_bytes=float(mem.bytes),
-                nfe_fwd=run.nfe_forward,
-                nfe_bwd=run.nfe_backward,
-                loss=run.loss_value(),
-                compile_s=run.compile_s,
-                setup_s=setup_s,
-                warmup=warmup,
-                **run.extra,
-            )
-        )
-    grads = [np.asarray(g, dtype=np.float64) for g in run.gradients()]
-    finite = all(np.isfinite(g).all() for g in grads) and all(math.isfinite(row["loss"]) for row in rows)
-    err = float("nan")
-    if finite and reference and method.needs_reference:
-        err = grad_rel_err(grads, reference_gradients(case, cache_dir=reference_dir))
-    for row in rows:
-        row.update(
-            grad_rel_err=err,
-            status="ok" if finite else "nan",
-            error="" if finite else "non-finite loss or gradient",
-        )
-    return rows
+    samples = [time_call(run) for _ in range(repeats)]
+    peak = memory_call(run, case.device)
+    return finish(case, run, samples, peak_mem_bytes=peak, setup_s=setup_s, warmup=warmup,
+                  reference_dir=reference_dir, reference=reference)  # fmt: skip
 
 
 def grad_rel_err(grads: list[np.ndarray], ref: list[np.ndarray]) -> float:

@@ -10,7 +10,7 @@ per case::
     OUT/<case_id>/phases.json                          the phase breakdown (see `profile_case`)
     OUT/<case_id>/ops.txt                              key_averages() table, by self time
 
-Each case runs in a fresh process (`python -m gqbench._profile JOB.json`), like the benchmark
+Each case runs in a fresh process (a `gqbench._launch.Worker`, as the runner starts them), like the benchmark
 worker, with the same thread environment; `profile_case` is the in-process function it calls.
 Step = one forward + one backward, each inside an outer `record_function` range
 (`gqbench::forward`, `gqbench::backward`); the GQ adjoint adds its own ranges inside them
@@ -21,10 +21,6 @@ profiler's schedule skips `warmup` steps and records `steps` steps.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -312,30 +308,17 @@ def profile_cases(
 
 
 def _spawn(case: Case, out_dir: Path, kw: dict, timeout: float) -> dict:
-    from ._runner import worker_env
+    """The case in a fresh worker process, started as the runner starts its workers."""
+    from ._launch import WorkerFailed, run_to_end
 
-    fail = dict(case_id=case.case_id, label=case.label, status="error")
-    with tempfile.TemporaryDirectory(prefix="gqbench-profile-") as tmp:
-        job = Path(tmp) / "job.json"
-        job.write_text(json.dumps(dict(case=case.to_dict(), out_dir=str(out_dir.resolve()), **kw)))
-        env = worker_env(case)
-        env.pop("MALLOC_MMAP_THRESHOLD_", None)  # no RSS peaks measured here
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "gqbench._profile", str(job)],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-            )
-        except subprocess.TimeoutExpired:
-            return dict(fail, status="timeout", error=f"no profile within {timeout:g} s")
-    phases = out_dir / case.case_id / "phases.json"
-    if proc.returncode != 0 or not phases.exists():
-        tail = [ln for ln in (proc.stderr or "").splitlines() if ln.strip()][-1:] or [f"exit code {proc.returncode}"]
-        return dict(fail, error=tail[0][:500])
-    return dict(json.loads(phases.read_text()), status="ok")
+    job = dict(kind="profile", case=case.to_dict(), out_dir=str(out_dir.resolve()), profile=kw)
+    try:
+        msg = run_to_end(job, case, out_dir / case.case_id / "worker.log", timeout)
+    except WorkerFailed as exc:
+        return dict(case_id=case.case_id, label=case.label, status=exc.status, error=str(exc))
+    if "error" in msg:
+        return dict(case_id=case.case_id, label=case.label, status="error", error=msg["error"])
+    return dict(msg["profile"], status="ok")
 
 
 def summary_line(res: dict) -> str:
@@ -391,17 +374,3 @@ def load_phases(root: str | Path):
             )
     cols = ["case_id", "case", "method", "width", "phase", "ms", "share", "calls", "source", "trace_dir"]
     return pd.DataFrame(rows, columns=cols + ["nfe_fwd", "nfe_bwd"])
-
-
-def main(argv: list[str]) -> int:
-    """Worker entry point: `python -m gqbench._profile JOB.json` (JOB from `_spawn`)."""
-    job = json.loads(Path(argv[0]).read_text())
-    case = Case.from_dict(job.pop("case"))
-    out_dir = job.pop("out_dir")
-    profile_case(case, out_dir, **job)
-    return 0
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(main(sys.argv[1:]))

@@ -14,13 +14,14 @@ import pandas as pd
 
 from ._case import CASE_FIELDS
 
-_INTS = ("width", "batch", "quad_order", "seed", "threads", "repeat", "warmup", "epochs", "ncosines")
+_INTS = ("width", "batch", "quad_order", "seed", "threads", "repeat", "round", "warmup", "epochs", "ncosines")
 _STRINGS = (
     "case_id", "label", "method", "problem", "quadrature", "backward_state", "solver", "device", "dtype", "status",
     "error",
 )  # fmt: skip
 MEASURES = (
     "repeat",
+    "round",  # the round of paired timing the sample was taken in (compared methods alternate per round)
     "fwd_s",
     "bwd_s",
     "peak_mem_bytes",

@@ -1,5 +1,8 @@
 """Run a grid: each case in a fresh worker process with a timeout, results appended atomically.
 
+Cases that differ only in the method and its settings form a comparison group. The group's workers
+are alive together and their timed calls alternate round by round (the order rotating each round,
+never two at once), so a machine's drift hits every method alike and ratios can be taken per round.
 Re-running the same command after a crash or `kill -9` skips the finished cases (their files in
 DIR/cases/) and runs the rest; nothing is lost or written twice.
 """
@@ -7,73 +10,34 @@ DIR/cases/) and runs the rest; nothing is lost or written twice.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from ._case import Case
 from ._grid import RunSettings
+from ._launch import PACKAGE_ROOT, Worker, WorkerFailed, run_to_end, worker_env  # noqa: F401 (re-exported)
 from ._measure import failure_rows, reference_path
 from ._methods import get_method
 from ._results import rebuild_results, rebuild_tables, write_atomic, write_case, write_table
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+# Fields that make a case's method what it is; the rest define the experiment methods are compared on.
+METHOD_FIELDS = ("method", "quadrature", "gtol", "quad_order", "backward_state", "warm_start")
 
 
-def worker_env(case: Case) -> dict:
-    """The worker's environment: the same thread count for every library, and an allocator that
-    returns freed tensors to the kernel so each repeat's RSS peak is its own."""
-    env = dict(os.environ)
-    n = str(case.threads)
-    env.update(
-        OMP_NUM_THREADS=n,
-        MKL_NUM_THREADS=n,
-        OPENBLAS_NUM_THREADS=n,
-        MALLOC_MMAP_THRESHOLD_="65536",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")])),
-    )
+def group_key(case: Case) -> tuple:
+    """Cases with equal keys are timed side by side. Training runs (`epochs`) run alone."""
     if case.epochs is not None:
-        env.pop("MALLOC_MMAP_THRESHOLD_")  # training epochs are timed under the allocator users' loops run on
-    return env
+        return ("training", case.case_id)
+    return tuple(v for k, v in case.to_dict().items() if k not in METHOD_FIELDS)
 
 
-def _spawn(job: dict, case: Case, timeout: float, log: Path) -> tuple[str, dict | None, str]:
-    """-> (outcome, result, message); outcome is "done", "timeout", "killed" or "crashed"."""
-    with tempfile.TemporaryDirectory(prefix="gqbench-") as tmp:
-        job = dict(job, result=str(Path(tmp) / "result.json"))
-        job_path = Path(tmp) / "job.json"
-        job_path.write_text(json.dumps(job))
-        with open(log, "wb") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "gqbench._worker", str(job_path)],
-                env=worker_env(case),
-                stdin=subprocess.DEVNULL,
-                stdout=err,
-                stderr=err,
-                start_new_session=True,
-            )
-            try:
-                rc = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the worker's threads and children
-                proc.wait()
-                return "timeout", None, f"no result within the {timeout:g} s timeout (worker killed)"
-            except BaseException:
-                os.killpg(proc.pid, signal.SIGKILL)
-                raise
-        result_path = Path(job["result"])
-        if rc == 0 and result_path.exists():
-            return "done", json.loads(result_path.read_text()), ""
-    tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:] or [""]
-    if rc == -signal.SIGKILL:
-        return "killed", None, "worker killed by SIGKILL (likely the kernel's out-of-memory killer)"
-    why = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
-    return "crashed", None, f"worker died ({why}): {tail[0].strip()[:300]}"
+def comparison_groups(cases: Sequence[Case]) -> list[list[Case]]:
+    """The cases grouped by `group_key`, in the order their first case appears."""
+    groups: dict[tuple, list[Case]] = {}
+    for case in cases:
+        groups.setdefault(group_key(case), []).append(case)
+    return list(groups.values())
 
 
 def run_grid(
@@ -127,59 +91,106 @@ def run_grid(
     )
     with Progress(*columns, console=console, disable=not progress) as bar:
         task = bar.add_task("gqbench", total=len(todo))
-        for case in todo:
-            bar.update(task, description=f"{case.label} {case.problem} w={case.width} tol={case.rtol:g}")
-            started = time.perf_counter()
-            rows, tables = _run_case(case, out_dir, settings, ref_dir, failed_refs, console)
-            for row in rows:
-                row["label"] = case.label
-                row["worker_s"] = time.perf_counter() - started
-            for name, table in tables.items():  # before the case file, which marks the case finished
-                write_table(out_dir, name, case.case_id, [dict(r, label=case.label) for r in table])
-            write_case(out_dir, case.case_id, rows)
+        for group in comparison_groups(todo):
+            c = group[0]
+            methods = ", ".join(x.label for x in group)
+            bar.update(task, description=f"{c.problem} w={c.width} tol={c.rtol:g}: {methods}")
+            for case, rows, tables, worker_s in run_group(group, out_dir, settings, ref_dir, failed_refs, console):
+                for row in rows:
+                    row["label"] = case.label
+                    row["worker_s"] = worker_s
+                for name, table in tables.items():  # before the case file, which marks the case finished
+                    write_table(out_dir, name, case.case_id, [dict(r, label=case.label) for r in table])
+                write_case(out_dir, case.case_id, rows)
+                if tables:
+                    rebuild_tables(out_dir)
+                bar.advance(task)
             rebuild_results(out_dir)
-            if tables:
-                rebuild_tables(out_dir)
-            bar.advance(task)
     return rebuild_results(out_dir)
 
 
-def _run_case(
-    case: Case, out_dir: Path, settings: RunSettings, ref_dir: Path, failed_refs: dict, console
-) -> tuple[list[dict], dict]:
-    """-> (results rows, further tables {name: rows}, e.g. a training case's per-epoch rows)."""
+def run_group(group: list[Case], out_dir: Path, settings: RunSettings, ref_dir: Path, failed_refs: dict, console):
+    """Run one comparison group; yields (case, rows, tables, worker seconds) as each case finishes."""
+    workers: dict[Case, Worker] = {}
+    started: dict[Case, float] = {}
+    try:
+        for case in group:
+            early = _precheck(case, out_dir, settings, ref_dir, failed_refs, console)
+            if early is not None:
+                yield case, early, {}, 0.0
+                continue
+            started[case] = time.perf_counter()
+            job = dict(kind="case", case=case.to_dict(), warmup=settings.warmup, reference_dir=str(ref_dir),
+                       reference=case.reference_key not in failed_refs)  # fmt: skip
+            workers[case] = Worker(job, case, _log(out_dir, case), budget=settings.timeout)
+        # Every worker sets up and warms up (in parallel: untimed); a training case sends its result here.
+        for case in list(workers):
+            try:
+                msg = workers[case].request()
+            except WorkerFailed as exc:
+                yield _finished(case, workers, started, failure_rows(case, exc.status, str(exc)), out_dir)
+                continue
+            if "rows" in msg:
+                yield _finished(case, workers, started, msg["rows"], out_dir, msg.get("tables", {}))
+        # Paired rounds: one timed call per method per round, the order rotating.
+        for r in range(settings.repeats):
+            alive = list(workers)
+            if not alive:
+                break
+            k = r % len(alive)
+            for case in alive[k:] + alive[:k]:
+                try:
+                    msg = workers[case].request("time")
+                except WorkerFailed as exc:
+                    yield _finished(case, workers, started, failure_rows(case, exc.status, str(exc)), out_dir)
+                    continue
+                if "rows" in msg:  # the call raised: failure rows
+                    yield _finished(case, workers, started, msg["rows"], out_dir)
+        # Memory (allocator set to return freed blocks) and gradient error, one worker at a time.
+        for case in list(workers):
+            try:
+                rows = workers[case].request("finish")["rows"]
+            except WorkerFailed as exc:
+                rows = failure_rows(case, exc.status, str(exc))
+            yield _finished(case, workers, started, rows, out_dir)
+    finally:
+        for worker in workers.values():
+            worker.close()
+
+
+def _finished(case, workers, started, rows, out_dir, tables=None):
+    worker = workers.pop(case, None)
+    if worker is not None:
+        worker.close()
+        if rows and rows[0].get("status") == "ok":
+            worker.log.unlink(missing_ok=True)  # keep logs of failures only
+    return case, rows, tables or {}, time.perf_counter() - started.get(case, time.perf_counter())
+
+
+def _log(out_dir: Path, case: Case) -> Path:
+    return out_dir / "logs" / f"{case.case_id}.log"
+
+
+def _precheck(case: Case, out_dir: Path, settings: RunSettings, ref_dir: Path, failed_refs: dict, console):
+    """Failure rows for a case that cannot run here (or whose method is broken); else None, after
+    making sure the float64 reference gradient exists (its failure only blanks grad_rel_err)."""
     try:
         method = get_method(case.method)
         reason = method.unsupported(case)
     except Exception as exc:  # noqa: BLE001 -- a broken plugin must not stop the grid
-        return failure_rows(case, "error", f"{type(exc).__name__}: {exc}"), {}
+        return failure_rows(case, "error", f"{type(exc).__name__}: {exc}")
     if reason:
-        return failure_rows(case, "skipped", reason), {}
-    log = out_dir / "logs" / f"{case.case_id}.log"
-    use_ref = method.needs_reference and case.epochs is None
-    if use_ref and not reference_path(case, ref_dir).exists():
+        return failure_rows(case, "skipped", reason)
+    if method.needs_reference and case.epochs is None and not reference_path(case, ref_dir).exists():
         key = case.reference_key
         if key not in failed_refs:
             job = dict(kind="reference", case=case.with_(dtype="float64").to_dict(), reference_dir=str(ref_dir))
-            outcome, _, msg = _spawn(job, case, settings.reference_timeout, out_dir / "logs" / "reference.log")
-            if outcome != "done":
-                failed_refs[key] = msg
-                console.print(f"[yellow]reference gradient for {key} failed: {msg}; grad_rel_err will be NaN")
-        use_ref = key not in failed_refs
-    job = dict(
-        kind="case",
-        case=case.to_dict(),
-        repeats=settings.repeats,
-        warmup=settings.warmup,
-        reference_dir=str(ref_dir),
-        reference=use_ref,
-    )
-    outcome, result, msg = _spawn(job, case, settings.timeout, log)
-    if outcome == "done":
-        log.unlink(missing_ok=True)  # keep logs of failures only
-        return result["rows"], result.get("tables", {})
-    status = {"timeout": "timeout", "killed": "oom"}.get(outcome, "error")
-    return failure_rows(case, status, msg), {}
+            try:
+                run_to_end(job, case, out_dir / "logs" / "reference.log", settings.reference_timeout)
+            except WorkerFailed as exc:
+                failed_refs[key] = str(exc)
+                console.print(f"[yellow]reference gradient for {key} failed: {exc}; grad_rel_err will be NaN")
+    return None
 
 
 def _write_environment(

@@ -1,10 +1,18 @@
-"""One case (or one reference gradient) in a fresh process: `python -m gqbench._worker JOB.json`.
+"""One case (or one reference gradient) in a fresh process: `python -m gqbench._worker JOB.json FD`.
 
-JOB: {"kind": "case" | "reference", "case": {...}, "repeats", "warmup", "reference_dir", "result"}.
-Writes {"rows": [...]} (or {"ok": true}) to JOB["result"] atomically; a training case (`epochs` set) adds
-{"tables": {name: [rows]}} (per-epoch rows and the like). An exception becomes failure
-rows with a status; a hard crash or a timeout is recorded by the runner. Imports stay lean: no
-pandas, no plotly, and no jax unless the method's own build imports it.
+JOB: {"kind": "case" | "reference", "case": {...}, "warmup", "reference_dir", "reference"}. Messages go
+to the parent as JSON lines on file descriptor FD (stdout and stderr stay free for the user's code
+and go to the case's log). Commands come on stdin, one per line.
+
+kind "reference": computes and caches the float64 reference gradient, then sends {"rows": []}.
+kind "profile": `gqbench profile`'s traced steps -> {"profile": phases} (or {"error": ...}).
+kind "case": prepares the case and warms it up, then sends {"ready": true} and serves
+- "time": one timed forward + backward under the default allocator -> {"sample": {...}};
+- "finish": one memory call (freed blocks returned to the kernel from here on, so the RSS peak is
+  the call's own), the gradient error -> {"rows": [...]} (one row per sample), then exits.
+A training case (`epochs` set) runs whole and sends {"rows": [...], "tables": {...}} at once.
+Any exception becomes {"rows": failure rows}; a hard crash or a timeout is recorded by the runner.
+Imports stay lean: no pandas, no plotly, and no jax unless the method's own build imports it.
 """
 
 from __future__ import annotations
@@ -38,29 +46,67 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}{where}"
 
 
-def run_job(job: dict) -> dict:
+def _json(x):
+    return x.item() if hasattr(x, "item") else str(x)
+
+
+def serve(job: dict, send, commands) -> None:
+    """The worker's side of the protocol; `send(dict)` writes a message, `commands` yields lines."""
     from ._case import Case
-    from ._measure import classify, failure_rows, measure, reference_gradients
+    from ._measure import (
+        classify,
+        failure_rows,
+        finish,
+        memory_call,
+        reference_gradients,
+        return_freed_memory,
+        time_call,
+        warm_up,
+    )
 
     case = Case.from_dict(job["case"])
+
+    def fail(exc: BaseException):
+        if isinstance(exc, KeyboardInterrupt):
+            raise exc
+        send({"rows": failure_rows(case, classify(exc), _one_line(exc))})
+
     if job["kind"] == "reference":
         reference_gradients(case, cache_dir=job.get("reference_dir"))
-        return {"ok": True}
+        send({"rows": []})
+        return
+    if job["kind"] == "profile":
+        from ._profile import profile_case
+
+        try:
+            send({"profile": profile_case(case, job["out_dir"], **job["profile"])})
+        except Exception as exc:  # noqa: BLE001 -- reported as the case's error
+            send({"error": _one_line(exc)})
+        return
     if case.epochs is not None:
-        return _run_training(case, job)
+        send(_run_training(case, job))
+        return
     try:
-        rows = measure(
-            case,
-            repeats=job["repeats"],
-            warmup=job["warmup"],
-            reference_dir=job.get("reference_dir"),
-            reference=job.get("reference", True),
-        )
+        run, setup_s = warm_up(case, job.get("warmup", 1))
     except BaseException as exc:  # noqa: BLE001 -- every failure of a case becomes a row
-        if isinstance(exc, KeyboardInterrupt):
-            raise
-        rows = failure_rows(case, classify(exc), _one_line(exc))
-    return {"rows": rows}
+        return fail(exc)
+    send({"ready": True})
+    samples = []
+    for line in commands:
+        try:
+            if line.strip() == "time":
+                samples.append(time_call(run))
+                send({"sample": samples[-1]})
+            elif line.strip() == "finish":
+                if not case.device.startswith("cuda"):
+                    return_freed_memory()
+                peak = memory_call(run, case.device)
+                rows = finish(case, run, samples, peak_mem_bytes=peak, setup_s=setup_s, warmup=job.get("warmup", 1),
+                              reference_dir=job.get("reference_dir"), reference=job.get("reference", True))  # fmt: skip
+                send({"rows": rows})
+                return
+        except BaseException as exc:  # noqa: BLE001
+            return fail(exc)
 
 
 def _run_training(case, job: dict) -> dict:
@@ -81,11 +127,13 @@ def main(argv: list[str]) -> int:
     _die_with_parent()
     with open(argv[0]) as f:
         job = json.load(f)
-    result = run_job(job)
-    tmp = job["result"] + f".{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, default=lambda x: x.item() if hasattr(x, "item") else str(x))
-    os.replace(tmp, job["result"])
+    out = os.fdopen(int(argv[1]), "w", buffering=1)
+
+    def send(msg: dict) -> None:
+        out.write(json.dumps(msg, default=_json) + "\n")
+        out.flush()
+
+    serve(job, send, iter(sys.stdin.readline, ""))
     return 0
 
 

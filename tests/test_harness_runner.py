@@ -155,3 +155,36 @@ def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path):
     assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items())  # finished cases were not rerun
     env_runs = json.loads((out / "environment.json").read_text())["runs"]
     assert env_runs[-1]["already_done"] == len(done_before)
+
+
+# ----------------------------------------------------------------------------- paired rounds
+
+
+def test_compared_methods_alternate_round_by_round(tmp_path, monkeypatch):
+    """Cases differing only in the method form one group; their timed calls alternate, the order
+    rotating each round, under the default allocator even when the parent sets MALLOC_MMAP_THRESHOLD_."""
+    trace = tmp_path / "trace.txt"
+    monkeypatch.setenv(stubs.TRACE_ENV, str(trace))
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    cases = [stub_case("ok"), stub_case("quad"), stub_case("crash"), stub_case("ok", width=5)]
+    from gqbench._runner import comparison_groups
+
+    assert [len(g) for g in comparison_groups(cases)] == [3, 1]
+    df = run_grid(cases, tmp_path / "out", settings=RunSettings(repeats=3, warmup=1, timeout=60), progress=False)
+    calls = [line.split() for line in trace.read_text().splitlines()]
+    assert {env for _, env in calls} == {"-"}  # timed (and warm-up) calls never see the allocator setting
+    timed = [m for m, _ in calls]
+    # warm-ups (in parallel, any order), then rounds: (ok, quad), (quad, ok), (ok, quad); the crash case is out
+    group = [m for m in timed[2:] if m in ("stub_ok", "stub_quad")][:6]
+    assert group == ["stub_ok", "stub_quad", "stub_quad", "stub_ok", "stub_ok", "stub_quad"]
+    ok = df[(df["method"] == "stub_ok") & (df["width"] == 3)]
+    assert sorted(ok["round"]) == [0, 1, 2] and (ok["repeat"] == ok["round"]).all()
+    assert df[df["method"] == "stub_crash"]["status"].tolist() == ["error"]
+
+
+def test_worker_env_drops_the_allocator_setting(monkeypatch):
+    from gqbench._launch import worker_env
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    env = worker_env(stub_case("ok").with_(threads=3))
+    assert "MALLOC_MMAP_THRESHOLD_" not in env and env["OMP_NUM_THREADS"] == "3"
