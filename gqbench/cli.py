@@ -1,4 +1,4 @@
-"""`gqbench list | run | report | profile` (also `python -m gqbench ...`)."""
+"""`gqbench list | run | report | compare | profile` (also `python -m gqbench ...`)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--threshold", type=float, default=0.1, help="relative change that counts (default 0.1 = 10%%)")
     rep.add_argument("--profiles", type=Path, help="`gqbench profile` output (default: found beside DIR or reports/)")
     rep.add_argument("--asv", type=Path, help="asv's published index.html (default: found beside DIR or reports/asv)")
+    cmp = sub.add_parser("compare", help="per-case time ratios A/B with 95%% intervals; exit 1 on a regression")
+    cmp.add_argument("a", type=Path, help="results folder under test (e.g. this commit, this machine)")
+    cmp.add_argument("b", type=Path, help="results folder to compare against (the baseline)")
+    cmp.add_argument("--threshold", type=float, default=0.1, help="slow-down that counts (default 0.1 = 10%%)")
     _profile_parser(sub)
     return p
 
@@ -79,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     try:
-        return {"list": _list, "run": _run, "report": _report, "profile": _profile}[args.command](args)
+        commands = {"list": _list, "run": _run, "report": _report, "compare": _compare, "profile": _profile}
+        return commands[args.command](args)
     except GridSpecError as exc:
         print(f"gqbench: {exc}", file=sys.stderr)
         return 2
@@ -140,11 +145,65 @@ def _run(args) -> int:
     )
     per_case = df.drop_duplicates("case_id")["status"].value_counts().to_dict()
     print(f"{out / 'results.parquet'}: {len(df)} rows, cases by status: {per_case}")
+    _print_speedups(df)
     if args.report:
         from ._report import write_report
 
         print(write_report(out))
     return 0
+
+
+def _print_speedups(df) -> None:
+    """GQ over each baseline of its comparison group, with 95% intervals (paired by round)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ._ratios import paired_speedups
+
+    sp = paired_speedups(df)
+    if sp.empty:
+        return
+    table = Table(title="GQ speed-up (baseline time / GQ time), median with 95% bootstrap interval over rounds; "
+                  "* = interval includes 1", title_justify="left")  # fmt: skip
+    for col in ("problem", "width", "rtol", "GQ", "baseline", "backward", "fwd + bwd"):
+        table.add_column(col, justify="right" if col in ("width", "rtol", "backward", "fwd + bwd") else "left")
+
+    def cell(r, name):
+        s, lo, hi = r[f"speedup_{name}"], r[f"{name}_lo"], r[f"{name}_hi"]
+        star = "*" if r[f"{name}_includes_one"] else ""
+        return f"{s:.2f}x [{lo:.2f}, {hi:.2f}]{star}" if lo == lo else f"{s:.2f}x (n<3)"
+
+    for _, r in sp.iterrows():
+        table.add_row(r["problem"], str(r["width"]), f"{r['rtol']:g}", r["gq"], r["baseline"], cell(r, "bwd"),
+                      cell(r, "total"))  # fmt: skip
+    Console(width=160).print(table)
+
+
+def _compare(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ._grid import GridSpecError
+    from ._ratios import compare_samples
+    from ._results import load_results
+
+    if not args.threshold > 0:
+        raise GridSpecError(f"--threshold {args.threshold}: must be > 0, e.g. 0.1 for 10%")
+    cmp = compare_samples(load_results(args.a), load_results(args.b), threshold=args.threshold)
+    if cmp.empty:
+        raise GridSpecError(f"gqbench compare: {args.a} and {args.b} share no finished case; compare runs of one grid")
+    table = Table(title=f"{args.a} / {args.b}: median time ratio with 95% interval (regression: interval above "
+                  f"{1 + args.threshold:g})", title_justify="left")  # fmt: skip
+    for col in ("case", "problem", "width", "rtol", "fwd + bwd", "backward", "verdict"):
+        table.add_column(col)
+    for _, r in cmp.iterrows():
+        table.add_row(r["label"], r["problem"], str(r["width"]), f"{r['rtol']:g}",
+                      f"{r['ratio_total']:.3f} [{r['total_lo']:.3f}, {r['total_hi']:.3f}]",
+                      f"{r['ratio_bwd']:.3f} [{r['bwd_lo']:.3f}, {r['bwd_hi']:.3f}]", r["verdict"])  # fmt: skip
+    Console(width=160).print(table)
+    n_reg = int((cmp["verdict"] == "regression").sum())
+    print(f"{len(cmp)} cases compared: {n_reg} regressions, {int((cmp['verdict'] == 'improvement').sum())} improvements")
+    return 1 if n_reg else 0
 
 
 def _report(args) -> int:

@@ -1,0 +1,67 @@
+"""Speed-ups and run comparisons with bootstrap intervals: known samples in, known verdicts out."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gqbench import Case
+from gqbench._ratios import compare_samples, paired_speedups, ratio_ci
+from gqbench.cli import main
+
+
+def rows(method, times, *, drift=None, width=100, **case_kw):
+    case = Case(method, "workload_l", width, 200, rtol=1e-3, atol=1e-3, **case_kw)
+    drift = np.ones(len(times)) if drift is None else drift
+    return [
+        dict(case.to_dict(), case_id=case.case_id, label=case.label, repeat=r, round=r, fwd_s=0.1 * t * d,
+             bwd_s=t * d, status="ok", error="")  # fmt: skip
+        for r, (t, d) in enumerate(zip(times, drift))
+    ]
+
+
+def test_ratio_ci_calls_scipy_bootstrap_and_brackets_the_median_ratio():
+    rng = np.random.default_rng(0)
+    a, b = 2 + 0.05 * rng.standard_normal(9), 1 + 0.02 * rng.standard_normal(9)
+    point, lo, hi = ratio_ci(a, b, paired=True)
+    assert lo < point < hi and 1.85 < lo and hi < 2.15
+    assert np.isnan(ratio_ci(a[:2], b[:2], paired=True)[1])  # no interval from two samples
+
+
+def test_paired_rounds_cancel_drift():
+    """A machine slowing down 3x over the run: paired by round, GQ's 2x speed-up keeps a tight interval."""
+    drift = np.linspace(1, 3, 7)
+    df = pd.DataFrame(
+        rows("torch_direct", [2.0] * 7, drift=drift)
+        + rows("torch_gq", [1.0] * 7, drift=drift * (1 + 0.01 * np.sin(np.arange(7))), quadrature="adaptive")
+    )
+    sp = paired_speedups(df)
+    (r,) = sp.itertuples()
+    assert r.gq == "torch_gq[adaptive]" and r.baseline == "torch_direct" and r.rounds == 7
+    assert r.speedup_bwd == pytest.approx(2.0, rel=0.02) and 1.9 < r.bwd_lo <= r.bwd_hi < 2.1
+    assert not r.bwd_includes_one
+
+
+def test_speedup_interval_flags_no_difference():
+    rng = np.random.default_rng(1)
+    df = pd.DataFrame(
+        rows("torch_adjoint", list(1 + 0.2 * rng.standard_normal(6)))
+        + rows("torch_gq", list(1 + 0.2 * rng.standard_normal(6)), gtol=0.1, quadrature="gtol")
+    )
+    (r,) = paired_speedups(df).itertuples()
+    assert r.bwd_lo < 1 < r.bwd_hi and r.bwd_includes_one
+
+
+def test_compare_flags_regressions_only_beyond_the_threshold(tmp_path):
+    base = pd.DataFrame(rows("torch_gq", [1.0, 1.01, 0.99, 1.0, 1.02], quadrature="adaptive"))
+    slower = pd.DataFrame(rows("torch_gq", [1.3, 1.31, 1.29, 1.3, 1.32], quadrature="adaptive"))
+    noisy = pd.DataFrame(rows("torch_gq", [0.8, 1.4, 1.0, 1.2, 0.9], quadrature="adaptive"))
+    assert compare_samples(slower, base)["verdict"].tolist() == ["regression"]
+    assert compare_samples(noisy, base)["verdict"].tolist() == ["same"]  # the interval includes 1.1
+    assert compare_samples(base, slower)["verdict"].tolist() == ["improvement"]
+    for name, df in (("base", base), ("slower", slower), ("same", base)):
+        (tmp_path / name).mkdir()
+        df.to_parquet(tmp_path / name / "results.parquet")
+    assert main(["compare", str(tmp_path / "slower"), str(tmp_path / "base")]) == 1
+    assert main(["compare", str(tmp_path / "same"), str(tmp_path / "base")]) == 0
+    assert main(["compare", str(tmp_path / "slower"), str(tmp_path / "base"), "--threshold", "0.5"]) == 0
+    assert main(["compare", str(tmp_path / "slower"), str(tmp_path / "base"), "--threshold", "-1"]) == 2
