@@ -201,8 +201,8 @@ def _compare(args) -> int:
                       f"{r['ratio_total']:.3f} [{r['total_lo']:.3f}, {r['total_hi']:.3f}]",
                       f"{r['ratio_bwd']:.3f} [{r['bwd_lo']:.3f}, {r['bwd_hi']:.3f}]", r["verdict"])  # fmt: skip
     Console(width=160).print(table)
-    n_reg = int((cmp["verdict"] == "regression").sum())
-    print(f"{len(cmp)} cases compared: {n_reg} regressions, {int((cmp['verdict'] == 'improvement').sum())} improvements")
+    n_reg, n_imp = (int((cmp["verdict"] == v).sum()) for v in ("regression", "improvement"))
+    print(f"{len(cmp)} cases compared: {n_reg} regressions, {n_imp} improvements")
     return 1 if n_reg else 0
 
 
