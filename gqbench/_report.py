@@ -27,6 +27,7 @@ from ._figures import (
     summarize,
 )
 from ._results import load_results, load_table
+from ._verdict import verdict_html
 from .training import sde_figures
 
 __all__ = [
@@ -354,12 +355,14 @@ def render(
 <script type="text/javascript">{get_plotlyjs()}</script>
 </head>
 <body><h1>{html.escape(title)}</h1>
-{env_html}
-{_asv_html(asv, out_dir)}
+{verdict_html(df[~training], summary)}
+<nav>{nav} <a href="#status">Cases and failures</a> <a href="#environment">Environment</a></nav>
+{body}
 <h2 id="status">Cases</h2>
 {status_table(df)}
-<nav>{nav} <a href="#status">Cases and failures</a></nav>
-{body}
+{_asv_html(asv, out_dir)}
+<h2 id="environment">Environment</h2>
+{env_html}
 </body></html>"""
 
 

@@ -166,7 +166,8 @@ def _print_speedups(df) -> None:
     table = Table(title="GQ speed-up (baseline time / GQ time), median with 95% bootstrap interval over rounds; "
                   "* = interval includes 1", title_justify="left")  # fmt: skip
     for col in ("problem", "width", "rtol", "GQ", "baseline", "backward", "fwd + bwd"):
-        table.add_column(col, justify="right" if col in ("width", "rtol", "backward", "fwd + bwd") else "left")
+        table.add_column(col, justify="right" if col in ("width", "rtol", "backward", "fwd + bwd") else "left",
+                         no_wrap=True)  # fmt: skip
 
     def cell(r, name):
         s, lo, hi = r[f"speedup_{name}"], r[f"{name}_lo"], r[f"{name}_hi"]
@@ -176,7 +177,7 @@ def _print_speedups(df) -> None:
     for _, r in sp.iterrows():
         table.add_row(r["problem"], str(r["width"]), f"{r['rtol']:g}", r["gq"], r["baseline"], cell(r, "bwd"),
                       cell(r, "total"))  # fmt: skip
-    Console(width=160).print(table)
+    Console(width=200).print(table)
 
 
 def _compare(args) -> int:

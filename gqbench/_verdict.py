@@ -1,0 +1,110 @@
+"""The report's first screen: which method to use at each problem x width x tolerance, GQ's speed-ups
+with their 95% intervals, gradient errors and memory beside the times, and a sentence per problem
+written from the data."""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import pandas as pd
+
+from ._figures import QUAD_METHODS
+from ._ratios import paired_speedups
+
+POINT = ["problem", "width", "rtol", "device", "dtype"]
+# A method's gradient is "within reach" of the tolerance when its error is at most this many times
+# the larger of rtol and the best error any method reached at that point.
+REACH = 10.0
+
+
+def preferred_gq(labels) -> str | None:
+    """The GQ setting the verdict speaks for: the default (adaptive) rule when it ran."""
+    labels = sorted(set(labels))
+    for want in ("torch_gq[adaptive]", "torch_gq"):
+        if want in labels:
+            return want
+    return next((x for x in labels if x.split("[")[0] in QUAD_METHODS), None)
+
+
+def verdict_table(df: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
+    if summary.empty:
+        return pd.DataFrame()
+    sp = paired_speedups(df)
+    rows = []
+    for key, g in summary.groupby(POINT, sort=True):
+        point = dict(zip(POINT, key))
+        err = g["grad_rel_err"]
+        best = np.nanmin(err.to_numpy()) if err.notna().any() else np.nan
+        reach = REACH * max(point["rtol"], best) if best == best else np.inf
+        ok = g[(err <= reach) | err.isna()]
+        fastest = ok.loc[ok["total_s"].idxmin()] if not ok.empty else None
+        gq_label = preferred_gq(g.loc[g["method"].isin(QUAD_METHODS), "label"])
+        row = dict(point)
+        row["fastest (within reach)"] = "-" if fastest is None else f"{fastest['label']} ({fastest['total_s']:.3g} s)"
+        by_label = g.set_index("label")
+        if gq_label is not None:
+            here = sp[(sp["gq"] == gq_label) & np.logical_and.reduce([sp[c] == point[c] for c in POINT])]
+            for _, s in here.iterrows():
+                row[f"GQ vs {s['baseline']}"] = _ratio_text(s, "total")
+            row["GQ"] = gq_label
+        for lab in [gq_label, "torch_direct", "torch_adjoint"]:
+            if lab in by_label.index:
+                row[f"error {lab}"] = by_label.loc[lab, "grad_rel_err"]
+        for lab in [gq_label, "torch_direct"]:
+            if lab in by_label.index:
+                row[f"peak MiB {lab}"] = by_label.loc[lab, "peak_mem_mib"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _ratio_text(s, name: str) -> str:
+    v, lo, hi = s[f"speedup_{name}"], s[f"{name}_lo"], s[f"{name}_hi"]
+    if lo != lo:
+        return f"{v:.2f}x (n<3)"
+    return f"{v:.2f}x [{lo:.2f}-{hi:.2f}]" + (" ~1" if s[f"{name}_includes_one"] else "")
+
+
+def sentences(df: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
+    """One sentence per problem: GQ's backward speed-up range over each baseline, and its error."""
+    sp = paired_speedups(df)
+    out = []
+    for problem, g in summary.groupby("problem", sort=True):
+        gq_label = preferred_gq(g.loc[g["method"].isin(QUAD_METHODS), "label"])
+        if gq_label is None:
+            continue
+        s = sp[(sp["problem"] == problem) & (sp["gq"] == gq_label)]
+        parts = []
+        for base, b in s.groupby("baseline", sort=True):
+            lo, hi = b["speedup_bwd"].min(), b["speedup_bwd"].max()
+            widths = f"w = {b['width'].min()}" + (f"-{b['width'].max()}" if b["width"].nunique() > 1 else "")
+            rng = f"{lo:.2g}x" if np.isclose(lo, hi, rtol=0.05) else f"{lo:.2g}-{hi:.2g}x"
+            word = "faster than" if lo > 1 else "slower than" if hi < 1 else "against"
+            unsure = int(b["bwd_includes_one"].sum())
+            parts.append(f"{rng} {word} {base} ({widths}{f', {unsure} not distinguishable from 1x' if unsure else ''})")
+        errs = g.set_index("label")["grad_rel_err"]
+        err_txt = ""
+        if gq_label in errs and "torch_adjoint" in errs:
+            mine = g[g["label"] == gq_label].set_index(["width", "rtol"])["grad_rel_err"]
+            adj = g[g["label"] == "torch_adjoint"].set_index(["width", "rtol"])["grad_rel_err"]
+            ratio = (mine / adj).dropna()
+            if len(ratio):
+                err_txt = f"; its gradient error is {ratio.min():.2g}-{ratio.max():.2g}x the adjoint's"
+        if parts:
+            out.append(f"<b>{html.escape(str(problem))}</b>: {html.escape(gq_label)}'s backward is "
+                       + "; ".join(html.escape(p) for p in parts) + html.escape(err_txt) + ".")  # fmt: skip
+    return out
+
+
+def verdict_html(df: pd.DataFrame, summary: pd.DataFrame) -> str:
+    table = verdict_table(df, summary)
+    if table.empty:
+        return ""
+    text = "".join(f"<li>{s}</li>" for s in sentences(df, summary))
+    note = (f"<p class='note'>Per problem, width and tolerance: the fastest method (forward + backward) among "
+            f"those whose gradient error is within {REACH:g}x of max(rtol, the best error reached there); GQ's speed-up over each "
+            "baseline (baseline time / GQ time, whole step), the median over paired rounds with its 95% bootstrap "
+            "interval (~1: the interval includes 1); relative gradient errors; peak memory.</p>")  # fmt: skip
+    shown = table.to_html(index=False, border=0, classes="verdict", na_rep="",
+                          float_format=lambda x: f"{x:.3g}")  # fmt: skip
+    return f"<h2 id='verdict'>Verdict</h2><ul>{text}</ul>{note}{shown}"
