@@ -101,10 +101,12 @@ def verdict_html(df: pd.DataFrame, summary: pd.DataFrame) -> str:
     if table.empty:
         return ""
     text = "".join(f"<li>{s}</li>" for s in sentences(df, summary))
-    note = (f"<p class='note'>Per problem, width and tolerance: the fastest method (forward + backward) among "
-            f"those whose gradient error is within {REACH:g}x of max(rtol, the best error reached there); GQ's speed-up over each "
-            "baseline (baseline time / GQ time, whole step), the median over paired rounds with its 95% bootstrap "
-            "interval (~1: the interval includes 1); relative gradient errors; peak memory.</p>")  # fmt: skip
+    note = (
+        "<p class='note'>Per problem, width and tolerance: the fastest method (forward + backward) among those "
+        f"whose gradient error is within {REACH:g}x of max(rtol, the best error reached there); GQ's speed-up "
+        "over each baseline (baseline time / GQ time, whole step), the median over paired rounds with its 95% "
+        "bootstrap interval (~1: the interval includes 1); relative gradient errors; peak memory.</p>"
+    )
     shown = table.to_html(index=False, border=0, classes="verdict", na_rep="",
                           float_format=lambda x: f"{x:.3g}")  # fmt: skip
     return f"<h2 id='verdict'>Verdict</h2><ul>{text}</ul>{note}{shown}"
