@@ -75,6 +75,17 @@ def cuda_unavailable(python: str = sys.executable) -> str | None:
     return None
 
 
+def _bench_gpu_args(posargs: list[str]):
+    """`nox -s bench-gpu -- [OUT] [--baseline DIR] [--threshold 0.1]`."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="nox -s bench-gpu --")
+    p.add_argument("out", nargs="?", default="reports/gpu")
+    p.add_argument("--baseline", help="a stored results folder: fail on regressions against it (gqbench compare)")
+    p.add_argument("--threshold", type=float, default=0.1)
+    return p.parse_args(posargs)
+
+
 @nox.session(name="bench-gpu", venv_backend="none")
 def bench_gpu(session: nox.Session) -> None:
     """CUDA preset + report + asv results for this commit, in nox's own interpreter (skips without CUDA).
@@ -84,8 +95,12 @@ def bench_gpu(session: nox.Session) -> None:
     if why:
         session.skip(f"CUDA not available: {why}; bench-gpu needs a CUDA torch on a machine with a GPU")
     py = sys.executable
-    out = session.posargs[0] if session.posargs else "reports/gpu"
-    session.run(py, "-m", "gqbench", "run", "--preset", "gpu", "--out", out, "--report", external=True)
+    opts = _bench_gpu_args(session.posargs)
+    session.run(py, "-m", "gqbench", "run", "--preset", "gpu", "--out", opts.out, "--report", external=True)
+    if opts.baseline:
+        # Fails the session (exit 1) when a case's interval lies wholly beyond the threshold.
+        session.run(py, "-m", "gqbench", "compare", opts.out, opts.baseline, "--threshold", str(opts.threshold),
+                    external=True)  # fmt: skip
     try:
         import asv  # noqa: F401
     except ImportError:
