@@ -168,10 +168,28 @@ def _errors(df: pd.DataFrame, col: str) -> dict:
     )
 
 
-def _vs_width(d: pd.DataFrame, col: str, title: str, ylabel: str, *, hover=None, iqr: bool = False) -> go.Figure:
-    """One log-log line per method setting of `col` against width, faceted like every scaling plot."""
+def scaling_part(d: pd.DataFrame) -> pd.DataFrame:
+    """The rows of (panel, tolerance) facets measured at two widths or more: a width axis means
+    something only there. Single-width problems are drawn by `fig_single_width` instead."""
+    if d.empty or "panel" not in d:
+        return d
+    n = d.groupby(["panel", "tolerance"])["width"].transform("nunique")
+    return d[n >= 2]
+
+
+def _vs_width(d: pd.DataFrame, col: str, title: str, ylabel: str, *, hover=None, iqr: bool = False) -> go.Figure | None:
+    """One log-log line per method setting of `col` against width, one facet per (panel, tolerance)
+    that holds a scaling study: no empty facets, no single dots."""
+    d = scaling_part(d)
+    if d.empty:
+        return None  # every problem ran at a single width: `fig_single_width` shows them
     if iqr:
         d = d.assign(**{f"_{k}": v for k, v in _errors(d, col).items()})
+    d = d.assign(facet=[f"{p} · {t}" if p else t for p, t in zip(d["panel"], d["tolerance"], strict=True)])
+    order = _orders(d)
+    facets = list(d.sort_values(["panel", "rtol"], ascending=[True, False])["facet"].unique())
+    order["category_orders"]["facet"] = facets
+    cols = min(3, len(facets))
     fig = px.line(
         d,
         x="width",
@@ -184,10 +202,35 @@ def _vs_width(d: pd.DataFrame, col: str, title: str, ylabel: str, *, hover=None,
         error_y_minus="_error_y_minus" if "_error_y_minus" in d else None,
         hover_data=hover,
         labels={col: ylabel, "width": "width"},
-        **_facets(d),
-        **_orders(d),
+        facet_col="facet",
+        facet_col_wrap=cols,
+        facet_row_spacing=0.12 if len(facets) > cols else 0.03,
+        **order,
     )
-    return _style(fig, title, rows=_rows(d))
+    fig.update_yaxes(showticklabels=True)
+    return _style(fig, title, rows=-(-len(facets) // cols))
+
+
+def fig_single_width(summary: pd.DataFrame) -> go.Figure | None:
+    """Problems run at one width: each method's backward and forward + backward time relative to the
+    fastest method at that point (linear; 1 = fastest; hover for seconds, error, NFE), grouped bars
+    per problem x tolerance. None when every problem is a scaling study."""
+    if summary.empty:
+        return None
+    d = summary.dropna(subset=["bwd_s"])
+    d = d[~d.index.isin(scaling_part(d).index)]
+    if d.empty:
+        return None
+    d = d.assign(point=[f"{p} w={w} rtol={r:g}" for p, w, r in zip(d["problem"], d["width"], d["rtol"], strict=True)])
+    long = d.melt(id_vars=["point", "label", "grad_rel_err", "nfe_bwd"], value_vars=["bwd_s", "total_s"],
+                  var_name="what", value_name="seconds")  # fmt: skip
+    long["what"] = long["what"].map({"bwd_s": "backward", "total_s": "forward + backward"})
+    long["relative"] = long["seconds"] / long.groupby(["point", "what"])["seconds"].transform("min")
+    fig = px.bar(long, x="point", y="relative", color="label", barmode="group", facet_row="what",
+                 hover_data=["seconds", "grad_rel_err", "nfe_bwd"],
+                 labels={"point": "", "relative": "time / fastest"}, **_orders(long))  # fmt: skip
+    fig.add_hline(y=1, line_dash="dot", line_color="#888")
+    return _style(fig, "Problems run at a single width: time relative to the fastest method there", rows=2)
 
 
 def _time_vs_width(summary: pd.DataFrame, col: str, title: str, ylabel: str) -> go.Figure:
@@ -647,4 +690,10 @@ FIGURES = (
     fig_nfe,
     fig_grad_error,
 )
-OPTIONAL_FIGURES = (fig_quadrature_order, fig_quadrature_error, fig_device_comparison, fig_compile_time)
+OPTIONAL_FIGURES = (
+    fig_single_width,
+    fig_quadrature_order,
+    fig_quadrature_error,
+    fig_device_comparison,
+    fig_compile_time,
+)

@@ -43,10 +43,12 @@ def paired_speedups(df: pd.DataFrame) -> pd.DataFrame:
     cols = [*MATCH, "gq", "baseline", "rounds", "speedup_bwd", "bwd_lo", "bwd_hi", "speedup_total", "total_lo",
             "total_hi", "bwd_includes_one", "total_includes_one"]  # fmt: skip
     ok = df[df["status"] == "ok"].copy()
-    if ok.empty or "round" not in ok:
+    if ok.empty:
         return pd.DataFrame(columns=cols)
     ok["total_s"] = ok["fwd_s"] + ok["bwd_s"]
-    ok["round"] = ok["round"].fillna(ok["repeat"])
+    # Results from before paired rounds: repeats were not taken side by side, so resample independently.
+    paired = "round" in ok and ok["round"].notna().all()
+    ok["round"] = ok["round"] if paired else ok["repeat"]
     is_gq = ok["method"].isin(QUAD_METHODS)
     out = []
     key = [c for c in MATCH if c in ok]
@@ -61,7 +63,7 @@ def paired_speedups(df: pd.DataFrame) -> pd.DataFrame:
                 row = {c: grp.iloc[0][c] for c in key}
                 row.update(gq=g_lab, baseline=b_lab, rounds=len(rounds))
                 for m, name in (("bwd_s", "bwd"), ("total_s", "total")):
-                    s, lo, hi = ratio_ci(b.loc[rounds, m], g.loc[rounds, m], paired=True)
+                    s, lo, hi = ratio_ci(b.loc[rounds, m], g.loc[rounds, m], paired=paired)
                     row.update({f"speedup_{name}": s, f"{name}_lo": lo, f"{name}_hi": hi,
                                 f"{name}_includes_one": bool(not (lo > 1 or hi < 1))})  # fmt: skip
                 out.append(row)

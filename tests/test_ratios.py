@@ -13,8 +13,17 @@ def rows(method, times, *, drift=None, width=100, **case_kw):
     case = Case(method, "workload_l", width, 200, rtol=1e-3, atol=1e-3, **case_kw)
     drift = np.ones(len(times)) if drift is None else drift
     return [
-        dict(case.to_dict(), case_id=case.case_id, label=case.label, repeat=r, round=r, fwd_s=0.1 * t * d,
-             bwd_s=t * d, status="ok", error="")  # fmt: skip
+        dict(
+            case.to_dict(),
+            case_id=case.case_id,
+            label=case.label,
+            repeat=r,
+            round=r,
+            fwd_s=0.1 * t * d,
+            bwd_s=t * d,
+            status="ok",
+            error="",
+        )  # fmt: skip
         for r, (t, d) in enumerate(zip(times, drift))
     ]
 

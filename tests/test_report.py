@@ -19,11 +19,13 @@ from gqbench._figures import (
     FIGURES,
     OPTIONAL_FIGURES,
     compare_runs,
+    fig_backward_time,
     fig_compile_time,
     fig_device_comparison,
     fig_phases,
     fig_quadrature_error,
     fig_quadrature_order,
+    fig_single_width,
     fig_speedup_heatmap,
     speedups,
     summarize,
@@ -42,6 +44,19 @@ BWD = {
     "jax_gq": 0.1,
 }
 QUAD = [dict(quadrature="adaptive"), dict(gtol=0.1), dict(gtol=0.01), dict(quad_order=2), dict(quad_order=8)]
+
+
+def single_width_rows(slow: float = 1.0) -> list[dict]:
+    """g1d at one width: a problem with no scaling to plot (bars, not a facet holding one dot)."""
+    rows = []
+    for method, kw in (("torch_direct", {}), ("torch_gq", dict(quadrature="adaptive", backward_state="backsolve"))):
+        case = Case(method, "g1d", 64, 2, rtol=1e-5, atol=1e-5, **kw)
+        for r in range(3):
+            rows.append(dict(case.to_dict(), case_id=case.case_id, label=case.label, repeat=r, round=r,
+                             fwd_s=0.01 * slow, bwd_s=(0.02 if kw else 0.03) * slow, peak_mem_bytes=1e6,
+                             nfe_fwd=20, nfe_bwd=0 if not kw else 20, grad_rel_err=1e-5, quad_nodes=5 if kw else None,
+                             quad_err_est=1e-6 if kw else None, status="ok", error=""))  # fmt: skip
+    return rows
 
 
 def rich_rows(*, slow: float = 1.0, jax: bool = True) -> list[dict]:
@@ -135,7 +150,7 @@ def report_dirs(tmp_path_factory):
     """reports/{now,base,profiles,asv} laid out like a real run: DIR/../profiles, DIR/../asv."""
     root = tmp_path_factory.mktemp("reports")
     for name, slow in (("now", 1.0), ("base", 0.8)):
-        rows = rich_rows(slow=slow)
+        rows = rich_rows(slow=slow) + single_width_rows(slow)
         for cid in dict.fromkeys(r["case_id"] for r in rows):
             write_case(root / name, cid, [r for r in rows if r["case_id"] == cid])
     env = dict(
@@ -216,6 +231,19 @@ def test_phase_breakdown_adds_up(tmp_path):
     assert ph.groupby("case_id")["share"].sum().round(9).eq(1).all()
     fig = fig_phases(ph)
     assert {t.name for t in fig.data} >= {"gq::quadrature_vjp", "backward"}
+
+
+def test_single_width_problems_are_bars_not_empty_facets():
+    s = summarize(frame(rich_rows(jax=False) + single_width_rows()))
+    back = fig_backward_time(s)
+    facets = {a.text for a in back.layout.annotations}
+    assert facets and not any("g1d" in f for f in facets)  # only problems measured at several widths
+    assert len(facets) == 2 * 2  # workload_l x {cpu, cuda} panels x 2 tolerances, no empty cell
+    bars = fig_single_width(s)
+    assert bars is not None and {t.type for t in bars.data} == {"bar"}
+    assert {x for t in bars.data for x in t.x} == {"g1d w=64 rtol=1e-05"}
+    assert fig_single_width(summarize(frame(rich_rows(jax=False)))) is None
+    assert fig_backward_time(summarize(frame(single_width_rows()))) is None
 
 
 def test_page_has_every_section(report_dirs):
@@ -313,7 +341,7 @@ def browser():
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def test_every_figure_renders_in_chromium(report_dirs, browser):
+def test_every_figure_renders_in_chromium(report_dirs, browser, tmp_path_factory):
     from selenium.webdriver.support.ui import WebDriverWait
 
     _, path = report_dirs
@@ -332,6 +360,15 @@ def test_every_figure_renders_in_chromium(report_dirs, browser):
     assert (
         browser.execute_script("return document.querySelectorAll('#fig-backward-time .scatterlayer .trace').length") > 0
     )
+    # A screenshot per figure, as a reader sees it: none blank (a blank PNG of this size compresses to ~10 kB).
+    from selenium.webdriver.common.by import By
+
+    shots = tmp_path_factory.mktemp("shots")
+    for el in browser.find_elements(By.CSS_SELECTOR, ".plotly-graph-div"):
+        browser.execute_script("arguments[0].scrollIntoView()", el)
+        png = el.screenshot_as_png
+        (shots / f"{el.get_attribute('id') or 'fig'}.png").write_bytes(png)
+        assert len(png) > 15_000, f"figure {el.get_attribute('id')} looks blank ({len(png)} bytes)"
     logs = browser.get_log("browser")
     errors = [e for e in logs if e["level"] == "SEVERE" and "favicon.ico" not in e["message"]]
     assert not errors, errors
