@@ -16,6 +16,7 @@ from ._case import CASE_FIELDS
 
 _INTS = ("width", "batch", "quad_order", "seed", "threads", "repeat", "round", "warmup", "epochs", "ncosines")
 _STRINGS = (
+    "machine",
     "case_id", "label", "method", "problem", "quadrature", "backward_state", "solver", "device", "dtype", "status",
     "error",
 )  # fmt: skip
@@ -37,6 +38,7 @@ MEASURES = (
     "status",
     "error",
     "worker_s",
+    "machine",  # where the case ran (hostname and CPU): merged shards may come from several machines
 )
 COLUMNS = ("case_id", "label", *CASE_FIELDS, *MEASURES)
 # Every column not an integer, a string or a flag is a float.

@@ -48,8 +48,16 @@ def run_grid(
     spec: dict | None = None,
     progress: bool = True,
     reference_dir: str | Path | None = None,
+    executor: str = "local",
+    address: str | None = None,
+    per_node: int = 1,
+    shard: str | None = None,
 ):
-    """Run every case not yet finished in `out_dir`; returns the whole results table."""
+    """Run every case not yet finished in `out_dir`; returns the whole results table.
+
+    `executor="ray"`: comparison groups run as Ray tasks (`gqbench.execute.ray_executor`) on the
+    cluster at `address` (None: a local one), at most `per_node` at a time per node. `shard` ("K/N"):
+    only this shard's cases (`gqbench.execute.shard`)."""
     settings = RunSettings() if settings is None else settings
     from rich.console import Console
     from rich.progress import (
@@ -67,16 +75,21 @@ def run_grid(
     out_dir = Path(out_dir)
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
     ref_dir = Path(reference_dir) if reference_dir is not None else out_dir / "references"
+    if executor not in ("local", "ray"):
+        raise ValueError(f"executor={executor!r}: use 'local' or 'ray'")
+    if per_node < 1:
+        raise ValueError(f"--per-node {per_node}: must be >= 1")
+    cases = list(dict.fromkeys(cases))
+    if shard is not None:
+        from .execute.shard import Shard, assign
+
+        cases = assign(cases, Shard.parse(shard))
     done = finished_ids(out_dir)
-    todo = [c for c in dict.fromkeys(cases) if c.case_id not in done]
-    _write_environment(
-        out_dir,
-        environment(threads=sorted({c.threads for c in cases})),
-        spec,
-        settings,
-        n_cases=len(cases),
-        n_done=len(cases) - len(todo),
-    )
+    todo = [c for c in cases if c.case_id not in done]
+    env = environment(threads=sorted({c.threads for c in cases}))
+    env.update(executor=executor, per_node=per_node, shard=shard)
+    _write_environment(out_dir, env, spec, settings, n_cases=len(cases), n_done=len(cases) - len(todo))
+    machine = machine_name()
     console = Console(stderr=True, quiet=not progress)
     if len(todo) < len(cases):
         console.print(f"{out_dir}: {len(cases) - len(todo)} of {len(cases)} cases already done; running the rest")
@@ -91,22 +104,45 @@ def run_grid(
     )
     with Progress(*columns, console=console, disable=not progress) as bar:
         task = bar.add_task("gqbench", total=len(todo))
-        for group in comparison_groups(todo):
-            c = group[0]
-            methods = ", ".join(x.label for x in group)
-            bar.update(task, description=f"{c.problem} w={c.width} tol={c.rtol:g}: {methods}")
-            for case, rows, tables, worker_s in run_group(group, out_dir, settings, ref_dir, failed_refs, console):
-                for row in rows:
-                    row["label"] = case.label
-                    row["worker_s"] = worker_s
-                for name, table in tables.items():  # before the case file, which marks the case finished
-                    write_table(out_dir, name, case.case_id, [dict(r, label=case.label) for r in table])
-                write_case(out_dir, case.case_id, rows)
-                if tables:
-                    rebuild_tables(out_dir)
-                bar.advance(task)
+        groups = comparison_groups(todo)
+        if executor == "ray":
+            from .execute.ray_executor import run_groups
+
+            bar.update(task, description=f"{len(groups)} groups on Ray")
+            finished = run_groups(groups, out_dir=out_dir, settings=settings, ref_dir=ref_dir, address=address,
+                                  per_node=per_node)  # fmt: skip
+        else:
+            finished = _run_locally(groups, out_dir, settings, ref_dir, failed_refs, console, bar, task)
+        for case, rows, tables, worker_s in finished:
+            for row in rows:
+                row["label"] = case.label
+                row["worker_s"] = worker_s
+                row.setdefault("machine", machine)
+            for name, table in tables.items():  # before the case file, which marks the case finished
+                write_table(out_dir, name, case.case_id, [dict(r, label=case.label) for r in table])
+            write_case(out_dir, case.case_id, rows)
+            if tables:
+                rebuild_tables(out_dir)
+            bar.advance(task)
             rebuild_results(out_dir)
     return rebuild_results(out_dir)
+
+
+def machine_name() -> str:
+    """This machine in a results row: hostname and CPU model."""
+    import platform
+
+    from ._env import _cpu_model
+
+    return f"{platform.node()} ({_cpu_model()})"
+
+
+def _run_locally(groups, out_dir, settings, ref_dir, failed_refs, console, bar, task):
+    for group in groups:
+        c = group[0]
+        methods = ", ".join(x.label for x in group)
+        bar.update(task, description=f"{c.problem} w={c.width} tol={c.rtol:g}: {methods}")
+        yield from run_group(group, out_dir, settings, ref_dir, failed_refs, console)
 
 
 def run_group(group: list[Case], out_dir: Path, settings: RunSettings, ref_dir: Path, failed_refs: dict, console):

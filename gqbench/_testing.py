@@ -35,6 +35,8 @@ class StubRun(AbstractRun):
             time.sleep(3600)
         if self.kind == "abort":
             os.abort()
+        if self.kind == "killparent":  # the process that started this worker (e.g. a Ray worker) dies
+            os.kill(os.getppid(), 9)
         time.sleep(FWD_S)
         self.nfe_forward = self.width
         trace = os.environ.get(TRACE_ENV)
@@ -68,7 +70,8 @@ class StubQuadMethod(StubMethod):
 
 
 KINDS = ("ok", "crash", "nan", "hang", "oom", "max_steps", "abort")
-for _kind in KINDS:
+# "killparent" kills the process that started the worker: only for executors that survive it (Ray).
+for _kind in (*KINDS, "killparent"):
     if f"stub_{_kind}" not in METHODS._methods:
         register_method(StubMethod(f"stub_{_kind}", f"test stub: {_kind}", kind=_kind))
 if "stub_quad" not in METHODS._methods:

@@ -24,12 +24,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--report", action="store_true", help="write OUT/index.html afterwards")
     run.add_argument("--dry-run", action="store_true", help="print the cases and exit")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--shard", metavar="K/N", help="run only shard K of N (cost-balanced; comparison groups whole)")
+    run.add_argument("--executor", choices=("local", "ray"), default="local", help="where cases run (default local)")
+    run.add_argument("--address", help="--executor ray: the cluster (e.g. 10.0.0.1:6379; default: a local one)")
+    run.add_argument("--per-node", type=int, default=1, help="--executor ray: comparison groups at once per node")
     rep = sub.add_parser("report", help="write DIR/index.html from DIR/results.parquet")
     rep.add_argument("dir", type=Path)
     rep.add_argument("--baseline", type=Path, help="another results folder: mark regressions/improvements against it")
     rep.add_argument("--threshold", type=float, default=0.1, help="relative change that counts (default 0.1 = 10%%)")
     rep.add_argument("--profiles", type=Path, help="`gqbench profile` output (default: found beside DIR or reports/)")
     rep.add_argument("--asv", type=Path, help="asv's published index.html (default: found beside DIR or reports/asv)")
+    mrg = sub.add_parser("merge", help="shard folders of one grid -> one results folder (then `gqbench report OUT`)")
+    mrg.add_argument("out", type=Path)
+    mrg.add_argument("dirs", type=Path, nargs="+")
+    mrg.add_argument("--report", action="store_true", help="write OUT/index.html afterwards")
     cmp = sub.add_parser("compare", help="per-case time ratios A/B with 95%% intervals; exit 1 on a regression")
     cmp.add_argument("a", type=Path, help="results folder under test (e.g. this commit, this machine)")
     cmp.add_argument("b", type=Path, help="results folder to compare against (the baseline)")
@@ -83,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     try:
-        commands = {"list": _list, "run": _run, "report": _report, "compare": _compare, "profile": _profile}
+        commands = {"list": _list, "run": _run, "report": _report, "compare": _compare, "merge": _merge,
+                    "profile": _profile}  # fmt: skip
         return commands[args.command](args)
     except GridSpecError as exc:
         print(f"gqbench: {exc}", file=sys.stderr)
@@ -120,6 +129,15 @@ def _run(args) -> int:
             raise GridSpecError(f"--{flag} {value}: must be > 0")
     if args.warmup is not None and args.warmup < 0:
         raise GridSpecError(f"--warmup {args.warmup}: must be >= 0")
+    if args.per_node < 1:
+        raise GridSpecError(f"--per-node {args.per_node}: must be >= 1")
+    if args.shard is not None:
+        from .execute.shard import Shard
+
+        try:
+            Shard.parse(args.shard)
+        except ValueError as exc:
+            raise GridSpecError(str(exc)) from None
     spec = load_preset(args.preset) if args.preset else load_spec(args.grid)
     if args.threads is not None:
         spec = parse_spec(
@@ -127,8 +145,13 @@ def _run(args) -> int:
         )
     settings = spec.settings.replace(repeats=args.repeats, warmup=args.warmup, timeout=args.timeout)
     out = args.out or Path("reports") / spec.name
+    cases = spec.cases
+    if args.shard is not None:
+        from .execute.shard import Shard, assign
+
+        cases = assign(list(cases), Shard.parse(args.shard))
     if args.dry_run:
-        for case in spec.cases:
+        for case in cases:
             print(
                 case.case_id,
                 case.label,
@@ -136,13 +159,14 @@ def _run(args) -> int:
                 f"w={case.width} b={case.batch} rtol={case.rtol:g} "
                 f"atol={case.atol:g} {case.device} {case.dtype} threads={case.threads}",
             )
-        print(f"{len(spec.cases)} cases; {settings}")
+        print(f"{len(cases)} cases{f' (shard {args.shard})' if args.shard else ''}; {settings}")
         return 0
     from ._runner import run_grid
 
     df = run_grid(
-        spec.cases, out, settings=settings, spec=spec.source, progress=not args.quiet, reference_dir=args.reference_dir
-    )
+        spec.cases, out, settings=settings, spec=spec.source, progress=not args.quiet, reference_dir=args.reference_dir,
+        executor=args.executor, address=args.address, per_node=args.per_node, shard=args.shard,
+    )  # fmt: skip
     per_case = df.drop_duplicates("case_id")["status"].value_counts().to_dict()
     print(f"{out / 'results.parquet'}: {len(df)} rows, cases by status: {per_case}")
     _print_speedups(df)
@@ -178,6 +202,20 @@ def _print_speedups(df) -> None:
         table.add_row(r["problem"], str(r["width"]), f"{r['rtol']:g}", r["gq"], r["baseline"], cell(r, "bwd"),
                       cell(r, "total"))  # fmt: skip
     Console(width=200).print(table)
+
+
+def _merge(args) -> int:
+    from .execute.merge import merge
+
+    df = merge(args.out, args.dirs)
+    machines = df["machine"].dropna().unique()
+    print(f"{args.out / 'results.parquet'}: {df['case_id'].nunique()} cases from {len(args.dirs)} folders, "
+          f"{len(machines)} machine(s)")  # fmt: skip
+    if args.report:
+        from ._report import write_report
+
+        print(write_report(args.out))
+    return 0
 
 
 def _compare(args) -> int:

@@ -1,0 +1,65 @@
+"""`gqbench merge OUT DIR...`: shard folders of one grid -> one results folder.
+
+Refuses (one line naming the fix) folders of other grids, a case finished in two shards, and a
+grid with cases no shard finished. Each row keeps the machine it ran on; OUT/environment.json lists
+every shard's environment.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .._grid import GridSpecError, parse_spec
+from .._results import finished_ids, rebuild_results, rebuild_tables, write_atomic, write_case
+
+
+def _environment(d: Path) -> dict:
+    path = d / "environment.json"
+    if not path.exists():
+        raise GridSpecError(f"gqbench merge: {d} has no environment.json; give folders written by `gqbench run`")
+    return json.loads(path.read_text())
+
+
+def machine_of(env: dict) -> str:
+    gpus = ", ".join(g.get("name", "?") for g in env.get("gpus") or [])
+    return f"{env.get('hostname')} ({env.get('cpu_model')}{'; ' + gpus if gpus else ''})"
+
+
+def merge(out: str | Path, dirs: list[str | Path]):
+    out, dirs = Path(out), [Path(d) for d in dirs]
+    if not dirs:
+        raise GridSpecError("gqbench merge OUT DIR...: give at least one shard folder")
+    envs = [_environment(d) for d in dirs]
+    spec = envs[0].get("spec")
+    for d, e in zip(dirs[1:], envs[1:]):
+        if e.get("spec") != spec:
+            raise GridSpecError(f"gqbench merge: {d} ran another grid than {dirs[0]}; merge shards of one grid only")
+    expected = {c.case_id for c in parse_spec(spec, source=str(dirs[0])).cases} if spec else None
+    owner: dict[str, Path] = {}
+    for d in dirs:
+        for cid in finished_ids(d):
+            if cid in owner:
+                raise GridSpecError(f"gqbench merge: case {cid} is in both {owner[cid]} and {d}; drop one of them")
+            owner[cid] = d
+    if expected is not None:
+        missing = expected - set(owner)
+        if missing:
+            raise GridSpecError(f"gqbench merge: {len(missing)} of {len(expected)} cases are in no shard (e.g. "
+                                f"{sorted(missing)[0]}); run the missing shard(s) first")  # fmt: skip
+    if out.exists() and any(out.iterdir()):
+        raise GridSpecError(f"gqbench merge: {out} is not empty; merge into a new folder")
+    for d, env in zip(dirs, envs):
+        machine = machine_of(env)
+        for cid in finished_ids(d):
+            rows = json.loads((d / "cases" / f"{cid}.json").read_text())
+            write_case(out, cid, [dict(r, machine=r.get("machine") or machine) for r in rows])
+        if (d / "tables").is_dir():
+            shutil.copytree(d / "tables", out / "tables", dirs_exist_ok=True)
+    shards = [dict(folder=str(d), machine=machine_of(e), git_sha=e.get("git_sha"), date=e.get("date"),
+                   settings=e.get("settings")) for d, e in zip(dirs, envs)]  # fmt: skip
+    env = dict(envs[0], shards=shards)
+    write_atomic(out / "environment.json", json.dumps(env, indent=2, default=str).encode())
+    rebuild_tables(out)
+    return rebuild_results(out)

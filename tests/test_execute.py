@@ -1,0 +1,106 @@
+"""Shards, merge and the Ray executor, against a real local Ray cluster (skipped without the ray extra)."""
+
+import os
+
+import pandas as pd
+import pytest
+
+import gqbench._testing as stubs  # noqa: F401 -- registers the stub methods in this process
+from gqbench import Case, GridSpecError, RunSettings, parse_spec, run_grid
+from gqbench.cli import main
+from gqbench.execute.merge import merge
+from gqbench.execute.shard import Shard, assign
+
+FAST = RunSettings(repeats=3, warmup=1, timeout=60)
+
+
+@pytest.fixture(autouse=True)
+def _plugins(monkeypatch):
+    monkeypatch.setenv("GQBENCH_PLUGINS", "gqbench._testing")
+
+
+def stub_spec(**axes):
+    base = dict(method=["stub_ok", "stub_quad", "stub_nan"], problem=["linear"], width=[3, 5, 7, 9],
+                batch=[2], rtol=[1e-3, 1e-5], threads=[1])  # fmt: skip
+    return {"name": "stubs", "axes": dict(base, **axes)}
+
+
+def test_shards_partition_the_grid_and_keep_groups_whole():
+    cases = list(parse_spec(stub_spec()).cases)
+    for n in (1, 2, 3, 5):
+        parts = [assign(cases, Shard(k, n)) for k in range(1, n + 1)]
+        ids = [c.case_id for p in parts for c in p]
+        assert sorted(ids) == sorted(c.case_id for c in cases)  # every case in exactly one shard
+        for p in parts:  # a comparison group never spans shards
+            keys = {(c.width, c.rtol) for c in p}
+            assert all(len([c for c in p if (c.width, c.rtol) == k]) == 3 for k in keys)
+    assert [c.case_id for c in assign(cases, Shard(1, 2))] == [c.case_id for c in assign(cases[::-1], Shard(1, 2))][
+        ::-1
+    ]
+    heavy = [Case("torch_direct", "workload_l", w, 2) for w in (2000, 10, 10, 10, 10)]
+    assert [c.width for c in assign(heavy, Shard(1, 2))] == [2000]  # cost-balanced, not count-balanced
+    for bad in ("0/2", "3/2", "1", "a/b"):
+        with pytest.raises(ValueError, match="K/N"):
+            Shard.parse(bad)
+
+
+def test_two_shards_merged_equal_one_run(tmp_path):
+    spec = stub_spec()
+    cases = list(parse_spec(spec).cases)
+    one = run_grid(cases, tmp_path / "one", settings=FAST, spec=spec, progress=False)
+    for k in (1, 2):
+        run_grid(cases, tmp_path / f"s{k}", settings=FAST, spec=spec, progress=False, shard=f"{k}/2")
+    merged = merge(tmp_path / "merged", [tmp_path / "s1", tmp_path / "s2"])
+    key = ["case_id", "status", "nfe_fwd", "nfe_bwd"]
+    a = one[key].drop_duplicates().sort_values("case_id").reset_index(drop=True)
+    b = merged[key].drop_duplicates().sort_values("case_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
+    assert merged["machine"].notna().all()
+    assert main(["report", str(tmp_path / "merged")]) == 0
+    with pytest.raises(GridSpecError, match="in no shard"):
+        merge(tmp_path / "m2", [tmp_path / "s1"])
+    with pytest.raises(GridSpecError, match="in both"):
+        merge(tmp_path / "m3", [tmp_path / "s1", tmp_path / "s1"])
+    run_grid(cases[:3], tmp_path / "other", settings=FAST, spec=stub_spec(width=[3]), progress=False)
+    with pytest.raises(GridSpecError, match="another grid"):
+        merge(tmp_path / "m4", [tmp_path / "s1", tmp_path / "other"])
+
+
+# ----------------------------------------------------------------------------- Ray
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A real local Ray head on loopback, one per module (starting one costs seconds)."""
+    os.environ["GQBENCH_PLUGINS"] = "gqbench._testing"  # Ray's workers inherit it, and so do ours
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))  # fmt: skip
+    yield
+    ray.shutdown()
+
+
+def test_ray_run_matches_a_local_run(cluster, tmp_path):
+    spec = stub_spec(width=[3, 5])
+    cases = list(parse_spec(spec).cases)
+    local = run_grid(cases, tmp_path / "local", settings=FAST, spec=spec, progress=False)
+    remote = run_grid(cases, tmp_path / "ray", settings=FAST, spec=spec, progress=False, executor="ray")
+    key = ["case_id", "status", "nfe_fwd", "nfe_bwd", "round"]
+    pd.testing.assert_frame_equal(
+        local[key].sort_values(key).reset_index(drop=True), remote[key].sort_values(key).reset_index(drop=True)
+    )
+    # resumes like the local runner: nothing runs twice
+    again = run_grid(cases, tmp_path / "ray", settings=FAST, spec=spec, progress=False, executor="ray")
+    assert len(again) == len(remote)
+
+
+def test_ray_task_lost_twice_becomes_a_failure_row(cluster, tmp_path):
+    """stub_killparent kills the Ray worker running its group: Ray retries once, then the driver
+    records failure rows; the other groups still finish."""
+    spec = stub_spec(method=["stub_ok"], width=[3])
+    cases = [*parse_spec(spec).cases, Case("stub_killparent", "linear", 11, 2, threads=1)]
+    df = run_grid(cases, tmp_path / "out", settings=FAST, spec=spec, progress=False, executor="ray")
+    bad = df[df["method"] == "stub_killparent"]
+    assert bad["status"].tolist() == ["error"] and "Ray task lost twice" in bad["error"].iloc[0]
+    assert set(df[df["method"] == "stub_ok"]["status"]) == {"ok"}
