@@ -112,7 +112,10 @@ def verdict_html(df: pd.DataFrame, summary: pd.DataFrame) -> str:
     machines = df["machine"].dropna().unique() if "machine" in df else []
     warn = ""
     if len(machines) > 1:
-        warn = (f"<p class='bad'>These results come from {len(machines)} machines ("
-                + ", ".join(html.escape(str(m)) for m in machines) + "): each speed-up compares methods run side "
-                "by side on one machine, but absolute times of different problems or widths may not be comparable.</p>")  # fmt: skip
+        names = ", ".join(html.escape(str(m)) for m in machines)
+        warn = (
+            f"<p class='bad'>These results come from {len(machines)} machines ({names}): each speed-up compares "
+            "methods run side by side on one machine, but absolute times of different problems or widths may not "
+            "be comparable.</p>"
+        )
     return f"<h2 id='verdict'>Verdict</h2>{warn}<ul>{text}</ul>{note}{shown}"
