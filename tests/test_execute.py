@@ -45,7 +45,7 @@ def test_shards_partition_the_grid_and_keep_groups_whole():
 
 
 def test_two_shards_merged_equal_one_run(tmp_path):
-    spec = stub_spec()
+    spec = stub_spec(width=[3, 5])
     cases = list(parse_spec(spec).cases)
     one = run_grid(cases, tmp_path / "one", settings=FAST, spec=spec, progress=False)
     for k in (1, 2):
