@@ -39,7 +39,7 @@ def test_measure_in_process_exact_counts():
 def test_run_grid_records_ok_and_every_failure(tmp_path):
     cases = [stub_case("ok", 3), stub_case("ok", 4)] + [stub_case(k) for k in stubs.KINDS if k != "ok"]
     cases.append(stub_case("ok", device="cuda:0") if not _cuda() else stub_case("ok", 6))
-    df = run_grid(cases, tmp_path, settings=RunSettings(repeats=2, warmup=1, timeout=8), progress=False)
+    df = run_grid(cases, tmp_path, settings=RunSettings(repeats=2, warmup=1, timeout=20), progress=False)
     by = {cid: g for cid, g in df.groupby("case_id")}
     for width in (3, 4):
         ok = by[stub_case("ok", width).case_id]
