@@ -138,9 +138,11 @@ def machine_name() -> str:
 
 
 def _run_locally(groups, out_dir, settings, ref_dir, failed_refs, console, bar, task):
+    from rich.markup import escape
+
     for group in groups:
         c = group[0]
-        methods = ", ".join(x.label for x in group)
+        methods = escape(", ".join(x.label for x in group))  # torch_gq[adaptive] is not rich markup
         bar.update(task, description=f"{c.problem} w={c.width} tol={c.rtol:g}: {methods}")
         yield from run_group(group, out_dir, settings, ref_dir, failed_refs, console)
 

@@ -182,6 +182,8 @@ def _print_speedups(df) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from rich.markup import escape  # labels like torch_gq[adaptive] are not markup
+
     from ._ratios import paired_speedups
 
     sp = paired_speedups(df)
@@ -199,8 +201,8 @@ def _print_speedups(df) -> None:
         return f"{s:.2f}x [{lo:.2f}, {hi:.2f}]{star}" if lo == lo else f"{s:.2f}x (n<3)"
 
     for _, r in sp.iterrows():
-        table.add_row(r["problem"], str(r["width"]), f"{r['rtol']:g}", r["gq"], r["baseline"], cell(r, "bwd"),
-                      cell(r, "total"))  # fmt: skip
+        table.add_row(r["problem"], str(r["width"]), f"{r['rtol']:g}", escape(r["gq"]), escape(r["baseline"]),
+                      cell(r, "bwd"), cell(r, "total"))  # fmt: skip
     Console(width=200).print(table)
 
 
@@ -222,6 +224,8 @@ def _compare(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from rich.markup import escape
+
     from ._grid import GridSpecError
     from ._ratios import compare_samples
     from ._results import load_results
@@ -236,7 +240,7 @@ def _compare(args) -> int:
     for col in ("case", "problem", "width", "rtol", "fwd + bwd", "backward", "verdict"):
         table.add_column(col)
     for _, r in cmp.iterrows():
-        table.add_row(r["label"], r["problem"], str(r["width"]), f"{r['rtol']:g}",
+        table.add_row(escape(r["label"]), r["problem"], str(r["width"]), f"{r['rtol']:g}",
                       f"{r['ratio_total']:.3f} [{r['total_lo']:.3f}, {r['total_hi']:.3f}]",
                       f"{r['ratio_bwd']:.3f} [{r['bwd_lo']:.3f}, {r['bwd_hi']:.3f}]", r["verdict"])  # fmt: skip
     Console(width=160).print(table)
