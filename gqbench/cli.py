@@ -180,9 +180,8 @@ def _run(args) -> int:
 def _print_speedups(df) -> None:
     """GQ over each baseline of its comparison group, with 95% intervals (paired by round)."""
     from rich.console import Console
-    from rich.table import Table
-
     from rich.markup import escape  # labels like torch_gq[adaptive] are not markup
+    from rich.table import Table
 
     from ._ratios import paired_speedups
 
@@ -222,9 +221,8 @@ def _merge(args) -> int:
 
 def _compare(args) -> int:
     from rich.console import Console
-    from rich.table import Table
-
     from rich.markup import escape
+    from rich.table import Table
 
     from ._grid import GridSpecError
     from ._ratios import compare_samples
