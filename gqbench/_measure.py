@@ -132,6 +132,8 @@ def time_call(run: AbstractRun) -> dict:
 
 def memory_call(run: AbstractRun, device: str) -> float:
     """Peak bytes of one forward + backward above what was in use before (see `PeakMemory`)."""
+    if not device.startswith("cuda"):
+        _trim()  # free heap left by earlier calls would otherwise absorb part of this call's peak
     with PeakMemory(device) as mem:
         run.forward()
         run.backward()
@@ -140,12 +142,23 @@ def memory_call(run: AbstractRun, device: str) -> float:
 
 def return_freed_memory() -> None:
     """From now on, glibc hands freed blocks >= 64 KiB back to the kernel (as MALLOC_MMAP_THRESHOLD_=65536
-    would), so an RSS high-water mark measures the block's own peak. Only for memory repeats, after the
-    timed ones: it slows allocation-heavy code (direct backprop's backward by up to 45%)."""
+    would), and what the timed calls left free in the heap goes back now (`malloc_trim`), so an RSS
+    high-water mark measures the next block's own peak. Only for memory calls, after the timed ones: it
+    slows allocation-heavy code (direct backprop's backward by up to 45%)."""
     try:
         import ctypes
 
-        ctypes.CDLL(None).mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+        ctypes.CDLL(None).mallopt(-3, 65536)  # M_MMAP_THRESHOLD (also stops glibc raising it dynamically)
+    except (OSError, AttributeError):
+        pass
+    _trim()
+
+
+def _trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
 

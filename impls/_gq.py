@@ -256,8 +256,8 @@ class _GQAdjoint(torch.autograd.Function):
             s.quad_panels += quad.panels
             s.quad_refinements += quad.refinements
             s.quad_unconverged += quad.unconverged
-            if quad.err is not None:
-                s.quad_error = float(_norm(quad.err) / _norm(grads))
+            if quad.err_sq is not None:
+                s.quad_error = float(quad.err_sq.sqrt() / _norm(grads))
             s.vmap_fallback = s.vmap_fallback or not prob.vmap_ok
         return (None, a, t_grad, *grads)
 
@@ -347,7 +347,9 @@ class _Quadrature:
         self.prob, self.grads, self.need_t = prob, grads, need_t
         self.t_integral = 0.0
         self.calls = self.nodes = self.panels = self.refinements = self.unconverged = 0
-        self.err: list[torch.Tensor] | None = None  # summed K5 - G2 estimates (adaptive rule only)
+        # Squared norms of each interval's K5 - G2 estimate (adaptive rule only): summed as if
+        # independent, so no parameter-sized accumulator is kept across intervals.
+        self.err_sq: torch.Tensor | None = None
 
     def _chunk(self, n: int, state_numel: int) -> int:
         if self.prob.config.quad_batch is not None:
@@ -423,9 +425,8 @@ class _Quadrature:
             self.refinements += 1
             edges = torch.cat([torch.stack([lo, (lo + hi) / 2], 1).reshape(-1), hi[-1:]])
         self._add(self.grads, part)
-        if self.err is None:
-            self.err = [torch.zeros_like(g) for g in self.grads]
-        self._add(self.err, err)
+        sq = _norm(err) ** 2
+        self.err_sq = sq if self.err_sq is None else self.err_sq + sq
         self.t_integral = self.t_integral + t_part
         self.nodes += used
         return used
