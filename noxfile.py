@@ -40,7 +40,7 @@ def _sha() -> str:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """The README's test command, in a fresh venv (`.ci/run` does the same)."""
-    _install(session, "bench,jax,test")
+    _install(session, "bench,jax,test,sde")
     session.run("pytest", *session.posargs)
 
 
@@ -151,7 +151,7 @@ def microbench(session: nox.Session) -> None:
     """pytest-benchmark micro-benchmarks, compared with the last saved run when there is one.
 
     JSON into reports/microbench/<sha>.json; saved runs in reports/microbench/storage."""
-    _install(session, "bench,jax,test")
+    _install(session, "bench,jax,test,sde")
     folder = ROOT / "reports" / "microbench"
     storage = folder / "storage"
     args = [
