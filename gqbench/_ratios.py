@@ -36,10 +36,11 @@ def ratio_ci(num, den, *, paired: bool, seed: int = 0) -> tuple[float, float, fl
     return point, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def paired_speedups(df: pd.DataFrame) -> pd.DataFrame:
+def paired_speedups(df: pd.DataFrame, gq_methods: tuple[str, ...] = QUAD_METHODS) -> pd.DataFrame:
     """GQ's speed-up over every baseline of its comparison group: baseline time / GQ time, backward
     and whole step (forward + backward), each with its 95% interval from samples paired by round.
-    `*_includes_one`: the interval does not exclude "no difference"."""
+    `*_includes_one`: the interval does not exclude "no difference". `gq_methods`: the methods
+    whose speed-up is wanted (every other method of a group is a baseline)."""
     cols = [*MATCH, "gq", "baseline", "rounds", "speedup_bwd", "bwd_lo", "bwd_hi", "speedup_total", "total_lo",
             "total_hi", "bwd_includes_one", "total_includes_one"]  # fmt: skip
     ok = df[df["status"] == "ok"].copy()
@@ -49,7 +50,7 @@ def paired_speedups(df: pd.DataFrame) -> pd.DataFrame:
     # Results from before paired rounds: repeats were not taken side by side, so resample independently.
     paired = "round" in ok and ok["round"].notna().all()
     ok["round"] = ok["round"] if paired else ok["repeat"]
-    is_gq = ok["method"].isin(QUAD_METHODS)
+    is_gq = ok["method"].isin(gq_methods)
     out = []
     key = [c for c in MATCH if c in ok]
     for _, grp in ok.groupby(key, dropna=False, sort=True):

@@ -188,3 +188,38 @@ def test_worker_env_drops_the_allocator_setting(monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     env = worker_env(stub_case("ok").with_(threads=3))
     assert "MALLOC_MMAP_THRESHOLD_" not in env and env["OMP_NUM_THREADS"] == "3"
+
+
+def test_paired_speedup_of_stubs_with_known_times(tmp_path):
+    """stub_quad_half sleeps half as long as stub_ok: run side by side, the speed-up is 2 with a 95%
+    interval that excludes 1, from samples paired by round."""
+    from gqbench._ratios import paired_speedups
+
+    cases = [stub_case("ok"), stub_case("quad_half")]
+    df = run_grid(cases, tmp_path, settings=RunSettings(repeats=5, warmup=1, timeout=60), progress=False)
+    assert df.groupby("method")["round"].apply(sorted).tolist() == [[0, 1, 2, 3, 4]] * 2
+    (r,) = paired_speedups(df, gq_methods=("stub_quad_half",)).itertuples()
+    assert r.gq == "stub_quad_half" and r.baseline == "stub_ok" and r.rounds == 5
+    assert 1.7 < r.bwd_lo <= r.speedup_bwd <= r.bwd_hi < 2.3 and not r.bwd_includes_one
+    assert 1.7 < r.speedup_total < 2.3 and not r.total_includes_one
+
+
+def test_failure_in_the_middle_of_the_rounds_leaves_the_group_going(tmp_path):
+    """A case that raises, and one that hangs past its timeout, on their second timed call: each
+    becomes one failure row; the rest of the group keeps its rounds."""
+    cases = [stub_case("ok"), stub_case("crash_later"), stub_case("hang_later")]
+    df = run_grid(cases, tmp_path, settings=RunSettings(repeats=4, warmup=1, timeout=8), progress=False)
+    by = {m: g for m, g in df.groupby("method")}
+    assert sorted(by["stub_ok"]["round"]) == [0, 1, 2, 3] and set(by["stub_ok"]["status"]) == {"ok"}
+    assert by["stub_crash_later"][["status", "repeat"]].values.tolist() == [["error", 0]]
+    assert "in the middle of its rounds" in by["stub_crash_later"]["error"].iloc[0]
+    assert by["stub_hang_later"]["status"].tolist() == ["timeout"]
+
+
+def test_memory_call_counts_blocks_the_timed_calls_freed(tmp_path):
+    """Timed calls run under the default allocator, which keeps freed 20 MiB blocks for reuse; the
+    memory call still sees the backward's whole 60 MiB (as with MALLOC_MMAP_THRESHOLD_ set from the start)."""
+    df = run_grid([stub_case("alloc")], tmp_path, settings=RunSettings(repeats=3, warmup=2, timeout=60),
+                  progress=False)  # fmt: skip
+    peak = df["peak_mem_bytes"].iloc[0]
+    assert 0.95 * stubs.ALLOC_BYTES < peak < 1.25 * stubs.ALLOC_BYTES, peak / 2**20
