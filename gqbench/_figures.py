@@ -95,17 +95,22 @@ def speedups(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def compare_runs(current: pd.DataFrame, baseline: pd.DataFrame, threshold: float = 0.1) -> pd.DataFrame:
-    """Cases present in both summaries (same case_id), with current/baseline ratios of the median
-    backward time, total time and peak memory, and a verdict per case: "regression" when the
-    total time grew by more than `threshold` (0.1 = 10 %), "improvement" when it shrank by more
-    (ratio < 1 / (1 + threshold)), else "same"."""
+    """Two runs' raw result rows -> the cases in both (same case_id): each run's summary side by
+    side, the peak memory ratio, and from `_ratios.compare_samples` the current/baseline ratios of
+    the median total and backward times with 95% intervals and the verdict ("regression" only when
+    the interval lies wholly above 1 + `threshold`)."""
+    from ._ratios import compare_samples  # _ratios imports this module
+
+    now, base = summarize(current), summarize(baseline)
     cols = ["case_id", "bwd_s", "total_s", "peak_mem_bytes", "bwd_q25", "bwd_q75"]
-    m = current.merge(baseline[cols], on="case_id", suffixes=("", "_baseline"))
-    for col in ("bwd_s", "total_s", "peak_mem_bytes"):
-        m[f"ratio_{col}"] = m[col] / m[f"{col}_baseline"]
-    r = m["ratio_total_s"]
-    m["verdict"] = np.where(r > 1 + threshold, "regression", np.where(r < 1 / (1 + threshold), "improvement", "same"))
-    return m
+    m = now.merge(base[cols], on="case_id", suffixes=("", "_baseline"))
+    m["ratio_peak_mem_bytes"] = m["peak_mem_bytes"] / m["peak_mem_bytes_baseline"]
+    cmp = compare_samples(current, baseline, threshold)
+    if cmp.empty:
+        return m.iloc[:0]
+    keep = ["case_id", "ratio_total", "total_lo", "total_hi", "ratio_bwd", "bwd_lo", "bwd_hi", "verdict"]
+    m = m.merge(cmp[keep], on="case_id")
+    return m.rename(columns={"ratio_total": "ratio_total_s", "ratio_bwd": "ratio_bwd_s"})
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -300,49 +305,75 @@ def _short_tol(rtol: float, atol: float) -> str:
     return f"rtol={rtol:g}" if rtol == atol else f"rtol={rtol:g} atol={atol:g}"
 
 
-def _speedup_heatmap(summary: pd.DataFrame, metric: str, what: str) -> go.Figure:
-    """Columns: baselines; rows: panels (device/problem); in each cell a heatmap of width (x)
-    by GQ setting x tolerance (y). Colour: log2 of the speed-up, blue where GQ is faster."""
+def _speedup_heatmap(summary: pd.DataFrame, metric: str, what: str, samples: pd.DataFrame | None) -> go.Figure:
+    """Columns: baselines; rows: panels (device/problem), each as tall as its rows; in each cell a
+    heatmap of width (x) by GQ setting x tolerance (y). Colour: log2 of the speed-up, blue where GQ
+    is faster. With `samples` (the raw rows) every cell carries its 95% interval over paired rounds
+    (`_ratios.paired_speedups`; "~" marks an interval that includes 1)."""
     title = f"Speed-up of the GQ adjoint over each baseline: {what} time (> 1×: GQ faster)"
-    sp = speedups(summary)
+    name = "bwd" if metric == "speedup_bwd" else "total"
+    if samples is not None:
+        from ._ratios import paired_speedups  # _ratios imports this module
+
+        sp = paired_speedups(samples)
+        panels_of = summary[[*MATCH, "tolerance", "panel"]].drop_duplicates(MATCH)
+        sp = sp.merge(panels_of, on=[c for c in MATCH if c in sp], how="inner")
+    else:
+        sp = speedups(summary)
+        sp[f"{name}_lo"] = sp[f"{name}_hi"] = np.nan
+        sp[f"{name}_includes_one"] = False
     sp[metric] = pd.to_numeric(sp[metric], errors="coerce").astype("float64")
     sp = sp[np.isfinite(sp[metric]) & (sp[metric] > 0)]
     if sp.empty:
         return _empty(title, "needs torch_gq (or jax_gq) and a baseline run on the same experiments")
     sp = sp.sort_values(["gq", "rtol", "atol"], ascending=[True, False, False])
     sp = sp.assign(y=[f"{g} · {_short_tol(r, a)}" for g, r, a in zip(sp["gq"], sp["rtol"], sp["atol"], strict=True)])
-    panels, cols = sorted(sp["panel"].unique()), sorted(sp["baseline"].unique())
+    # The panel with the most widths (the scaling study) on top, as in the other figures.
+    panels = list(sp.groupby("panel")["width"].nunique().sort_values(ascending=False, kind="stable").index)
+    cols = sorted(sp["baseline"].unique())
+    n_ys = [sp.loc[sp["panel"] == p, "y"].nunique() for p in panels]
     fig = make_subplots(
         rows=len(panels),
         cols=len(cols),
         column_titles=[f"over {c}" for c in cols],
         row_titles=panels if len(panels) > 1 else None,
+        row_heights=n_ys,  # a panel of one GQ setting is one row high, not half the figure
         horizontal_spacing=0.03,
-        vertical_spacing=0.06 if len(panels) > 1 else 0.0,
-        shared_yaxes=True,
+        vertical_spacing=0.08 / len(panels) if len(panels) > 1 else 0.0,
     )
     span = max(1.0, float(np.abs(np.log2(sp[metric].to_numpy())).max()))
-    n_y = 1
     for i, panel in enumerate(panels, 1):
         ys = list(dict.fromkeys(sp.loc[sp["panel"] == panel, "y"]))
-        n_y = max(n_y, len(ys))
         for j, c in enumerate(cols, 1):
             cell = sp[(sp["panel"] == panel) & (sp["baseline"] == c)]
             if cell.empty:
                 continue
             widths = sorted(cell["width"].unique())
-            grid = cell.pivot_table(index="y", columns="width", values=metric, aggfunc="median")
-            grid = grid.reindex(index=ys, columns=widths).to_numpy()
+
+            def grid(col, cell=cell, ys=ys, widths=widths):
+                g = cell.pivot_table(index="y", columns="width", values=col, aggfunc="first", dropna=False)
+                return g.reindex(index=ys, columns=widths).to_numpy(dtype=float)
+
+            v, lo, hi = grid(metric), grid(f"{name}_lo"), grid(f"{name}_hi")
+            one = grid(f"{name}_includes_one") > 0
+            text = [
+                ["" if np.isnan(x) else f"{x:.2f}×" + ("~" if u else "") for x, u in zip(rv, ru, strict=True)]
+                for rv, ru in zip(v, one, strict=True)
+            ]
+            ci = [
+                [f"95% interval {a:.3g}–{b:.3g}×" if a == a else "no interval (< 3 rounds)" for a, b in zip(ra, rb)]
+                for ra, rb in zip(lo, hi, strict=True)
+            ]
             fig.add_trace(
                 go.Heatmap(
                     x=[str(w) for w in widths],
                     y=ys,
-                    z=np.log2(grid),
-                    text=[["" if np.isnan(v) else f"{v:.2f}×" for v in row] for row in grid],
+                    z=np.log2(v),
+                    text=text,
                     texttemplate="%{text}",
-                    customdata=grid,
-                    hovertemplate=f"%{{y}} over {c}<br>width %{{x}}<br>{what} speed-up %{{customdata:.3g}}×"
-                    "<extra></extra>",
+                    customdata=np.dstack([v, np.array(ci, dtype=object)]),
+                    hovertemplate=f"%{{y}} over {c}<br>width %{{x}}<br>{what} speed-up %{{customdata[0]:.3g}}×"
+                    "<br>%{customdata[1]}<extra></extra>",
                     coloraxis="coloraxis",
                     xgap=1,
                     ygap=1,
@@ -350,6 +381,7 @@ def _speedup_heatmap(summary: pd.DataFrame, metric: str, what: str) -> go.Figure
                 row=i,
                 col=j,
             )
+            fig.update_yaxes(showticklabels=j == 1, row=i, col=j)
     vals, text = _log2_ticks(-span, span)
     fig.update_layout(
         coloraxis=dict(
@@ -360,16 +392,16 @@ def _speedup_heatmap(summary: pd.DataFrame, metric: str, what: str) -> go.Figure
     fig.update_xaxes(title_text="width", row=len(panels))
     fig.update_yaxes(autorange="reversed", type="category")
     fig = _style(fig, title)
-    fig.update_layout(height=max(360, 150 + len(panels) * (40 + 26 * n_y)))
+    fig.update_layout(height=max(300, 170 + 40 * len(panels) + 26 * sum(n_ys)))
     return fig
 
 
-def fig_speedup_heatmap(summary: pd.DataFrame) -> go.Figure:
-    return _speedup_heatmap(summary, "speedup_bwd", "backward")
+def fig_speedup_heatmap(summary: pd.DataFrame, samples: pd.DataFrame | None = None) -> go.Figure:
+    return _speedup_heatmap(summary, "speedup_bwd", "backward", samples)
 
 
-def fig_speedup_heatmap_total(summary: pd.DataFrame) -> go.Figure:
-    return _speedup_heatmap(summary, "speedup_total", "forward + backward")
+def fig_speedup_heatmap_total(summary: pd.DataFrame, samples: pd.DataFrame | None = None) -> go.Figure:
+    return _speedup_heatmap(summary, "speedup_total", "forward + backward", samples)
 
 
 def fig_speedup(summary: pd.DataFrame) -> go.Figure:
@@ -606,8 +638,14 @@ def fig_baseline_comparison(comparison: pd.DataFrame, threshold: float = 0.1) ->
     if comparison is None or comparison.empty:
         return None
     colors = {"regression": "#d62728", "improvement": "#2ca02c", "same": "#7f7f7f"}
+    comparison = comparison.assign(
+        interval_plus=comparison["total_hi"] - comparison["ratio_total_s"],
+        interval_minus=comparison["ratio_total_s"] - comparison["total_lo"],
+    )
     fig = px.scatter(
         comparison,
+        error_y="interval_plus",
+        error_y_minus="interval_minus",
         x="width",
         y="ratio_total_s",
         color="verdict",
@@ -631,7 +669,9 @@ def fig_baseline_comparison(comparison: pd.DataFrame, threshold: float = 0.1) ->
     for y, dash in ((1.0, "solid"), (1 + threshold, "dot"), (1 / (1 + threshold), "dot")):
         fig.add_hline(y=y, line_dash=dash, line_color="gray", line_width=1)
     return _style(
-        fig, f"Against the baseline run: total time ratio per case (band: ±{threshold:.0%})", rows=_rows(comparison)
+        fig,
+        f"Against the baseline run: total time ratio per case with its 95% interval (band: ±{threshold:.0%})",
+        rows=_rows(comparison),
     )
 
 
@@ -690,6 +730,8 @@ FIGURES = (
     fig_nfe,
     fig_grad_error,
 )
+# Figures that also take the raw rows (`samples=`): their ratios carry intervals over paired rounds.
+SAMPLE_FIGURES = (fig_speedup_heatmap, fig_speedup_heatmap_total)
 OPTIONAL_FIGURES = (
     fig_single_width,
     fig_quadrature_order,

@@ -150,6 +150,8 @@ def run_group(group: list[Case], out_dir: Path, settings: RunSettings, ref_dir: 
     workers: dict[Case, Worker] = {}
     started: dict[Case, float] = {}
     try:
+        # One worker at a time sets up and warms up (set-up and JAX compile times are columns too, so
+        # not side by side with another's); a training case sends its result here.
         for case in group:
             early = _precheck(case, out_dir, settings, ref_dir, failed_refs, console)
             if early is not None:
@@ -159,8 +161,6 @@ def run_group(group: list[Case], out_dir: Path, settings: RunSettings, ref_dir: 
             job = dict(kind="case", case=case.to_dict(), warmup=settings.warmup, reference_dir=str(ref_dir),
                        reference=case.reference_key not in failed_refs)  # fmt: skip
             workers[case] = Worker(job, case, _log(out_dir, case), budget=settings.timeout)
-        # Every worker sets up and warms up (in parallel: untimed); a training case sends its result here.
-        for case in list(workers):
             try:
                 msg = workers[case].request()
             except WorkerFailed as exc:
@@ -210,6 +210,8 @@ def _log(out_dir: Path, case: Case) -> Path:
 def _precheck(case: Case, out_dir: Path, settings: RunSettings, ref_dir: Path, failed_refs: dict, console):
     """Failure rows for a case that cannot run here (or whose method is broken); else None, after
     making sure the float64 reference gradient exists (its failure only blanks grad_rel_err)."""
+    from rich.markup import escape
+
     try:
         method = get_method(case.method)
         reason = method.unsupported(case)
@@ -225,7 +227,7 @@ def _precheck(case: Case, out_dir: Path, settings: RunSettings, ref_dir: Path, f
                 run_to_end(job, case, out_dir / "logs" / "reference.log", settings.reference_timeout)
             except WorkerFailed as exc:
                 failed_refs[key] = str(exc)
-                console.print(f"[yellow]reference gradient for {key} failed: {exc}; grad_rel_err will be NaN")
+                console.print(f"[yellow]reference gradient for {key} failed: {escape(str(exc))}; grad_rel_err is NaN")
     return None
 
 

@@ -19,7 +19,8 @@ import numpy as np
 from ._methods import METHODS, AbstractMethod, AbstractRun, register_method
 
 FWD_S = 0.02
-TRACE_ENV = "GQBENCH_STUB_TRACE"  # a file each stub forward call appends "<method> <MALLOC_MMAP_THRESHOLD_>" to
+# A file each stub forward + backward appends "<method> <MALLOC_MMAP_THRESHOLD_> <start> <end>" to.
+TRACE_ENV = "GQBENCH_STUB_TRACE"
 BWD_S = 0.05
 ALLOC_BYTES = 60 * 2**20  # three 20 MiB blocks: under the default allocator glibc reuses such freed blocks
 LATER_CALL = 3  # the *_later kinds fail on this forward call (warm-up, round 0, then here)
@@ -48,15 +49,17 @@ class StubRun(AbstractRun):
             os.abort()
         if self.kind == "killparent":  # the process that started this worker (e.g. a Ray worker) dies
             os.kill(os.getppid(), 9)
+        self._started = time.time()
         time.sleep(FWD_S * self.time_scale)
         self.nfe_forward = self.width
-        trace = os.environ.get(TRACE_ENV)
-        if trace:  # which method ran when: the runner's paired rounds are checked with it
-            with open(trace, "a") as f:
-                f.write(f"{self.name} {os.environ.get('MALLOC_MMAP_THRESHOLD_', '-')}\n")
 
     def backward(self):
         time.sleep(BWD_S * self.time_scale)
+        trace = os.environ.get(TRACE_ENV)
+        if trace:  # which method ran when: the runner's paired rounds are checked with it
+            with open(trace, "a") as f:
+                env = os.environ.get("MALLOC_MMAP_THRESHOLD_", "-")
+                f.write(f"{self.name} {env} {self._started!r} {time.time()!r}\n")
         if self.kind == "alloc":
             blocks = [np.ones(ALLOC_BYTES // 3 // 8) for _ in range(3)]  # touched: resident
             del blocks

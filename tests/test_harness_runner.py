@@ -172,11 +172,12 @@ def test_compared_methods_alternate_round_by_round(tmp_path, monkeypatch):
     assert [len(g) for g in comparison_groups(cases)] == [3, 1]
     df = run_grid(cases, tmp_path / "out", settings=RunSettings(repeats=3, warmup=1, timeout=60), progress=False)
     calls = [line.split() for line in trace.read_text().splitlines()]
-    assert {env for _, env in calls} == {"-"}  # timed (and warm-up) calls never see the allocator setting
-    timed = [m for m, _ in calls]
-    # warm-ups (in parallel, any order), then rounds: (ok, quad), (quad, ok), (ok, quad); the crash case is out
-    group = [m for m in timed[2:] if m in ("stub_ok", "stub_quad")][:6]
-    assert group == ["stub_ok", "stub_quad", "stub_quad", "stub_ok", "stub_ok", "stub_quad"]
+    assert {env for _, env, _, _ in calls} == {"-"}  # timed (and warm-up) calls never see the allocator setting
+    spans = sorted((float(a), float(b)) for _, _, a, b in calls)
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:])), "two calls overlapped"
+    # warm-ups one at a time, then rounds (ok, quad), (quad, ok), (ok, quad); the crash case is out
+    group = [m for m, *_ in calls if m in ("stub_ok", "stub_quad")][:8]
+    assert group == ["stub_ok", "stub_quad"] + ["stub_ok", "stub_quad", "stub_quad", "stub_ok", "stub_ok", "stub_quad"]
     ok = df[(df["method"] == "stub_ok") & (df["width"] == 3)]
     assert sorted(ok["round"]) == [0, 1, 2] and (ok["repeat"] == ok["round"]).all()
     assert df[df["method"] == "stub_crash"]["status"].tolist() == ["error"]

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,9 +215,9 @@ def test_quadrature_order_figure_only_with_several_settings():
 
 
 def test_compare_runs_marks_regressions_beyond_threshold():
-    now = summarize(frame(rich_rows(slow=1.0)))
-    slower_base = summarize(frame(rich_rows(slow=0.8)))  # now is 25 % slower
-    same_base = summarize(frame(rich_rows(slow=1.05)))  # now is 5 % faster: inside the band
+    now = frame(rich_rows(slow=1.0))
+    slower_base = frame(rich_rows(slow=0.8))  # now is 25 % slower
+    same_base = frame(rich_rows(slow=1.05))  # now is 5 % faster: inside the band
     assert (compare_runs(now, slower_base, 0.1)["verdict"] == "regression").all()
     assert (compare_runs(now, same_base, 0.1)["verdict"] == "same").all()
     assert (compare_runs(now, slower_base, 0.5)["verdict"] == "same").all()
@@ -327,7 +328,7 @@ def browser():
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
-        "--window-size=1400,1000",
+        "--window-size=1400,2600",  # tall enough that a figure screenshot is not cut off
         f"--user-data-dir={profile}",
     ):
         opts.add_argument(flag)
@@ -363,7 +364,9 @@ def test_every_figure_renders_in_chromium(report_dirs, browser, tmp_path_factory
     # A screenshot per figure, as a reader sees it: none blank (a blank PNG of this size compresses to ~10 kB).
     from selenium.webdriver.common.by import By
 
-    shots = tmp_path_factory.mktemp("shots")
+    # GQBENCH_SCREENSHOTS=DIR keeps them for a person to look at.
+    shots = Path(os.environ.get("GQBENCH_SCREENSHOTS") or tmp_path_factory.mktemp("shots"))
+    shots.mkdir(parents=True, exist_ok=True)
     for el in browser.find_elements(By.CSS_SELECTOR, ".plotly-graph-div"):
         browser.execute_script("arguments[0].scrollIntoView()", el)
         png = el.screenshot_as_png
