@@ -182,7 +182,21 @@ def scaling_part(d: pd.DataFrame) -> pd.DataFrame:
     return d[n >= 2]
 
 
-def _vs_width(d: pd.DataFrame, col: str, title: str, ylabel: str, *, hover=None, iqr: bool = False) -> go.Figure | None:
+def _facet_wrap(d: pd.DataFrame) -> tuple[pd.DataFrame, dict, int]:
+    """One facet per (panel, tolerance) that holds data, wrapped at 3 columns (no empty facets):
+    -> (d with a `facet` column, the px keywords, rows)."""
+    d = d.assign(facet=[f"{p} · {t}" if p else t for p, t in zip(d["panel"], d["tolerance"], strict=True)])
+    order = _orders(d)
+    facets = list(d.sort_values(["panel", "rtol"], ascending=[True, False])["facet"].unique())
+    order["category_orders"]["facet"] = facets
+    cols = min(3, len(facets))
+    kw = dict(facet_col="facet", facet_col_wrap=cols, facet_row_spacing=0.12 if len(facets) > cols else 0.03, **order)
+    return d, kw, -(-len(facets) // cols)
+
+
+def _vs_width(
+    d: pd.DataFrame, col: str, title: str, ylabel: str, *, hover=None, iqr: bool = False, log_y=True, **px_kw
+) -> go.Figure | None:
     """One log-log line per method setting of `col` against width, one facet per (panel, tolerance)
     that holds a scaling study: no empty facets, no single dots."""
     d = scaling_part(d)
@@ -190,11 +204,7 @@ def _vs_width(d: pd.DataFrame, col: str, title: str, ylabel: str, *, hover=None,
         return None  # every problem ran at a single width: `fig_single_width` shows them
     if iqr:
         d = d.assign(**{f"_{k}": v for k, v in _errors(d, col).items()})
-    d = d.assign(facet=[f"{p} · {t}" if p else t for p, t in zip(d["panel"], d["tolerance"], strict=True)])
-    order = _orders(d)
-    facets = list(d.sort_values(["panel", "rtol"], ascending=[True, False])["facet"].unique())
-    order["category_orders"]["facet"] = facets
-    cols = min(3, len(facets))
+    d, facet_kw, rows = _facet_wrap(d)
     fig = px.line(
         d,
         x="width",
@@ -202,18 +212,16 @@ def _vs_width(d: pd.DataFrame, col: str, title: str, ylabel: str, *, hover=None,
         color="label",
         markers=True,
         log_x=True,
-        log_y=True,
+        log_y=log_y,
         error_y="_error_y" if "_error_y" in d else None,
         error_y_minus="_error_y_minus" if "_error_y_minus" in d else None,
         hover_data=hover,
         labels={col: ylabel, "width": "width"},
-        facet_col="facet",
-        facet_col_wrap=cols,
-        facet_row_spacing=0.12 if len(facets) > cols else 0.03,
-        **order,
+        **facet_kw,
+        **px_kw,
     )
     fig.update_yaxes(showticklabels=True)
-    return _style(fig, title, rows=-(-len(facets) // cols))
+    return _style(fig, title, rows=rows)
 
 
 def fig_single_width(summary: pd.DataFrame) -> go.Figure | None:
@@ -344,9 +352,12 @@ def _speedup_heatmap(summary: pd.DataFrame, metric: str, what: str, samples: pd.
     span = max(1.0, float(np.abs(np.log2(sp[metric].to_numpy())).max()))
     for i, panel in enumerate(panels, 1):
         ys = list(dict.fromkeys(sp.loc[sp["panel"] == panel, "y"]))
+        labelled = False  # y labels on the row's first drawn cell only
         for j, c in enumerate(cols, 1):
             cell = sp[(sp["panel"] == panel) & (sp["baseline"] == c)]
-            if cell.empty:
+            if cell.empty:  # this baseline did not run on this panel: no axes either
+                fig.update_xaxes(visible=False, row=i, col=j)
+                fig.update_yaxes(visible=False, row=i, col=j)
                 continue
             widths = sorted(cell["width"].unique())
 
@@ -381,7 +392,8 @@ def _speedup_heatmap(summary: pd.DataFrame, metric: str, what: str, samples: pd.
                 row=i,
                 col=j,
             )
-            fig.update_yaxes(showticklabels=j == 1, row=i, col=j)
+            fig.update_yaxes(showticklabels=not labelled, row=i, col=j)
+            labelled = True
     vals, text = _log2_ticks(-span, span)
     fig.update_layout(
         coloraxis=dict(
@@ -457,7 +469,7 @@ def fig_work_precision(summary: pd.DataFrame) -> go.Figure:
     return _style(fig, title)
 
 
-def fig_nfe(summary: pd.DataFrame) -> go.Figure:
+def fig_nfe(summary: pd.DataFrame) -> go.Figure | None:
     title = (
         "Function evaluations per method: forward and backward (direct backprop's backward: 0, it replays the graph)"
     )
@@ -465,25 +477,14 @@ def fig_nfe(summary: pd.DataFrame) -> go.Figure:
     if d.empty:
         return _empty(title, "no NFE recorded")
     long = d.melt(
-        id_vars=["label", "width", "tolerance", "panel"],
+        id_vars=["label", "width", "tolerance", "rtol", "atol", "panel"],
         value_vars=["nfe_fwd", "nfe_bwd"],
         var_name="pass",
         value_name="nfe",
     )
     long["pass"] = long["pass"].map({"nfe_fwd": "forward", "nfe_bwd": "backward"})
-    fig = px.line(
-        long,
-        x="width",
-        y="nfe",
-        color="label",
-        line_dash="pass",
-        markers=True,
-        log_x=True,
-        labels={"nfe": "function evaluations (median)"},
-        **_facets(long),
-        **_orders(d),
-    )
-    return _style(fig, title, rows=_rows(long))
+    # Single-width problems: their NFE is in the single-width figure's hover.
+    return _vs_width(long, "nfe", title, "function evaluations (median)", log_y=False, line_dash="pass")
 
 
 def fig_grad_error(summary: pd.DataFrame) -> go.Figure:
@@ -642,6 +643,9 @@ def fig_baseline_comparison(comparison: pd.DataFrame, threshold: float = 0.1) ->
         interval_plus=comparison["total_hi"] - comparison["ratio_total_s"],
         interval_minus=comparison["ratio_total_s"] - comparison["total_lo"],
     )
+    comparison, facet_kw, rows = _facet_wrap(comparison)
+    facet_kw["color_discrete_map"] = colors
+    facet_kw["category_orders"]["verdict"] = ["regression", "improvement", "same"]
     fig = px.scatter(
         comparison,
         error_y="interval_plus",
@@ -652,8 +656,6 @@ def fig_baseline_comparison(comparison: pd.DataFrame, threshold: float = 0.1) ->
         symbol="label",
         log_x=True,
         log_y=True,
-        color_discrete_map=colors,
-        category_orders={"verdict": ["regression", "improvement", "same"]},
         hover_data=[
             "label",
             "problem",
@@ -664,14 +666,15 @@ def fig_baseline_comparison(comparison: pd.DataFrame, threshold: float = 0.1) ->
             "ratio_peak_mem_bytes",
         ],
         labels={"ratio_total_s": "total time: this run / baseline"},
-        **_facets(comparison),
+        **facet_kw,
     )
+    fig.update_yaxes(showticklabels=True)
     for y, dash in ((1.0, "solid"), (1 + threshold, "dot"), (1 / (1 + threshold), "dot")):
         fig.add_hline(y=y, line_dash=dash, line_color="gray", line_width=1)
     return _style(
         fig,
         f"Against the baseline run: total time ratio per case with its 95% interval (band: ±{threshold:.0%})",
-        rows=_rows(comparison),
+        rows=rows,
     )
 
 

@@ -21,6 +21,7 @@ from gqbench._figures import (
     OPTIONAL_FIGURES,
     compare_runs,
     fig_backward_time,
+    fig_baseline_comparison,
     fig_compile_time,
     fig_device_comparison,
     fig_phases,
@@ -245,6 +246,23 @@ def test_single_width_problems_are_bars_not_empty_facets():
     assert {x for t in bars.data for x in t.x} == {"g1d w=64 rtol=1e-05"}
     assert fig_single_width(summarize(frame(rich_rows(jax=False)))) is None
     assert fig_backward_time(summarize(frame(single_width_rows()))) is None
+
+
+def test_no_figure_has_an_empty_facet():
+    """No figure has a blank facet amid its grid (a reader must not scroll past blank axes): only the
+    last row of a wrapped grid may end early. Old layout (problem rows x tolerance columns) failed this."""
+    df = frame(rich_rows(jax=False) + single_width_rows())
+    s = summarize(df)
+    figs = [(make.__name__, make(s)) for make in (*FIGURES, *OPTIONAL_FIGURES)]
+    figs.append(("fig_baseline_comparison", fig_baseline_comparison(compare_runs(df, frame(rich_rows(slow=0.8))))))
+    for name, fig in figs:
+        if fig is None:
+            continue
+        layout = fig.layout.to_plotly_json()
+        shown = {k.replace("axis", "") for k, v in layout.items() if k.startswith("xaxis") and v.get("visible", True)}
+        drawn = {t.xaxis or "x" for t in fig.data}
+        columns = {tuple(layout[f"xaxis{a[1:]}"].get("domain", (0, 1))) for a in shown}
+        assert len(shown - drawn) < len(columns), (name, sorted(shown - drawn), len(columns))
 
 
 def test_page_has_every_section(report_dirs):
