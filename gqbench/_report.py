@@ -48,10 +48,10 @@ DEFAULT_THRESHOLD = 0.10
 NOTES = {
     "fig_backward_time": "Median over repeats, error bars from the 25th to the 75th percentile. Columns: tolerances.",
     "fig_total_time": "One training step's cost: forward solve plus gradient.",
-    "fig_speedup_heatmap": "Each cell: baseline's median backward time / GQ's, on the same experiment "
-    "(problem, width, batch, tolerances, solver, device, dtype, seed, threads), timed side by side in paired "
-    "rounds. Hover: the 95% bootstrap interval over rounds; ~: the interval includes 1 (no clear difference). "
-    "Blue: GQ faster.",
+    "fig_speedup_heatmap": "Each cell: baseline's backward time / GQ's on the same experiment (problem, width, "
+    "batch, tolerances, solver, device, dtype, seed, threads), timed side by side: the median over rounds of "
+    "each round's ratio. Hover: the 95% bootstrap interval over rounds; ~: the interval includes 1 (no clear "
+    "difference). Blue: GQ faster.",
     "fig_speedup_heatmap_total": "As above for forward + backward time.",
     "fig_speedup": "The backward speed-up as lines over width (dashes: GQ setting).",
     "fig_peak_memory": "Peak memory of one forward + backward above what was allocated before it "
