@@ -3,8 +3,8 @@
 Cases that differ only in the method and its settings form a comparison group. The group's workers
 are alive together and their timed calls alternate round by round (the order rotating each round,
 never two at once), so a machine's drift hits every method alike and ratios can be taken per round.
-Re-running the same command after a crash or `kill -9` skips the finished cases (their files in
-DIR/cases/) and runs the rest; nothing is lost or written twice.
+Re-running the same command after a crash or `kill -9` skips the finished comparison groups (every
+case's file in DIR/cases/) and runs the rest; nothing is lost or duplicated.
 """
 
 from __future__ import annotations
@@ -85,7 +85,9 @@ def run_grid(
 
         cases = assign(cases, Shard.parse(shard))
     done = finished_ids(out_dir)
-    todo = [c for c in cases if c.case_id not in done]
+    # A comparison group is finished only when every case of it has its file: a group cut short (a kill
+    # while its cases' files were being written) runs again whole, so its rounds stay paired.
+    todo = [c for g in comparison_groups(cases) if any(c.case_id not in done for c in g) for c in g]
     env = environment(threads=sorted({c.threads for c in cases}))
     env.update(executor=executor, per_node=per_node, shard=shard)
     _write_environment(out_dir, env, spec, settings, n_cases=len(cases), n_done=len(cases) - len(todo))

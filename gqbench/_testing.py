@@ -22,6 +22,7 @@ FWD_S = 0.02
 # A file each stub forward + backward appends "<method> <MALLOC_MMAP_THRESHOLD_> <start> <end>" to.
 TRACE_ENV = "GQBENCH_STUB_TRACE"
 BWD_S = 0.05
+HOLD_ENV = "GQBENCH_STUB_HOLD"  # stub_hold's gradients() (in the runner's "finish") wait while this file exists
 ALLOC_BYTES = 60 * 2**20  # three 20 MiB blocks: under the default allocator glibc reuses such freed blocks
 LATER_CALL = 3  # the *_later kinds fail on this forward call (warm-up, round 0, then here)
 
@@ -69,6 +70,9 @@ class StubRun(AbstractRun):
         return float("nan") if self.kind == "nan" else 1.0
 
     def gradients(self):
+        if self.kind == "hold":  # the runner's "finish" waits while the file HOLD_ENV names exists
+            while os.path.exists(os.environ.get(HOLD_ENV, "")):
+                time.sleep(0.05)
         return [np.full(3, np.nan if self.kind == "nan" else 1.0)]
 
 
@@ -89,7 +93,7 @@ class StubQuadMethod(StubMethod):
 
 KINDS = ("ok", "crash", "nan", "hang", "oom", "max_steps", "abort")
 # "killparent" kills the process that started the worker: only for executors that survive it (Ray).
-for _kind in (*KINDS, "killparent", "alloc", "crash_later", "hang_later"):
+for _kind in (*KINDS, "killparent", "alloc", "crash_later", "hang_later", "hold"):
     if f"stub_{_kind}" not in METHODS._methods:
         register_method(StubMethod(f"stub_{_kind}", f"test stub: {_kind}", kind=_kind))
 if "stub_quad" not in METHODS._methods:

@@ -157,6 +157,35 @@ def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path):
     assert env_runs[-1]["already_done"] == len(done_before)
 
 
+def test_a_group_cut_short_runs_again_whole(tmp_path):
+    """Killed after one case of a comparison group was written: the re-run times the whole group again
+    (the other case's rounds must be paired with this one's, not with rounds of the killed run)."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    spec = tmp_path / "spec.toml"
+    spec.write_text(
+        '[run]\nrepeats = 3\nwarmup = 0\n[axes]\nmethod = ["stub_ok", "stub_hold"]\nproblem = ["linear"]\n'
+        "width = [3]\nbatch = [2]\nthreads = [1]\n"
+    )
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "gqbench", "run", "--grid", str(spec), "--out", str(out), "--quiet"]
+    env = dict(os.environ, **PLUGIN, **{stubs.HOLD_ENV: str(hold)})
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((out / "cases").glob("*.json")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # stub_ok's file is written, stub_hold waits in "finish"
+    proc.wait()
+    (first,) = (out / "cases").glob("*.json")
+    mtime = first.stat().st_mtime_ns
+    hold.unlink()
+    subprocess.run(cmd, env=env, check=True, timeout=120)
+    df = pd.read_parquet(out / "results.parquet")
+    assert sorted(df["method"].unique()) == ["stub_hold", "stub_ok"] and (df["status"] == "ok").all()
+    assert len(df) == 6 and first.stat().st_mtime_ns != mtime  # stub_ok was timed again, beside stub_hold
+    assert json.loads((out / "environment.json").read_text())["runs"][-1]["already_done"] == 0
+
+
 # ----------------------------------------------------------------------------- paired rounds
 
 
