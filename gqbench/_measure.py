@@ -142,16 +142,19 @@ def memory_call(run: AbstractRun, device: str) -> float:
 
 def return_freed_memory() -> None:
     """From now on, glibc hands freed blocks >= 64 KiB back to the kernel (as MALLOC_MMAP_THRESHOLD_=65536
-    would), and what the timed calls left free in the heap goes back now (`malloc_trim`), so an RSS
-    high-water mark measures the next block's own peak. Only for memory calls, after the timed ones: it
-    slows allocation-heavy code (direct backprop's backward by up to 45%)."""
+    would), so an RSS high-water mark measures the block's own peak. Only for memory repeats, after the
+    timed ones: it slows allocation-heavy code (direct backprop's backward by up to 45%).
+
+    malloc_trim(0) first returns what the timed calls left free in the heaps: without it the next call
+    reuses those resident pages and its peak reads low (60 MB of live tensors measured as 40 MB)."""
     try:
         import ctypes
 
-        ctypes.CDLL(None).mallopt(-3, 65536)  # M_MMAP_THRESHOLD (also stops glibc raising it dynamically)
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
-    _trim()
 
 
 def _trim() -> None:
@@ -217,6 +220,9 @@ def measure(
     `run`: an already prepared run (asv/pytest-benchmark set up once); `reference=False`: no
     gradient error (NaN), e.g. when the reference could not be computed. The runner does the same
     steps in worker processes, with the timed calls of compared methods alternating round by round.
+    Here the memory call runs under the default allocator (this process goes on timing other things),
+    which reuses blocks freed by the timed calls: `peak_mem_bytes` is a lower bound; the runner's
+    workers `return_freed_memory()` first.
     """
     if run is None:
         run, setup_s = warm_up(case, warmup)

@@ -20,6 +20,7 @@ from ._figures import (
     MATCH,
     OPTIONAL_FIGURES,
     QUAD_METHODS,
+    SAMPLE_FIGURES,
     compare_runs,
     fig_baseline_comparison,
     fig_phases,
@@ -47,8 +48,10 @@ DEFAULT_THRESHOLD = 0.10
 NOTES = {
     "fig_backward_time": "Median over repeats, error bars from the 25th to the 75th percentile. Columns: tolerances.",
     "fig_total_time": "One training step's cost: forward solve plus gradient.",
-    "fig_speedup_heatmap": "Each cell: baseline's median backward time / GQ's, on the same experiment "
-    "(problem, width, batch, tolerances, solver, device, dtype, seed, threads). Blue: GQ faster.",
+    "fig_speedup_heatmap": "Each cell: baseline's backward time / GQ's on the same experiment (problem, width, "
+    "batch, tolerances, solver, device, dtype, seed, threads), timed side by side: the median over rounds of "
+    "each round's ratio. Hover: the 95% bootstrap interval over rounds; ~: the interval includes 1 (no clear "
+    "difference). Blue: GQ faster.",
     "fig_speedup_heatmap_total": "As above for forward + backward time.",
     "fig_speedup": "The backward speed-up as lines over width (dashes: GQ setting).",
     "fig_peak_memory": "Peak memory of one forward + backward above what was allocated before it "
@@ -196,7 +199,7 @@ def _baseline_html(comparison: pd.DataFrame, threshold: float, label: str, n_now
     head = (
         f"<p>Compared with <code>{html.escape(label)}</code>: {len(comparison)} cases in both runs "
         f"({n_now - len(comparison)} only in this run, {n_base - len(comparison)} only in the baseline). "
-        f"Threshold ±{threshold:.0%} on the median total time: "
+        f"Threshold ±{threshold:.0%} on the median total time, counted only when the 95% interval lies beyond it: "
         f"<b class=bad>{counts.get('regression', 0)} regressions</b>, "
         f"<b>{counts.get('improvement', 0)} improvements</b>, {counts.get('same', 0)} within the band.</p>"
     )
@@ -215,8 +218,8 @@ def _baseline_html(comparison: pd.DataFrame, threshold: float, label: str, n_now
         "tolerance",
         "device",
         "total s (baseline → now)",
-        "total ratio",
-        "backward ratio",
+        "total ratio [95% interval]",
+        "backward ratio [95% interval]",
         "memory ratio",
         "backward IQR/median now",
     )
@@ -236,6 +239,11 @@ def _baseline_html(comparison: pd.DataFrame, threshold: float, label: str, n_now
 MAX_ROWS = 15
 
 
+def _ratio_cell(r, col: str, name: str) -> str:
+    lo, hi = r[f"{name}_lo"], r[f"{name}_hi"]
+    return f"{r[col]:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo == lo else " (n<3)")
+
+
 def _baseline_row(r) -> str:
     iqr = (r["bwd_q75"] - r["bwd_q25"]) / r["bwd_s"] if r["bwd_s"] else float("nan")
     cells = [
@@ -246,8 +254,8 @@ def _baseline_row(r) -> str:
         r["tolerance"],
         str(r["device"]),
         f"{r['total_s_baseline']:.4g} → {r['total_s']:.4g}",
-        f"{r['ratio_total_s']:.3f}",
-        f"{r['ratio_bwd_s']:.3f}",
+        _ratio_cell(r, "ratio_total_s", "total"),
+        _ratio_cell(r, "ratio_bwd_s", "bwd"),
         f"{r['ratio_peak_mem_bytes']:.3f}",
         f"{iqr:.0%}",
     ]
@@ -324,7 +332,7 @@ def render(
     sections: list[tuple[str, str]] = []
     if not summary.empty:
         for make in FIGURES:
-            fig = make(summary)
+            fig = make(summary, samples=df[~training]) if make in SAMPLE_FIGURES else make(summary)
             if fig is not None:  # None: nothing of this kind was measured (e.g. no problem at two widths)
                 sections.append((make.__name__, _figure_div(fig, make.__name__)))
         for make in OPTIONAL_FIGURES:
@@ -334,8 +342,9 @@ def render(
     if epochs is not None and not epochs.empty:
         sections += _sde_sections(epochs, sde_bands)
     if baseline is not None:
-        base_summary = summarize(baseline)
-        comparison = compare_runs(summary, base_summary, threshold) if not summary.empty else None
+        base_training = baseline["epochs"].notna() if "epochs" in baseline else pd.Series(False, index=baseline.index)
+        base_summary = summarize(baseline[~base_training])
+        comparison = compare_runs(df[~training], baseline[~base_training], threshold) if not summary.empty else None
         if comparison is not None and not comparison.empty:
             fig = fig_baseline_comparison(comparison, threshold)
             body = _baseline_html(comparison, threshold, baseline_label, len(summary), len(base_summary)) + _figure_div(
