@@ -81,7 +81,7 @@ def _bench_gpu_args(posargs: list[str]):
 
     p = argparse.ArgumentParser(prog="nox -s bench-gpu --")
     p.add_argument("out", nargs="?", default="reports/gpu")
-    p.add_argument("--shard", metavar="K/N", help="this runner's part of the grid (a CI matrix; gqbench merge joins them)")
+    p.add_argument("--shard", metavar="K/N", help="this runner's part of the grid (gqbench merge joins the parts)")
     p.add_argument("--baseline", help="a stored results folder: fail on regressions against it (gqbench compare)")
     p.add_argument("--threshold", type=float, default=0.1)
     return p.parse_args(posargs)
