@@ -21,6 +21,7 @@ from ._methods import METHODS, AbstractMethod, AbstractRun, register_method
 FWD_S = 0.02
 # A file each stub forward + backward appends "<method> <MALLOC_MMAP_THRESHOLD_> <start> <end>" to.
 TRACE_ENV = "GQBENCH_STUB_TRACE"
+ONCE_ENV = "GQBENCH_STUB_ONCE_DIR"  # stub_killparent_once leaves a marker here: it kills its parent only once
 BWD_S = 0.05
 HOLD_ENV = "GQBENCH_STUB_HOLD"  # stub_hold's gradients() (in the runner's "finish") wait while this file exists
 ALLOC_BYTES = 60 * 2**20  # three 20 MiB blocks: under the default allocator glibc reuses such freed blocks
@@ -50,6 +51,11 @@ class StubRun(AbstractRun):
             os.abort()
         if self.kind == "killparent":  # the process that started this worker (e.g. a Ray worker) dies
             os.kill(os.getppid(), 9)
+        if self.kind == "killparent_once":  # ... the first time only (a marker per width in $GQBENCH_STUB_ONCE_DIR)
+            marker = os.path.join(os.environ[ONCE_ENV], f"killparent-w{self.width}")
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os.kill(os.getppid(), 9)
         self._started = time.time()
         time.sleep(FWD_S * self.time_scale)
         self.nfe_forward = self.width
@@ -92,8 +98,8 @@ class StubQuadMethod(StubMethod):
 
 
 KINDS = ("ok", "crash", "nan", "hang", "oom", "max_steps", "abort")
-# "killparent" kills the process that started the worker: only for executors that survive it (Ray).
-for _kind in (*KINDS, "killparent", "alloc", "crash_later", "hang_later", "hold"):
+# "killparent(_once)" kills the process that started the worker: only for executors that survive it (Ray).
+for _kind in (*KINDS, "killparent", "killparent_once", "alloc", "crash_later", "hang_later", "hold"):
     if f"stub_{_kind}" not in METHODS._methods:
         register_method(StubMethod(f"stub_{_kind}", f"test stub: {_kind}", kind=_kind))
 if "stub_quad" not in METHODS._methods:
