@@ -80,6 +80,9 @@ def run_grid(
     if per_node < 1:
         raise ValueError(f"--per-node {per_node}: must be >= 1")
     cases = list(dict.fromkeys(cases))
+    from .execute.merge import grid_identity
+
+    grid = grid_identity(c.case_id for c in cases)  # the whole grid, before sharding: merge checks it
     if shard is not None:
         from .execute.shard import Shard, assign
 
@@ -89,7 +92,7 @@ def run_grid(
     # while its cases' files were being written) runs again whole, so its rounds stay paired.
     todo = [c for g in comparison_groups(cases) if any(c.case_id not in done for c in g) for c in g]
     env = environment(threads=sorted({c.threads for c in cases}))
-    env.update(executor=executor, per_node=per_node, shard=shard)
+    env.update(executor=executor, per_node=per_node, shard=shard, grid=grid)
     _write_environment(out_dir, env, spec, settings, n_cases=len(cases), n_done=len(cases) - len(todo))
     machine = machine_name()
     console = Console(stderr=True, quiet=not progress)

@@ -62,7 +62,7 @@ def test_two_shards_merged_equal_one_run(tmp_path):
     pd.testing.assert_frame_equal(a, b)
     assert merged["machine"].notna().all()
     assert main(["report", str(tmp_path / "merged")]) == 0
-    with pytest.raises(GridSpecError, match="in no shard"):
+    with pytest.raises(GridSpecError, match="the missing shard"):
         merge(tmp_path / "m2", [tmp_path / "s1"])
     with pytest.raises(GridSpecError, match="in both"):
         merge(tmp_path / "m3", [tmp_path / "s1", tmp_path / "s1"])
