@@ -386,6 +386,25 @@ def test_rule_selection():
     assert GaussLegendreAdjoint(quad_order=4).rule == "fixed"
 
 
+@pytest.mark.parametrize(
+    "case_kw, rule, gtol, quad_order",
+    [
+        (dict(quadrature="adaptive"), "adaptive", None, None),
+        (dict(), "adaptive", None, None),
+        (dict(quadrature="gtol", gtol=0.3), "gtol", 0.3, None),
+        (dict(gtol=0.1), "gtol", 0.1, None),  # a case from before the quadrature axis: gtol set -> the paper's rule
+        (dict(quadrature="fixed", quad_order=8), "fixed", None, 8),
+        (dict(quad_order=4), "fixed", None, 4),
+    ],
+)
+def test_jax_gq_adapter_picks_the_cases_rule(case_kw, rule, gtol, quad_order):
+    from gqbench._case import Case
+    from gqbench._jax_methods import JaxGQ
+
+    adj = JaxGQ("jax_gq", "").adjoint(Case("jax_gq", "oscillator", 16, 8, **case_kw))
+    assert (adj.rule, adj.gtol, adj.quad_order) == (rule, gtol, quad_order)
+
+
 def test_adaptive_needs_a_tolerance_without_an_adaptive_controller():
     def loss(a):
         sol = diffrax.diffeqsolve(diffrax.ODETerm(lambda t, y, a: -a * y), diffrax.Heun(), 0.0, 1.0, 0.1,
