@@ -25,7 +25,7 @@ from typing import ClassVar
 from ._methods import AbstractMethod, AbstractRun, register_method
 
 _SOLVERS = {"dopri5": "Dopri5", "dopri8": "Dopri8", "bosh3": "Bosh3", "adaptive_heun": "Heun"}
-_LOSS_PROBLEMS = ("workload_l", "linear", "g1d", "spheres", "sines")
+_LOSS_PROBLEMS = ("workload_l", "linear", "g1d", "spheres", "sines", "oscillator", "forced_mlp")
 MAX_STEPS = 4096  # diffrax's default; also sizes RecursiveCheckpointAdjoint's checkpoints
 
 
@@ -100,19 +100,17 @@ class JaxBacksolve(_JaxMethod):
 class JaxGQ(_JaxMethod):
     quadrature: ClassVar[bool] = True
 
-    def unsupported(self, case):
-        if case.quadrature == "adaptive":
-            return 'the JAX GQ adjoint has no adaptive quadrature yet; use quadrature = ["gtol"] or ["fixed"]'
-        return super().unsupported(case)
-
     def adjoint(self, case):
         from impls.jax import GaussLegendreAdjoint
 
-        kw = dict(backward_state=case.backward_state or "backsolve")
-        if case.quad_order is not None:
+        # As torch_gq: the case's `quadrature`; without one, a gtol or quad_order in the case picks the rule.
+        gtol = None if case.gtol is None or math.isnan(case.gtol) else case.gtol
+        rule = case.quadrature or ("fixed" if case.quad_order is not None else "gtol" if gtol is not None else None)
+        kw = dict(backward_state=case.backward_state or "backsolve", quadrature=rule)
+        if rule == "fixed":
             kw["quad_order"] = case.quad_order
-        elif case.gtol is not None and not math.isnan(case.gtol):
-            kw["gtol"] = case.gtol
+        elif rule == "gtol":
+            kw["gtol"] = gtol  # None: the paper's 0.1
         return GaussLegendreAdjoint(**kw)
 
 
@@ -134,6 +132,11 @@ class _JaxRun(AbstractRun):
         ctrl = diffrax.PIDController(rtol=case.rtol, atol=case.atol)
         self.quadrature = quadrature
         self.extra = {}
+        self._reports = []
+        if quadrature:
+            # What the backward pass did (nodes, error estimate, backward NFE) comes back through a host
+            # callback at its end: a few scalars per call.
+            adjoint = dataclasses.replace(adjoint, report=self._reports.append)
 
         def solve(diff):
             fld, y0_ = diff
@@ -149,7 +152,7 @@ class _JaxRun(AbstractRun):
                 adjoint=adjoint,
                 max_steps=MAX_STEPS,
             )
-            stats = {k: v for k, v in sol.stats.items() if k in ("num_steps", "gq_quad_orders")}
+            stats = {k: v for k, v in sol.stats.items() if k == "num_steps"}
             return loss(sol.ys), stats
 
         def fwd(diff):
@@ -179,14 +182,19 @@ class _JaxRun(AbstractRun):
         self._grads = None
         self._value, self._vjp, stats = jax.block_until_ready(self._fwd(self._diff))
         self.nfe_forward = self._nfe(int(stats["num_steps"]))
-        if self.quadrature:
-            self.extra = {"quad_nodes": int(stats["gq_quad_orders"].sum())}
 
     def backward(self):
         import jax
 
+        self._reports.clear()
         self._grads = jax.block_until_ready(self._bwd(self._vjp, self._value))
         self.nfe_backward = float("nan")  # diffrax does not report the backward solves' steps
+        if self.quadrature:
+            jax.effects_barrier()  # the report callback has run
+            (rep,) = self._reports
+            if "gq_nfe_backward" in rep:  # solver evaluations of the backward solves; quadrature nodes apart
+                self.nfe_backward = int(rep["gq_nfe_backward"])
+            self.extra = {"quad_nodes": int(rep["gq_quad_nodes"].sum()), "quad_err_est": float(rep["gq_quad_error"])}
 
     def loss_value(self):
         return float(self._value)
@@ -209,7 +217,7 @@ def _field_from_torch(func, put):
     import jax.numpy as jnp
     from torch import nn
 
-    from ._problems import MLP, SecondOrder, _LinearField
+    from ._problems import MLP, SecondOrder, _CubicField, _ForcedField, _LinearField
 
     class JMLP(eqx.Module):
         weights: list
@@ -231,6 +239,20 @@ def _field_from_torch(func, put):
         def __call__(self, t, y, args=None):
             return jnp.concatenate([y[..., self.dim :], self.mlp(t, y)], axis=-1)
 
+    class JCubic(eqx.Module):
+        A: jax.Array
+        mlp: JMLP
+
+        def __call__(self, t, y, args=None):
+            return (y**3) @ self.A + self.mlp(t, y)
+
+    class JForced(eqx.Module):
+        mlp: JMLP
+        frequency: float = eqx.field(static=True)
+
+        def __call__(self, t, y, args=None):
+            return self.mlp(t, jnp.concatenate([y, jnp.ones_like(y[..., :1]) * jnp.sin(self.frequency * t)], -1))
+
     class JLinear(eqx.Module):
         weight: jax.Array
 
@@ -250,6 +272,10 @@ def _field_from_torch(func, put):
         return mlp(func), mlp_order
     if isinstance(func, SecondOrder):
         return JSecondOrder(mlp(func.mlp), func.dim), lambda g: mlp_order(g.mlp)
+    if isinstance(func, _CubicField):
+        return JCubic(put(func.A), mlp(func.mlp)), lambda g: [g.A, *mlp_order(g.mlp)]
+    if isinstance(func, _ForcedField):
+        return JForced(mlp(func.mlp), func.frequency), lambda g: mlp_order(g.mlp)
     if isinstance(func, _LinearField):
         return JLinear(put(func.lin.weight)), lambda g: [g.weight]
     raise ValueError(f"no JAX copy of {type(func).__name__}; add one in gqbench._jax_methods")
@@ -261,6 +287,8 @@ def _loss_from_torch(name: str, inst, put):
 
     cells = dict(zip(inst.loss.__code__.co_freevars, inst.loss.__closure__ or (), strict=True))
     data = [put(x) for x in cells["moved"].cell_contents] if "moved" in cells else []
+    if name in ("oscillator", "forced_mlp"):
+        return lambda ys: jnp.sum(ys**2) / ys.shape[1]
     if name in ("workload_l", "linear"):
         return lambda ys: jnp.sum(ys[-1] ** 2)
     if name in ("g1d", "spheres"):

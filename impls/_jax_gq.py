@@ -1,21 +1,35 @@
 """The Gauss-Legendre quadrature (GQ) adjoint as a diffrax adjoint (JAX).
 
-    diffrax.diffeqsolve(..., adjoint=GaussLegendreAdjoint(gtol=0.1))
+    diffrax.diffeqsolve(..., adjoint=GaussLegendreAdjoint())
 
 Forward: the ordinary diffrax loop (plain `lax.while_loop`, nothing stored for autodiff).
 Backward, per observation interval [t_{i-1}, t_i] walked backwards (a `lax.scan`): solve [z, a]
 (or only a, reading z from the forward dense solution) with dz/dt = f and da/dt = -a^T df/dz --
 a VJP with respect to z only, so XLA never forms weight-gradient matmuls inside the solver --
-then dL/dtheta += int a^T df/dtheta dt from an n-point Gauss-Legendre rule, all n nodes in one
-vmapped VJP.
+and dL/dtheta += int a^T df/dtheta dt by one of three rules (`quadrature`):
 
-Quadrature order under jit. With a fixed `quad_order` the rule is static. With the gtol rule
+"adaptive" (default), error-controlled. The backward solver is wrapped (`_QuadratureSolver`) so
+that every step it takes also integrates over that step with the nested Gauss-Kronrod pair G2/K5,
+z and a read from the step's own dense output: panels = the solver's steps, as in
+SciMLSensitivity's GaussAdjoint. The K5 sum and the estimate E = sum(K5 - G2) ride in the solver
+state, which diffrax keeps only for accepted steps, so no step table or dense buffer is stored:
+memory stays flat in the number of steps. Both sums come from ONE vmapped VJP per step (the two
+cotangents batched). When ||E|| > quad_atol * sqrt(#params) + quad_rtol * ||dL/dtheta||, the
+interval is solved again with every panel bisected (2**level panels per step, level <=
+MAX_REFINEMENTS; the solve is deterministic, so the steps are the same). The next interval starts
+at the level this one ended at.
+
+"gtol" / "fixed", the paper's rule and a fixed order: one n-point Gauss-Legendre rule per
+interval. With a fixed `quad_order` the rule is static. With the gtol rule
 n_i = min(ceil(gtol * NFE * |dt_i| / |T|), 64) depends on the forward NFE, known only at run time.
 We keep exact n-point rules and make only the *evaluation width* static: the backward solve saves
 (z, a) at the 64 slots of a padded node table row (n real nodes, the rest parked on t_{i-1} with
 zero weight; saving is an interpolation, cheap), and `lax.switch` picks a branch that evaluates
 the first B in {1, 2, 4, ..., 64} slots, B >= n. So the VJP work is at most 2x the exact rule's,
 the gradient is the exact n-point rule's, and compile time grows by 7 small branches.
+
+What the backward pass did (nodes, the quadrature's error estimate, backward NFE) is known only
+after `sol.stats` was returned, so it goes to an optional host callback (`report=`).
 
 Leans on diffrax internals (`loop`'s State/SaveState, `_only_transpose_ys`, DenseInterpolation),
 hence the pin diffrax==0.7.2 in the `jax` extra.
@@ -25,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -40,6 +55,7 @@ from diffrax import (
     AbstractRungeKutta,
     AbstractSolver,
     AbstractStepSizeController,
+    AbstractWrappedSolver,
     Euler,
     ODETerm,
     SaveAt,
@@ -49,8 +65,12 @@ from diffrax._global_interpolation import DenseInterpolation
 from diffrax._saveat import SubSaveAt, save_y
 from diffrax._term import WrapTerm
 
+from ._quadrature import _kronrod5
+
 BACKWARD_STATES = ("backsolve", "interpolate")
+QUADRATURES = ("adaptive", "gtol", "fixed")
 MAX_QUAD_ORDER = 64  # the paper's cap
+MAX_REFINEMENTS = 4  # adaptive rule: at most 2**4 panels per backward step (each level re-solves the interval)
 _BUCKETS = tuple(2**k for k in range(int(math.log2(MAX_QUAD_ORDER)) + 1))  # 1, 2, 4, ..., 64
 
 _lax_loop = functools.partial(eqxi.while_loop, kind="lax")
@@ -60,45 +80,98 @@ def _fail(arg: str, value, why_and_fix: str):
     raise ValueError(f"GaussLegendreAdjoint({arg}={value!r}): {why_and_fix}")
 
 
+def _bad_number(x) -> bool:
+    return isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x)
+
+
 class GaussLegendreAdjoint(AbstractAdjoint):
     """Backpropagate through `diffrax.diffeqsolve` with the Gauss-Legendre quadrature adjoint
     (Norcliffe & Deisenroth, TMLR 2023): continuous adjoint for y0, quadrature for parameters.
 
     **Arguments:**
 
+    - `quadrature`: the rule for dL/dtheta = int a^T df/dtheta dt. "adaptive" (the default):
+        Gauss-Kronrod G2/K5 on every backward solver step, panels bisected until the estimate
+        meets `quad_rtol`/`quad_atol`. "gtol": the paper's rule (implied by `gtol=`). "fixed":
+        `quad_order` nodes per observation interval (implied by `quad_order=`).
     - `gtol`: the paper's rule, n = min(ceil(gtol * NFE_forward * |dt_i| / |T|), 64) nodes per
-        observation interval (ignored when `quad_order` is given).
+        observation interval (0.1 in the paper). No error control: far off on long or
+        oscillating intervals.
     - `quad_order`: a fixed number of Gauss-Legendre nodes per interval.
+    - `quad_rtol`, `quad_atol`: the adaptive rule's tolerance, ||K5 - G2|| <= quad_atol *
+        sqrt(#params) + quad_rtol * ||dL/dtheta|| per interval; default: the backward step-size
+        controller's rtol/atol.
     - `backward_state`: "backsolve" solves z backwards beside a (the paper's method);
         "interpolate" keeps the forward dense solution and interpolates z -- stable on
         contractive dynamics where backsolving z diverges; needs `max_steps` (memory
         O(max_steps * stages * state)).
     - `solver`, `stepsize_controller`, `max_steps`: for the backward solves; default: the
         forward's.
+    - `report`: called on the host after each backward pass (`jax.debug.callback`) with a
+        dict of numpy arrays: "gq_quad_nodes" (f evaluations spent on quadrature, per
+        interval), "gq_quad_error" (adaptive: the estimate's norm over all intervals relative
+        to ||dL/dtheta||, NaN for the other rules), "gq_refinements" / "gq_unconverged" (per
+        interval), "gq_nfe_backward" (backward solver evaluations, when countable).
 
     Gradients flow to `y0`, `args` and the arrays inside `terms` (as with BacksolveAdjoint),
-    not to times. `sol.stats` gains "gq_nfe_forward" and "gq_quad_orders" (per interval).
+    not to times. `sol.stats` gains "gq_nfe_forward" (when countable) and, for the gtol and
+    fixed rules, "gq_quad_orders" (per interval).
     """
 
-    gtol: float = eqx.field(default=0.1, static=True)
+    gtol: float | None = eqx.field(default=None, static=True)
     quad_order: int | None = eqx.field(default=None, static=True)
+    quadrature: str | None = eqx.field(default=None, static=True)
+    quad_rtol: float | None = eqx.field(default=None, static=True)
+    quad_atol: float | None = eqx.field(default=None, static=True)
     backward_state: str = eqx.field(default="backsolve", static=True)
     solver: AbstractSolver | None = None
     stepsize_controller: AbstractStepSizeController | None = None
     max_steps: int | None = eqx.field(default=None, static=True)
+    report: Callable[[dict], Any] | None = eqx.field(default=None, static=True)
 
     def __check_init__(self):
         g = self.gtol
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g <= 0:
-            _fail("gtol", g, "gtol must be a finite number > 0 (the paper uses 0.1).")
+        if g is not None and (_bad_number(g) or g <= 0):
+            _fail("gtol", g, "gtol must be a finite number > 0 (the paper uses 0.1), or None.")
         q = self.quad_order
         if q is not None and (isinstance(q, bool) or not isinstance(q, int) or q < 1):
-            _fail("quad_order", q, f"use an int >= 1 (e.g. 2..{MAX_QUAD_ORDER}), or None for the gtol rule.")
+            _fail("quad_order", q, f"use an int >= 1 (e.g. 2..{MAX_QUAD_ORDER}), or None.")
+        if g is not None and q is not None:
+            _fail("gtol", g, "gtol (the paper's rule) and quad_order (a fixed rule) exclude each other; pass one.")
+        rule = self.quadrature
+        if rule is not None and rule not in QUADRATURES:
+            _fail("quadrature", rule, f"use one of {', '.join(map(repr, QUADRATURES))}.")
+        implied = "fixed" if q is not None else "gtol" if g is not None else None
+        if rule is not None and implied is not None and rule != implied:
+            _fail("quadrature", rule, f"{'gtol' if implied == 'gtol' else 'quad_order'} selects "
+                  f"quadrature={implied!r}; drop one of the two.")  # fmt: skip
+        if rule == "fixed" and q is None:
+            _fail("quadrature", rule, "the fixed rule needs quad_order=n (nodes per interval).")
+        for name in ("quad_rtol", "quad_atol"):
+            tol = getattr(self, name)
+            if tol is not None and (_bad_number(tol) or tol < 0):
+                _fail(name, tol, f"{name} must be a finite number >= 0, or None for the backward solver's.")
+            if tol is not None and self.rule != "adaptive":
+                _fail(name, tol, f"quad_rtol/quad_atol control the adaptive rule only; drop them or "
+                      f"{'gtol' if self.rule == 'gtol' else 'quad_order'}.")  # fmt: skip
         if self.backward_state not in BACKWARD_STATES:
             _fail("backward_state", self.backward_state, f"use {' or '.join(map(repr, BACKWARD_STATES))}.")
         m = self.max_steps
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             _fail("max_steps", m, "max_steps must be an int >= 1, or None to reuse the forward's.")
+        if self.report is not None and not callable(self.report):
+            _fail("report", self.report, "report must be callable as report(stats_dict), or None.")
+
+    @property
+    def rule(self) -> str:
+        """The quadrature rule in effect: `quadrature`, or the one `gtol`/`quad_order` imply."""
+        if self.quadrature is not None:
+            return self.quadrature
+        return "fixed" if self.quad_order is not None else "gtol" if self.gtol is not None else "adaptive"
+
+    @property
+    def gtol_value(self) -> float:
+        return 0.1 if self.gtol is None else self.gtol  # the paper's value
 
     def loop(self, *, args, terms, solver, stepsize_controller, event, saveat, t0, t1, dt0, max_steps, throw,
              init_state, passed_solver_state, passed_controller_state, progress_meter):  # fmt: skip
@@ -181,7 +254,7 @@ def _evals_per_step(solver) -> tuple[int, int]:
         return 1, 0
     raise ValueError(
         f"GaussLegendreAdjoint(gtol=...): cannot count f evaluations of {type(solver).__name__}; "
-        "pass GaussLegendreAdjoint(quad_order=n) instead."
+        "use the adaptive rule (the default) or GaussLegendreAdjoint(quad_order=n) instead."
     )
 
 
@@ -208,13 +281,22 @@ def _forward(y__args__terms, *, self, solver, stepsize_controller, saveat, t0, t
         final_state = eqx.tree_at(
             lambda s: (s.dense_ts, s.dense_infos, s.dense_save_index), final_state, (None, None, None)
         )
-    nfe = _nfe_forward(solver, stepsize_controller, dt0, final_state.num_steps)
-    lo, hi, _ = _intervals(final_state.save_state, saveat, t0, y)
-    aux_stats = dict(aux_stats, gq_nfe_forward=nfe, gq_quad_orders=_orders(self, nfe, lo, hi, t0, t1))
+    aux_stats = dict(aux_stats)
+    if self.rule == "gtol" or _countable(solver):
+        nfe = _nfe_forward(solver, stepsize_controller, dt0, final_state.num_steps)
+        aux_stats["gq_nfe_forward"] = nfe
+    if self.rule != "adaptive":
+        lo, hi, _ = _intervals(final_state.save_state, saveat, t0, y)
+        aux_stats["gq_quad_orders"] = _orders(self, aux_stats.get("gq_nfe_forward"), lo, hi, t0, t1)
     return final_state, aux_stats, dense
 
 
+def _countable(solver) -> bool:
+    return isinstance(solver, (AbstractRungeKutta, Euler))
+
+
 def _nfe_forward(solver, stepsize_controller, dt0, num_steps):
+    """f evaluations of a solve of `num_steps` steps (attempted, rejected ones included)."""
     per_step, at_start = _evals_per_step(solver)
     # An adaptive controller without dt0 spends two evaluations choosing the first step.
     if isinstance(stepsize_controller, AbstractAdaptiveStepSizeController) and dt0 is None:
@@ -238,7 +320,7 @@ def _orders(adj: GaussLegendreAdjoint, nfe, lo, hi, t0, t1):
     else:
         span = jnp.abs(t1 - t0)
         frac = jnp.abs(hi - lo) / jnp.where(span > 0, span, 1)
-        n = jnp.clip(jnp.ceil(adj.gtol * nfe * frac), 1, MAX_QUAD_ORDER)
+        n = jnp.clip(jnp.ceil(adj.gtol_value * nfe * frac), 1, MAX_QUAD_ORDER)
     return jnp.where(hi > lo, n, 0).astype(jnp.int32)
 
 
@@ -274,47 +356,104 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
     fake_state = _SavedTs(ts=ts, ys=grad_ys)
     lo, hi, g_pts = _intervals(fake_state, saveat, t0, jtu.tree_map(jnp.zeros_like, y0))
     _, _, y_pts = _intervals(_SavedTs(ts=ts, ys=ys), saveat, t0, y0)
-    orders = aux_stats["gq_quad_orders"]
-
     time_dtype = jnp.result_type(ts)
-    if adj.quad_order is not None:
-        table_x, table_w = _padded_rule_table(adj.quad_order, adj.quad_order, time_dtype)
-        widths = (adj.quad_order,)
-    else:
-        table_x, table_w = _padded_rule_table(None, MAX_QUAD_ORDER, time_dtype)
-        widths = _BUCKETS
+    rule = adj.rule
 
+    b_solver = solver if adj.solver is None else adj.solver
+    b_ctrl = adj.stepsize_controller or stepsize_controller
     backward = dict(
-        solver=solver if adj.solver is None else adj.solver,
-        stepsize_controller=adj.stepsize_controller or stepsize_controller,
+        stepsize_controller=b_ctrl,
         dt0=None if dt0 is None else -dt0,
         max_steps=max_steps if adj.max_steps is None else adj.max_steps,
         throw=throw,
         adjoint=_NoAutodiff(),
     )
+    nfe_of = None
+    if _countable(b_solver):
+        nfe_of = functools.partial(_nfe_forward, b_solver, b_ctrl, backward["dt0"])
+    zero_grads = jtu.tree_map(jnp.zeros_like, params)
+    zero_stats = dict(nodes=jnp.int32(0), nfe=jnp.int32(0), refinements=jnp.int32(0), level=jnp.int32(0),
+                      unconverged=jnp.bool_(False))  # fmt: skip
+
+    if rule == "adaptive":
+        quad_rtol, quad_atol = _quad_tols(adj, b_ctrl)
+        n_params = sum(x.size for x in jtu.tree_leaves(params))
+        x_gk, w_k, w_e = (jnp.asarray(v, dtype=time_dtype) for v in _kronrod_numpy())
+        quad_solver = _QuadratureSolver(b_solver, x_gk, w_k, w_e)
+        vf = ODETerm(_adaptive_backsolve_vf if adj.backward_state == "backsolve" else _adaptive_interp_vf)
+    else:
+        if rule == "fixed":
+            table_x, table_w = _padded_rule_table(adj.quad_order, adj.quad_order, time_dtype)
+            widths = (adj.quad_order,)
+        else:
+            table_x, table_w = _padded_rule_table(None, MAX_QUAD_ORDER, time_dtype)
+            widths = _BUCKETS
 
     def interval(carry, xs):
-        a, grads = carry
+        a, grads, err_sq, level = carry
         t_lo, t_hi, y_hi, g_lo, n = xs
-        # An empty interval costs nothing: no solve, no nodes (a real branch inside the scan).
-        a_lo, dg = lax.cond(n > 0, solve_and_integrate, lambda *_: (a, zero_grads), t_lo, t_hi, y_hi, a, n)
+        if rule == "adaptive":
+            # An empty interval (e.g. SaveAt(ts) starting at t0) costs nothing: no solve, no nodes.
+            skip = lambda *_: (a, zero_grads, jnp.zeros((), time_dtype), zero_stats, level)
+            a_lo, dg, e_sq, st, level = lax.cond(t_hi > t_lo, integrate_adaptive, skip, t_lo, t_hi, y_hi, a, grads,
+                                                 level)  # fmt: skip
+            err_sq = err_sq + e_sq
+        else:
+            a_lo, dg, st = lax.cond(n > 0, integrate_rule, lambda *_: (a, zero_grads, zero_stats), t_lo, t_hi, y_hi,
+                                    a, n)  # fmt: skip
         grads = jtu.tree_map(jnp.add, grads, dg)
         a = jtu.tree_map(jnp.add, a_lo, g_lo)
-        return (a, grads), None
+        return (a, grads, err_sq, level), st
 
-    def solve_and_integrate(t_lo, t_hi, y_hi, a, n):
-        row = n if adj.quad_order is None else 0
+    def integrate_adaptive(t_lo, t_hi, y_hi, a, grads, start_level):
+        """Solve the interval with 2**level panels per step; too coarse: bisect them all and solve again.
+        The first level tried is the one the previous (later) interval ended at: neighbouring intervals
+        tend to need the same, and every level tried costs a backward solve."""
+        state = (y_hi, a) if adj.backward_state == "backsolve" else a
+
+        def attempt(level):
+            ctx = _QuadContext(params=params, static=static, dense=dense, level=level)
+            sol = self._diffeqsolve(vf, quad_solver, t0=t_hi, t1=t_lo, y0=state, args=ctx,
+                                    saveat=SaveAt(t1=True, solver_state=True), **backward)  # fmt: skip
+            _, k_sum, e_sum = sol.solver_state
+            end = sol.ys[1] if adj.backward_state == "backsolve" else sol.ys
+            steps = sol.stats["num_steps"]
+            nfe = 0 if nfe_of is None else nfe_of(steps)
+            nodes = steps * len(x_gk) * 2**level
+            return jtu.tree_map(lambda p: p[-1], end), k_sum, e_sum, nodes.astype(jnp.int32), jnp.int32(nfe)
+
+        def cond(c):
+            return ~c["done"]
+
+        def body(c):
+            level = c["level"] + 1
+            a_lo, k_sum, e_sum, nodes, nfe = attempt(level)
+            total = _tree_norm(jtu.tree_map(jnp.add, grads, k_sum))
+            ok = _tree_norm(e_sum) <= quad_atol * math.sqrt(max(n_params, 1)) + quad_rtol * total
+            done = ok | (level >= MAX_REFINEMENTS)
+            return dict(level=level, a_lo=a_lo, k=k_sum, e=e_sum, done=done, ok=ok,
+                        nodes=c["nodes"] + nodes, nfe=c["nfe"] + nfe)  # fmt: skip
+
+        init = dict(level=start_level - 1, a_lo=a, k=zero_grads, e=zero_grads, done=jnp.bool_(False),
+                    ok=jnp.bool_(False), nodes=jnp.int32(0), nfe=jnp.int32(0))  # fmt: skip
+        c = lax.while_loop(cond, body, init)
+        st = dict(nodes=c["nodes"].astype(jnp.int32), nfe=c["nfe"].astype(jnp.int32),
+                  refinements=c["level"] - start_level, level=c["level"], unconverged=~c["ok"])  # fmt: skip
+        return c["a_lo"], c["k"], _tree_norm(c["e"]).astype(time_dtype) ** 2, st, c["level"]
+
+    def integrate_rule(t_lo, t_hi, y_hi, a, n):
+        row = n if rule == "gtol" else 0
         x, w = table_x[row], table_w[row]  # nodes in [-1, 1], descending; padding at -1 with w = 0
         half = (t_hi - t_lo) / 2
         nodes = jnp.clip((t_lo + t_hi) / 2 + half * x, t_lo, t_hi)
         save = SaveAt(ts=nodes, t1=True)
         if adj.backward_state == "backsolve":
-            sol = self._diffeqsolve(ODETerm(_backsolve_vf), t0=t_hi, t1=t_lo, y0=(y_hi, a),
+            sol = self._diffeqsolve(ODETerm(_backsolve_vf), b_solver, t0=t_hi, t1=t_lo, y0=(y_hi, a),
                                     args=(args, terms), saveat=save, **backward)  # fmt: skip
             z_nodes, a_path = sol.ys
         else:
-            sol = self._diffeqsolve(ODETerm(_interp_vf), t0=t_hi, t1=t_lo, y0=a, args=(args, terms, dense),
-                                    saveat=save, **backward)  # fmt: skip
+            sol = self._diffeqsolve(ODETerm(_interp_vf), b_solver, t0=t_hi, t1=t_lo, y0=a,
+                                    args=(args, terms, dense), saveat=save, **backward)  # fmt: skip
             a_path = sol.ys
             z_nodes = jax.vmap(dense.evaluate)(nodes)
         a_nodes = jtu.tree_map(lambda p: p[:-1], a_path)
@@ -332,14 +471,51 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
         else:
             bucket = jnp.sum(n > jnp.asarray(widths)).astype(jnp.int32)
             dg = lax.switch(bucket, [width(k) for k in widths])
-        return a_lo, dg
+        nfe = 0 if nfe_of is None else nfe_of(sol.stats["num_steps"])
+        st = dict(zero_stats, nodes=n.astype(jnp.int32), nfe=jnp.int32(nfe))
+        return a_lo, dg, st
 
     a_last = jtu.tree_map(lambda g: g[-1], g_pts)
-    zero_grads = jtu.tree_map(jnp.zeros_like, params)
-    xs = (lo, hi, jtu.tree_map(lambda p: p[1:], y_pts), jtu.tree_map(lambda g: g[:-1], g_pts), orders)
-    (a_y0, grads), _ = lax.scan(interval, (a_last, zero_grads), xs, reverse=True)
+    ns = aux_stats["gq_quad_orders"] if rule != "adaptive" else jnp.zeros(lo.shape, jnp.int32)
+    xs = (lo, hi, jtu.tree_map(lambda p: p[1:], y_pts), jtu.tree_map(lambda g: g[:-1], g_pts), ns)
+    init = (a_last, zero_grads, jnp.zeros((), time_dtype), jnp.int32(0))
+    (a_y0, grads, err_sq, _), per_interval = lax.scan(interval, init, xs, reverse=True)
+    if adj.report is not None:
+        est = jnp.sqrt(err_sq) / _tree_norm(grads) if rule == "adaptive" else jnp.asarray(jnp.nan, time_dtype)
+        report = dict(
+            gq_quad_nodes=per_interval["nodes"],
+            gq_quad_error=est,
+            gq_refinements=per_interval["refinements"],
+            gq_panel_levels=per_interval["level"],
+            gq_unconverged=per_interval["unconverged"],
+        )
+        if nfe_of is not None:
+            report["gq_nfe_backward"] = jnp.sum(per_interval["nfe"])
+        jax.debug.callback(adj.report, report)
     grad_args, grad_terms = grads
     return a_y0, grad_args, grad_terms
+
+
+def _quad_tols(adj: GaussLegendreAdjoint, ctrl) -> tuple[Any, Any]:
+    """quad_rtol/quad_atol, defaulting to the backward controller's rtol/atol."""
+    out = []
+    for name in ("rtol", "atol"):
+        tol = getattr(adj, f"quad_{name}")
+        if tol is None:
+            tol = getattr(ctrl, name, None)
+        if tol is None:
+            raise ValueError(
+                f"GaussLegendreAdjoint(): the adaptive quadrature takes its tolerance from the backward "
+                f"step-size controller, but {type(ctrl).__name__} has no {name}; pass quad_rtol= and "
+                "quad_atol=, or quad_order=n for a fixed rule."
+            )
+        out.append(tol)
+    return out[0], out[1]
+
+
+def _tree_norm(tree):
+    leaves = [jnp.sum(jnp.square(x)) for x in jtu.tree_leaves(tree)]
+    return jnp.sqrt(sum(leaves)) if leaves else jnp.zeros(())
 
 
 class _SavedTs(eqx.Module):
@@ -383,6 +559,114 @@ def _node_vjp(params, static, nodes, z_nodes, wa_nodes):
     _, vjp = jax.vjp(f_nodes, params)
     (g,) = vjp(wa_nodes)
     return g
+
+
+# ----------------------------------------------------------------------------- adaptive rule
+
+
+class _QuadContext(eqx.Module):
+    """The backward solve's `args` under the adaptive rule."""
+
+    params: Any  # the differentiated leaves of (args, terms), None elsewhere
+    static: Any  # the rest of (args, terms)
+    dense: Any  # the forward dense solution ("interpolate"), else None
+    level: Any  # each step is integrated on 2**level panels
+
+
+def _adaptive_backsolve_vf(t, za, ctx: _QuadContext):
+    return _backsolve_vf(t, za, eqx.combine(ctx.params, ctx.static))
+
+
+def _adaptive_interp_vf(t, a, ctx: _QuadContext):
+    return _interp_vf(t, a, (*eqx.combine(ctx.params, ctx.static), ctx.dense))
+
+
+class _QuadratureSolver(AbstractWrappedSolver):
+    """The backward solver, plus G2/K5 quadrature of a^T df/dtheta over every step it takes.
+
+    The K5 sum and the K5 - G2 estimate are solver state: diffrax keeps a step's solver state
+    only when the step is accepted, so they accumulate over accepted steps without a step table.
+    (A rejected step's quadrature is computed and dropped.)
+    """
+
+    solver: AbstractSolver
+    x: Any  # K5 nodes on [-1, 1]
+    w_k: Any  # K5 weights
+    w_e: Any  # K5 - G2 weights
+
+    @property
+    def term_structure(self):
+        return self.solver.term_structure
+
+    @property
+    def interpolation_cls(self):  # pyright: ignore
+        return self.solver.interpolation_cls
+
+    @property
+    def term_compatible_contr_kwargs(self):
+        return self.solver.term_compatible_contr_kwargs
+
+    def order(self, terms):
+        return self.solver.order(terms)
+
+    def strong_order(self, terms):
+        return self.solver.strong_order(terms)
+
+    def error_order(self, terms):
+        return self.solver.error_order(terms)
+
+    def func(self, terms, t0, y0, args):
+        return self.solver.func(terms, t0, y0, args)
+
+    def init(self, terms, t0, t1, y0, args: _QuadContext):
+        zeros = jtu.tree_map(jnp.zeros_like, args.params)
+        return self.solver.init(terms, t0, t1, y0, args), zeros, zeros
+
+    def step(self, terms, t0, t1, y0, args: _QuadContext, solver_state, made_jump):
+        inner, k_sum, e_sum = solver_state
+        y1, y_error, dense_info, inner, result = self.solver.step(terms, t0, t1, y0, args, inner, made_jump)
+        interp = self.solver.interpolation_cls(t0=t0, t1=t1, **dense_info)
+        # diffeqsolve runs the backward solve in its own normalised time s = direction * t.
+        direction = terms.direction if isinstance(terms, WrapTerm) else 1
+        ctx = args
+        panels = 2**ctx.level
+        h = (t1 - t0) / panels
+
+        def panel(i, sums):
+            s = t0 + i * h + (h / 2) * (1 + self.x)  # ascending s; the rule is symmetric
+            state = jax.vmap(interp.evaluate)(s)
+            t = direction * s
+            if ctx.dense is None:
+                z, a = state
+            else:
+                z, a = jax.vmap(ctx.dense.evaluate)(t), state
+            k, e = _node_vjp_pair(ctx.params, ctx.static, t, z, a, (h / 2) * self.w_k, (h / 2) * self.w_e)
+            return jtu.tree_map(jnp.add, sums[0], k), jtu.tree_map(jnp.add, sums[1], e)
+
+        k_sum, e_sum = lax.fori_loop(0, panels, panel, (k_sum, e_sum))
+        return y1, y_error, dense_info, (inner, k_sum, e_sum), result
+
+
+def _node_vjp_pair(params, static, nodes, z_nodes, a_nodes, w_k, w_e):
+    """(sum_j w_k[j] a_j^T df/dtheta(t_j, z_j), the same with w_e): one vmapped forward over the
+    nodes, one VJP with the two cotangents batched."""
+
+    def f_nodes(p):
+        args, terms = eqx.combine(p, static)
+        return jax.vmap(lambda t, z: _rhs(terms, t, z, args))(nodes, z_nodes)
+
+    _, vjp = jax.vjp(f_nodes, params)
+    scale = lambda w: jtu.tree_map(lambda p: p * w.astype(p.dtype).reshape((-1,) + (1,) * (p.ndim - 1)), a_nodes)
+    both = jtu.tree_map(lambda k, e: jnp.stack([k, e]), scale(w_k), scale(w_e))
+    (g,) = jax.vmap(vjp)(both)
+    return jtu.tree_map(lambda x: x[0], g), jtu.tree_map(lambda x: x[1], g)
+
+
+@functools.cache
+def _kronrod_numpy() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """K5 nodes, K5 weights and K5 - G2 weights on [-1, 1] (impls._quadrature solves the moment system)."""
+    x, w_kronrod, w_gauss = _kronrod5()
+    return x, w_kronrod, w_kronrod - w_gauss
 
 
 @functools.cache

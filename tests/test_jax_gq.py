@@ -103,6 +103,26 @@ def test_mlp_matches_checkpoint_fixed_order(mlp_problem, reference, ts, backward
     assert _rel_err(g, g_ref) < 1e-7
 
 
+@pytest.mark.parametrize("backward_state", ["backsolve", "interpolate"])
+def test_mlp_matches_checkpoint_adaptive(mlp_problem, reference, backward_state):
+    """The default rule at tight tolerances; its report: nodes per interval (none on the empty first
+    interval of "four"), a relative error estimate of the order of the tolerance."""
+    reports = []
+    fn = _grad_fn(GaussLegendreAdjoint(backward_state=backward_state, report=reports.append))
+    for ts in ("four", "interior"):
+        (v, stats), g = fn(mlp_problem, jnp.asarray(TS[ts]))
+        jax.effects_barrier()
+        (v_ref, _), g_ref = reference[ts]
+        assert float(v) == pytest.approx(float(v_ref), rel=1e-12)
+        assert _rel_err(g, g_ref) < 1e-7
+        assert "gq_quad_orders" not in stats  # known only after the backward pass: in the report
+        rep = reports[-1]
+        nodes = np.asarray(rep["gq_quad_nodes"])
+        assert (nodes % 5 == 0).all() and (nodes[1:] > 0).all() and (nodes[0] == 0) == (ts == "four")
+        assert 0 < float(rep["gq_quad_error"]) < 1e-8 and not np.asarray(rep["gq_unconverged"]).any()
+        assert int(rep["gq_nfe_backward"]) > 0
+
+
 @pytest.mark.parametrize("ts", ["four", "interior"])
 def test_gtol_rule(mlp_problem, reference, ts):
     """n_i = min(ceil(gtol * NFE * |dt_i| / |T|), 64) from the forward's own NFE, resolved under jit."""
@@ -166,6 +186,100 @@ def test_linear_closed_form_quad_order_convergence():
         assert float(jnp.linalg.norm(gy - g_y0) / jnp.linalg.norm(g_y0)) < 1e-8
     assert all(e1 < e0 for e0, e1 in zip(errs, errs[1:], strict=False)), errs
     assert errs[0] > 1e-4 and errs[-1] < 1e-8, errs
+
+
+# ----------------------------------------------------------------------------- where the paper's rule fails
+
+
+def test_gauss_kronrod_table_exactness():
+    """The K5 nodes/weights the adaptive rule uses: K5 exact to degree 7, the nested G2 to degree 3."""
+    from impls._jax_gq import _kronrod_numpy
+
+    x, w_k, w_e = _kronrod_numpy()
+    w_g = w_k - w_e
+    assert np.count_nonzero(w_g) == 2 and np.allclose(np.abs(x[w_g != 0]), 1 / np.sqrt(3))
+    for d in range(10):
+        exact = 2 / (d + 1) if d % 2 == 0 else 0.0
+        k_err, g_err = abs(np.sum(w_k * x**d) - exact), abs(np.sum(w_g * x**d) - exact)
+        assert k_err < 1e-14 if (d <= 7 or d % 2) else k_err > 1e-4, (d, k_err)
+        assert g_err < 1e-14 if (d <= 3 or d % 2) else g_err > 1e-4, (d, g_err)
+
+
+class ForcedMLP(eqx.Module):
+    """A tanh MLP 2 -> 32 -> 2 with sin(8t) forcing inside: a^T df/dtheta oscillates within intervals."""
+
+    w1: jax.Array
+    b1: jax.Array
+    w2: jax.Array
+    c: jax.Array
+
+    @classmethod
+    def init(cls):
+        r = np.random.default_rng(0).standard_normal
+        return cls(*map(jnp.asarray, (r((2, 32)) / 2, r(32), r((32, 2)) / np.sqrt(32), r(32))))
+
+    def __call__(self, t, y, args):
+        return jnp.tanh(y @ self.w1 + self.b1 + self.c * jnp.sin(8 * t)) @ self.w2
+
+
+def _cubic(t, y, a):
+    return (y**3) @ a
+
+
+HARD = {  # field, its parameters (args), y0, observation times; loss sum(y^2) over all of them
+    "cubic": (_cubic, lambda: jnp.asarray([[-0.1, 1.5], [-1.5, -0.1]]), (1.5, 0.0), (0.0, 25.0, 10)),
+    "forced_mlp": (None, ForcedMLP.init, (0.5, -0.3), (0.0, 6.0, 3)),
+}
+
+
+def _hard_grad_fn(name, adjoint, solver):
+    """grad of sum(ys^2) w.r.t. (parameters, y0); rtol = atol is a runtime argument (one compile)."""
+    field, _, _, (t0, t1, n) = HARD[name]
+    ts = jnp.linspace(t0, t1, n)
+
+    def loss(diff, tol):
+        p, y0 = diff
+        term = diffrax.ODETerm(field if field is not None else p)
+        sol = diffrax.diffeqsolve(term, solver, t0, t1, None, y0, p if field is not None else None,
+                                  saveat=diffrax.SaveAt(ts=ts), adjoint=adjoint, max_steps=100_000,
+                                  stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol))  # fmt: skip
+        return jnp.sum(sol.ys**2)
+
+    return eqx.filter_jit(eqx.filter_grad(loss))
+
+
+@pytest.fixture(scope="module", params=list(HARD))
+def hard(request):
+    """Gradient errors against dopri8 + RecursiveCheckpointAdjoint at 1e-12, for each method and tolerance."""
+    name = request.param
+    _, make_p, y0, _ = HARD[name]
+    diff = (make_p(), jnp.asarray(y0))
+    ref = _hard_grad_fn(name, diffrax.RecursiveCheckpointAdjoint(), diffrax.Dopri8())(diff, jnp.asarray(1e-12))
+    reports = []
+    methods = {"backsolve": diffrax.BacksolveAdjoint(), "adaptive": GaussLegendreAdjoint(report=reports.append)}
+    if name == "cubic":
+        methods["gtol"] = GaussLegendreAdjoint(gtol=0.1)
+    out = {}
+    for method, adjoint in methods.items():
+        fn = _hard_grad_fn(name, adjoint, diffrax.Dopri5())
+        for tol in (1e-6, 1e-9):
+            out[method, tol] = _rel_err(fn(diff, jnp.asarray(tol)), ref)  # an array: not a recompile
+            jax.effects_barrier()
+            if method == "adaptive":
+                out["report", tol] = reports[-1]
+    return name, out
+
+
+@pytest.mark.parametrize("tol", [1e-6, 1e-9])
+def test_default_gq_as_accurate_as_backsolve(hard, tol):
+    name, err = hard
+    gq, backsolve = err["adaptive", tol], err["backsolve", tol]
+    assert gq < 10 * backsolve, (name, gq, backsolve)
+    rep = err["report", tol]
+    assert not np.asarray(rep["gq_unconverged"]).any() and 0 < float(rep["gq_quad_error"]) < 10 * max(gq, tol)
+    if name == "cubic" and tol == 1e-6:
+        # What the adaptive rule is for: the paper's rule is far off here, as it was before (2.5e-2).
+        assert 1e-2 < err["gtol", tol] and err["gtol", tol] > 100 * backsolve, err
 
 
 # ----------------------------------------------------------------------------- other shapes of call
@@ -252,11 +366,53 @@ def test_same_as_torch_gq_on_copied_weights():
         (dict(quad_order=2.5), r"quad_order=2.5\)"),
         (dict(backward_state="forward"), r"backward_state='forward'\).*'backsolve' or 'interpolate'"),
         (dict(max_steps=0), r"max_steps=0\)"),
+        (dict(quadrature="simpson"), r"quadrature='simpson'\).*'adaptive', 'gtol', 'fixed'"),
+        (dict(quadrature="fixed"), r"needs quad_order"),
+        (dict(gtol=0.1, quad_order=4), r"exclude each other"),
+        (dict(quadrature="adaptive", gtol=0.1), r"gtol selects quadrature='gtol'"),
+        (dict(quad_order=4, quad_rtol=1e-6), r"quad_rtol=1e-06\).*adaptive rule only"),
+        (dict(quad_atol=-1.0), r"quad_atol=-1.0\)"),
     ],
 )
 def test_bad_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GaussLegendreAdjoint(**kwargs)
+
+
+def test_rule_selection():
+    assert GaussLegendreAdjoint().rule == "adaptive"
+    assert GaussLegendreAdjoint(gtol=0.2).rule == "gtol"
+    assert GaussLegendreAdjoint(quadrature="gtol").gtol_value == 0.1  # the paper's value
+    assert GaussLegendreAdjoint(quad_order=4).rule == "fixed"
+
+
+@pytest.mark.parametrize(
+    "case_kw, rule, gtol, quad_order",
+    [
+        (dict(quadrature="adaptive"), "adaptive", None, None),
+        (dict(), "adaptive", None, None),
+        (dict(quadrature="gtol", gtol=0.3), "gtol", 0.3, None),
+        (dict(gtol=0.1), "gtol", 0.1, None),  # a case from before the quadrature axis: gtol set -> the paper's rule
+        (dict(quadrature="fixed", quad_order=8), "fixed", None, 8),
+        (dict(quad_order=4), "fixed", None, 4),
+    ],
+)
+def test_jax_gq_adapter_picks_the_cases_rule(case_kw, rule, gtol, quad_order):
+    from gqbench._case import Case
+    from gqbench._jax_methods import JaxGQ
+
+    adj = JaxGQ("jax_gq", "").adjoint(Case("jax_gq", "oscillator", 16, 8, **case_kw))
+    assert (adj.rule, adj.gtol, adj.quad_order) == (rule, gtol, quad_order)
+
+
+def test_adaptive_needs_a_tolerance_without_an_adaptive_controller():
+    def loss(a):
+        sol = diffrax.diffeqsolve(diffrax.ODETerm(lambda t, y, a: -a * y), diffrax.Heun(), 0.0, 1.0, 0.1,
+                                  jnp.ones(2), a, adjoint=GaussLegendreAdjoint())  # fmt: skip
+        return jnp.sum(sol.ys)
+
+    with pytest.raises(ValueError, match="ConstantStepSize has no rtol; pass quad_rtol= and quad_atol="):
+        jax.grad(loss)(1.0)
 
 
 def test_unsupported_calls_say_why(mlp_problem):
