@@ -168,7 +168,7 @@ def _expand(axes: dict, where: str) -> list[Case]:
         if key not in ax:
             _fail(where, key, f"is missing; add e.g. {key} = [{_example(key)}]")
     _choices(where, "method", ax["method"], list(METHODS))
-    _choices(where, "problem", ax["problem"], [*PROBLEMS, *TRAINING_PROBLEMS])
+    _choices(where, "problem", ax["problem"], list(dict.fromkeys([*PROBLEMS, *TRAINING_PROBLEMS])))
     _choices(where, "backward_state", ax["backward_state"], BACKWARD_STATES)
     _choices(where, "quadrature", ax["quadrature"], QUADRATURES)
     for v in ax["warm_start"]:
