@@ -66,7 +66,7 @@ class ToyGradient(AbstractTrainingProblem):
             num = math.sqrt(sum((float(got[k].sum()) - ref[k]) ** 2 for k in known))
             rel = num / math.sqrt(sum(ref[k] ** 2 for k in known))
             rows.append(dict(key, T=T, err_a=err["a"], err_z0=err["z0"], err_T=err["T"], grad_rel_err=rel,
-                             loss_rel_err=abs(float(loss) - ref["z"] ** 2) / ref["z"] ** 2,
+                             loss_rel_err=abs(float(loss.detach()) - ref["z"] ** 2) / ref["z"] ** 2,
                              nfe_fwd=solve.nfe_forward, nfe_bwd=solve.nfe_backward))  # fmt: skip
         last = rows[-1]
         finite = all(math.isfinite(r["grad_rel_err"]) for r in rows)
