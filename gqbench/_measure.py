@@ -56,10 +56,23 @@ class PeakMemory:
     after their timed calls) so freed tensors go back to the kernel and the peak is the block's own.
     """
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, baseline: int | None = None):
         self.cuda = device.startswith("cuda")
         self.device = device
         self.bytes = float("nan")
+        self.baseline = baseline  # measure above this many bytes instead of what is in use at entry
+
+    @staticmethod
+    def in_use(device: str) -> int:
+        """Bytes in use now (CUDA: allocated by torch; CPU: resident set): a `baseline` to measure above."""
+        if device.startswith("cuda"):
+            import torch
+
+            return torch.cuda.memory_allocated(device)
+        try:
+            return _vm("VmRSS")
+        except OSError:
+            return _maxrss()
 
     def __enter__(self):
         if self.cuda:
@@ -67,7 +80,7 @@ class PeakMemory:
 
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
+            self._base = torch.cuda.memory_allocated(self.device) if self.baseline is None else self.baseline
         else:
             try:
                 with open("/proc/self/clear_refs", "w") as f:
@@ -75,7 +88,7 @@ class PeakMemory:
                 self._proc = True
             except OSError:
                 self._proc = False
-            self._base = _vm("VmRSS") if self._proc else _maxrss()
+            self._base = (_vm("VmRSS") if self._proc else _maxrss()) if self.baseline is None else self.baseline
         return self
 
     def __exit__(self, *exc):

@@ -29,6 +29,8 @@ from ._figures import (
 )
 from ._results import load_results, load_table
 from ._verdict import verdict_html
+from .training import claims as train_claims
+from .training import figures as train_figures
 from .training import sde_figures
 
 __all__ = [
@@ -72,6 +74,7 @@ NOTES = {
     "the gradient error and backward NFE.",
     "fig_compile_time": "Tracing plus XLA compilation, measured once per case and kept out of the timed calls.",
     **sde_figures.NOTES,
+    **train_figures.NOTES,
 }
 TITLES = {
     "fig_backward_time": "Backward time vs width",
@@ -93,6 +96,7 @@ TITLES = {
     "fig_phases": "Where the time goes (profiles)",
     "sde_training": "SDE training",
     **sde_figures.TITLES,
+    **train_figures.TITLES,
 }
 
 CSS = """
@@ -321,6 +325,7 @@ def render(
     out_dir: Path | None = None,
     epochs: pd.DataFrame | None = None,
     sde_bands: pd.DataFrame | None = None,
+    toy_gradient: pd.DataFrame | None = None,
 ) -> str:
     """The whole page as a string. `baseline`: another run's results table to compare against;
     `phases`: `_profile.load_phases(...)` of the profiles to show; `epochs`/`sde_bands`: the training
@@ -339,8 +344,12 @@ def render(
             fig = make(summary)
             if fig is not None:
                 sections.append((make.__name__, _figure_div(fig, make.__name__)))
-    if epochs is not None and not epochs.empty:
-        sections += _sde_sections(epochs, sde_bands)
+    sde = _sde_rows(epochs)
+    ode = None if epochs is None else epochs[~sde]
+    if (ode is not None and not ode.empty) or (toy_gradient is not None and not toy_gradient.empty):
+        sections += _training_sections(ode, toy_gradient)
+    if epochs is not None and not epochs[sde].empty:
+        sections += _sde_sections(epochs[sde], sde_bands)
     if baseline is not None:
         base_training = baseline["epochs"].notna() if "epochs" in baseline else pd.Series(False, index=baseline.index)
         base_summary = summarize(baseline[~base_training])
@@ -378,6 +387,23 @@ def render(
 <h2 id="environment">Environment</h2>
 {env_html}
 </body></html>"""
+
+
+def _sde_rows(epochs: pd.DataFrame | None) -> pd.Series | None:
+    """Which epoch rows belong to SDE training problems (their own section)."""
+    if epochs is None:
+        return None
+    from .training import TRAINING_PROBLEMS
+
+    sde = [n for n, p in TRAINING_PROBLEMS.items() if p.noise_axis]
+    return epochs["problem"].isin(sde)
+
+
+def _training_sections(epochs: pd.DataFrame | None, toy: pd.DataFrame | None) -> list[tuple[str, str]]:
+    """The paper's ODE experiments: the claims table and tables first, then the figures."""
+    figs = train_figures.section_figures(epochs, toy)
+    out = [("training", train_claims.tables_html(epochs, toy))]
+    return out + [(name, _figure_div(fig, name)) for name, fig in figs]
 
 
 def _sde_sections(epochs: pd.DataFrame, bands: pd.DataFrame | None) -> list[tuple[str, str]]:
@@ -436,6 +462,7 @@ def write_report(
         out_dir=out_dir.resolve(),
         epochs=load_table(out_dir, "epochs"),
         sde_bands=load_table(out_dir, "sde_bands"),
+        toy_gradient=load_table(out_dir, "toy_gradient"),
     )
     path = out_dir / "index.html"
     tmp = out_dir / ".index.html.tmp"

@@ -185,6 +185,8 @@ def _print_speedups(df) -> None:
 
     from ._ratios import paired_speedups
 
+    if "epochs" in df:
+        df = df[df["epochs"].isna()]  # training runs: their own section of the report (per-epoch ratios, claims)
     sp = paired_speedups(df)
     if sp.empty:
         return
