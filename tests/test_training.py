@@ -135,7 +135,8 @@ def _epochs_frame(gq_scale: float, seeds=(0, 1, 2), gq_metric_shift=0.0) -> pd.D
             for seed in seeds:
                 base = (1.0 if method == "torch_gq" else 2.0) * width / 16
                 for epoch in range(6):
-                    t = 0.0 if epoch == 0 else base * (gq_scale if method == "torch_gq" else 1) * rng.uniform(0.95, 1.05)
+                    scale = gq_scale if method == "torch_gq" else 1
+                    t = 0.0 if epoch == 0 else base * scale * rng.uniform(0.95, 1.05)
                     metric = 0.9 + 0.01 * seed + (gq_metric_shift if method == "torch_gq" else 0)
                     rows.append(dict(problem="spheres", metric="accuracy", method=method, label=label, width=width,
                                      seed=seed, epoch=epoch, epoch_s=t, fwd_s=t / 2, bwd_s=t / 2, step_s=0.0,
