@@ -235,13 +235,20 @@ def fig_single_width(summary: pd.DataFrame) -> go.Figure | None:
     if d.empty:
         return None
     d = d.assign(point=[f"{p} w={w} rtol={r:g}" for p, w, r in zip(d["problem"], d["width"], d["rtol"], strict=True)])
-    long = d.melt(id_vars=["point", "label", "grad_rel_err", "nfe_bwd"], value_vars=["bwd_s", "total_s"],
-                  var_name="what", value_name="seconds")  # fmt: skip
-    long["what"] = long["what"].map({"bwd_s": "backward", "total_s": "forward + backward"})
-    long["relative"] = long["seconds"] / long.groupby(["point", "what"])["seconds"].transform("min")
+    parts = []
+    for col, what in (("bwd", "backward"), ("total", "forward + backward")):
+        part = d[["point", "label", "grad_rel_err", "nfe_bwd"]].assign(
+            what=what, seconds=d[f"{col}_s"], q25=d[f"{col}_q25"], q75=d[f"{col}_q75"]
+        )
+        fastest = part.groupby("point")["seconds"].transform("min")
+        # Bars: median / the fastest median; whiskers: this method's quartiles on the same scale (the
+        # paired speed-ups with their intervals are in the verdict table).
+        parts.append(part.assign(relative=part["seconds"] / fastest, lo=(part["seconds"] - part["q25"]) / fastest,
+                                 hi=(part["q75"] - part["seconds"]) / fastest))  # fmt: skip
+    long = pd.concat(parts, ignore_index=True)
     fig = px.bar(long, x="point", y="relative", color="label", barmode="group", facet_row="what",
-                 hover_data=["seconds", "grad_rel_err", "nfe_bwd"],
-                 labels={"point": "", "relative": "time / fastest"}, **_orders(long))  # fmt: skip
+                 error_y="hi", error_y_minus="lo", hover_data=["seconds", "grad_rel_err", "nfe_bwd"],
+                 labels={"point": "", "relative": "time / fastest (IQR whiskers)"}, **_orders(long))  # fmt: skip
     fig.add_hline(y=1, line_dash="dot", line_color="#888")
     return _style(fig, "Problems run at a single width: time relative to the fastest method there", rows=2)
 
@@ -340,6 +347,7 @@ def _speedup_heatmap(summary: pd.DataFrame, metric: str, what: str, samples: pd.
     panels = list(sp.groupby("panel")["width"].nunique().sort_values(ascending=False, kind="stable").index)
     cols = sorted(sp["baseline"].unique())
     n_ys = [sp.loc[sp["panel"] == p, "y"].nunique() for p in panels]
+    height = 170 + 26 * sum(n_ys) + 55 * len(panels)
     fig = make_subplots(
         rows=len(panels),
         cols=len(cols),
@@ -347,7 +355,7 @@ def _speedup_heatmap(summary: pd.DataFrame, metric: str, what: str, samples: pd.
         row_titles=panels if len(panels) > 1 else None,
         row_heights=n_ys,  # a panel of one GQ setting is one row high, not half the figure
         horizontal_spacing=0.03,
-        vertical_spacing=0.08 / len(panels) if len(panels) > 1 else 0.0,
+        vertical_spacing=min(0.3, 50 / (height - 170)) if len(panels) > 1 else 0.0,  # ~50 px: the width labels
     )
     span = max(1.0, float(np.abs(np.log2(sp[metric].to_numpy())).max()))
     for i, panel in enumerate(panels, 1):
@@ -404,7 +412,7 @@ def _speedup_heatmap(summary: pd.DataFrame, metric: str, what: str, samples: pd.
     fig.update_xaxes(title_text="width", row=len(panels))
     fig.update_yaxes(autorange="reversed", type="category")
     fig = _style(fig, title)
-    fig.update_layout(height=max(300, 170 + 40 * len(panels) + 26 * sum(n_ys)))
+    fig.update_layout(height=max(300, height))
     return fig
 
 

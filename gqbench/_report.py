@@ -70,8 +70,9 @@ NOTES = {
     "the 2-point rule's error; the 5-point result is kept, so it over-states the quadrature's share) against "
     "the measured error. Far below the diagonal: the solver, not the integral, limits accuracy.",
     "fig_device_comparison": "The same methods on CPU and CUDA, y axes shared.",
-    "fig_single_width": "Problems measured at one width only (no scaling to plot): medians per method, hover for "
-    "the gradient error and backward NFE.",
+    "fig_single_width": "Problems measured at one width only (no scaling to plot): each method's median time over "
+    "the fastest median, whiskers from its quartiles; hover for the gradient error and backward NFE. The paired "
+    "speed-ups with their intervals are in the verdict table.",
     "fig_compile_time": "Tracing plus XLA compilation, measured once per case and kept out of the timed calls.",
     **sde_figures.NOTES,
     **train_figures.NOTES,

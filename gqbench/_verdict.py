@@ -48,14 +48,33 @@ def verdict_table(df: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
             for _, s in here.iterrows():
                 row[f"GQ vs {s['baseline']}"] = _ratio_text(s, "total")
             row["GQ"] = gq_label
+        names = {gq_label: "GQ"}  # the GQ column names the setting
         for lab in [gq_label, "torch_direct", "torch_adjoint"]:
             if lab in by_label.index:
-                row[f"error {lab}"] = by_label.loc[lab, "grad_rel_err"]
+                row[f"error {names.get(lab, lab)}"] = by_label.loc[lab, "grad_rel_err"]
         for lab in [gq_label, "torch_direct"]:
             if lab in by_label.index:
-                row[f"peak MiB {lab}"] = by_label.loc[lab, "peak_mem_mib"]
+                row[f"peak MiB {names.get(lab, lab)}"] = by_label.loc[lab, "peak_mem_mib"]
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    # Point, verdict, GQ's speed-ups, errors, memory (not in order of first appearance: a problem
+    # without the adjoint must not push "GQ vs torch_adjoint" to the far right).
+    first = [c for c in POINT if table[c].nunique() > 1 or c not in ("device", "dtype")]
+    groups = [[c for c in table if c.startswith(p)] for p in ("fastest", "GQ", "GQ vs ", "error ", "peak ")]
+    ordered = first + [c for g in groups for c in dict.fromkeys(sorted(g, key=_baseline_order))]
+    return table[list(dict.fromkeys(ordered))]
+
+
+def _baseline_order(col: str) -> tuple:
+    """GQ first, then direct backprop, the adjoint, the seminorm adjoint, the rest by name."""
+    tail = col.rsplit(" ", 1)[-1]
+    rank = next((i for i, k in enumerate(("gq", "direct", "adjoint", "seminorm")) if k in tail.lower()), 4)
+    return rank, col
+
+
+def _constant_note(df: pd.DataFrame) -> str:
+    same = [f"{c} {df[c].iloc[0]}" for c in ("device", "dtype") if c in df and df[c].nunique() == 1]
+    return f" (all cases: {', '.join(same)})" if same else ""
 
 
 def _ratio_text(s, name: str) -> str:
@@ -76,12 +95,8 @@ def sentences(df: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
         s = sp[(sp["problem"] == problem) & (sp["gq"] == gq_label)]
         parts = []
         for base, b in s.groupby("baseline", sort=True):
-            lo, hi = b["speedup_bwd"].min(), b["speedup_bwd"].max()
             widths = f"w = {b['width'].min()}" + (f"-{b['width'].max()}" if b["width"].nunique() > 1 else "")
-            rng = f"{lo:.2g}x" if np.isclose(lo, hi, rtol=0.05) else f"{lo:.2g}-{hi:.2g}x"
-            word = "faster than" if lo > 1 else "slower than" if hi < 1 else "against"
-            unsure = int(b["bwd_includes_one"].sum())
-            parts.append(f"{rng} {word} {base} ({widths}{f', {unsure} not distinguishable from 1x' if unsure else ''})")
+            parts.append(_speed_phrase(b, base, widths))
         errs = g.set_index("label")["grad_rel_err"]
         err_txt = ""
         if gq_label in errs and "torch_adjoint" in errs:
@@ -96,6 +111,26 @@ def sentences(df: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
     return out
 
 
+def _speed_phrase(b: pd.DataFrame, base: str, where: str) -> str:
+    """GQ's backward against `base` over the rows `b` of `paired_speedups`, in words: "3.2-4.1x faster
+    than X at w = ...", "1.7-2.1x slower than X at ..." (speed-ups below 1 as slow-downs), or no clear
+    difference where every interval includes 1."""
+    lo, hi = b["speedup_bwd"].min(), b["speedup_bwd"].max()
+
+    def span(a, z):
+        return f"{a:.2g}x" if np.isclose(a, z, rtol=0.05) else f"{a:.2g}-{z:.2g}x"
+
+    unsure = int(b["bwd_includes_one"].sum())
+    if unsure == len(b):
+        return f"not clearly different from {base} at {where} ({span(lo, hi)}; the 95% intervals include 1x)"
+    note = f" ({unsure} of {len(b)} not distinguishable from 1x)" if unsure else ""
+    if lo > 1:
+        return f"{span(lo, hi)} faster than {base} at {where}{note}"
+    if hi < 1:
+        return f"{span(1 / hi, 1 / lo)} slower than {base} at {where}{note}"
+    return f"from {1 / lo:.2g}x slower to {hi:.2g}x faster than {base} at {where}{note}"
+
+
 def verdict_html(df: pd.DataFrame, summary: pd.DataFrame) -> str:
     table = verdict_table(df, summary)
     if table.empty:
@@ -105,7 +140,8 @@ def verdict_html(df: pd.DataFrame, summary: pd.DataFrame) -> str:
         "<p class='note'>Per problem, width and tolerance: the fastest method (forward + backward) among those "
         f"whose gradient error is within {REACH:g}x of max(rtol, the best error reached there); GQ's speed-up "
         "over each baseline (baseline time / GQ time, whole step), the median over rounds of each round's ratio, "
-        "with its 95% bootstrap interval (~1: the interval includes 1); relative gradient errors; peak memory.</p>"
+        "with its 95% bootstrap interval (~1: the interval includes 1); relative gradient errors; peak memory"
+        f"{_constant_note(df)}.</p>"
     )
     shown = table.to_html(index=False, border=0, classes="verdict", na_rep="",
                           float_format=lambda x: f"{x:.3g}")  # fmt: skip

@@ -91,3 +91,34 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
     base, gq = [1.0, 2.0, 3.0, 2.5, 0.5], [3.0, 1.0, 2.0, 2.0, 1.0]
     assert ratio_ci(base, gq, paired=True)[0] == pytest.approx(np.median(np.divide(base, gq)))
     assert ratio_ci(base, gq, paired=False)[0] == pytest.approx(1.0)
+
+
+def test_verdict_sentences_and_columns_from_known_speedups():
+    """The report's first screen: speed-ups below 1 read as slow-downs, all-unsure ones as no clear
+    difference; columns in a fixed order whatever problem comes first."""
+    from gqbench._figures import summarize
+    from gqbench._results import frame
+    from gqbench._verdict import sentences, verdict_table
+
+    rng = np.random.default_rng(2)
+    data = []
+    for w in (100, 1000):  # workload_l: GQ 4x faster than the adjoint, 2x slower than direct backprop
+        data += rows("torch_adjoint", [4.0] * 5, width=w) + rows("torch_direct", [0.5] * 5, width=w)
+        data += rows("torch_gq", [1.0] * 5, width=w, quadrature="adaptive")
+    for r in data:
+        r.update(grad_rel_err=1e-6, peak_mem_bytes=2**20)
+    noisy = [
+        dict(r, problem="g1d", case_id=r["case_id"] + "g")
+        for r in rows("torch_direct", list(1 + 0.3 * rng.standard_normal(6)))
+    ]
+    noisy += [dict(r, problem="g1d", case_id=r["case_id"] + "g")
+              for r in rows("torch_gq", list(1 + 0.3 * rng.standard_normal(6)), quadrature="adaptive")]  # fmt: skip
+    df = frame(data + noisy)
+    summary = summarize(df)
+    text = " ".join(sentences(df, summary))
+    assert "4x faster than torch_adjoint at w = 100-1000" in text
+    assert "2x slower than torch_direct at w = 100-1000" in text
+    assert "not clearly different from torch_direct at w = 100" in text  # g1d
+    cols = list(verdict_table(df, summary).columns)
+    assert cols[:5] == ["problem", "width", "rtol", "fastest (within reach)", "GQ"]
+    assert cols[5:7] == ["GQ vs torch_direct", "GQ vs torch_adjoint"]  # g1d (no adjoint) sorts first
