@@ -19,7 +19,7 @@ BASELINES = ("torch_adjoint", "torch_direct", "torch_seminorm", "torch_mali", "t
 RUN = ["problem", "label", "width", "seed"]
 
 TITLES = {
-    "training": "Training: the paper's claims, re-run",
+    "training": "Training (the paper's experiments)",
     "fig_train_epoch_time": "Training: time per epoch vs width",
     "fig_train_nfe": "Training: NFE per epoch over training",
     "fig_train_curves": "Training: loss and metric vs epoch and wall-clock",
