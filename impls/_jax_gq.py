@@ -110,8 +110,10 @@ class GaussLegendreAdjoint(AbstractAdjoint):
     - `report`: called on the host after each backward pass (`jax.debug.callback`) with a
         dict of numpy arrays: "gq_quad_nodes" (f evaluations spent on quadrature, per
         interval), "gq_quad_error" (adaptive: the estimate's norm over all intervals relative
-        to ||dL/dtheta||, NaN for the other rules), "gq_refinements" / "gq_unconverged" (per
-        interval), "gq_nfe_backward" (backward solver evaluations, when countable).
+        to ||dL/dtheta||, NaN for the other rules), per interval "gq_refinements" (re-solves),
+        "gq_panel_levels" (each step split into 2**level panels) and "gq_unconverged", and
+        "gq_nfe_backward" (backward solver evaluations, when countable). The host round trip
+        costs ~1 ms a call on CPU: leave `report` unset in code you time.
 
     Gradients flow to `y0`, `args` and the arrays inside `terms` (as with BacksolveAdjoint),
     not to times. `sol.stats` gains "gq_nfe_forward" (when countable) and, for the gtol and
