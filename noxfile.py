@@ -76,11 +76,12 @@ def cuda_unavailable(python: str = sys.executable) -> str | None:
 
 
 def _bench_gpu_args(posargs: list[str]):
-    """`nox -s bench-gpu -- [OUT] [--baseline DIR] [--threshold 0.1]`."""
+    """`nox -s bench-gpu -- [OUT] [--shard K/N] [--baseline DIR] [--threshold 0.1]`."""
     import argparse
 
     p = argparse.ArgumentParser(prog="nox -s bench-gpu --")
     p.add_argument("out", nargs="?", default="reports/gpu")
+    p.add_argument("--shard", metavar="K/N", help="this runner's part of the grid (gqbench merge joins the parts)")
     p.add_argument("--baseline", help="a stored results folder: fail on regressions against it (gqbench compare)")
     p.add_argument("--threshold", type=float, default=0.1)
     return p.parse_args(posargs)
@@ -96,11 +97,14 @@ def bench_gpu(session: nox.Session) -> None:
         session.skip(f"CUDA not available: {why}; bench-gpu needs a CUDA torch on a machine with a GPU")
     py = sys.executable
     opts = _bench_gpu_args(session.posargs)
-    session.run(py, "-m", "gqbench", "run", "--preset", "gpu", "--out", opts.out, "--report", external=True)
+    shard = ["--shard", opts.shard] if opts.shard else []
+    session.run(py, "-m", "gqbench", "run", "--preset", "gpu", "--out", opts.out, "--report", *shard, external=True)
     if opts.baseline:
         # Fails the session (exit 1) when a case's interval lies wholly beyond the threshold.
         session.run(py, "-m", "gqbench", "compare", opts.out, opts.baseline, "--threshold", str(opts.threshold),
                     external=True)  # fmt: skip
+    if opts.shard and not opts.shard.strip().startswith("1/"):
+        return  # asv's benchmarks are one small set: a matrix records them once, on shard 1
     try:
         import asv  # noqa: F401
     except ImportError:

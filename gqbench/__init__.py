@@ -35,6 +35,8 @@ _EXPORTS = {
     "parse_spec": "_grid",
     "list_presets": "_grid",
     "run_grid": "_runner",
+    "Shard": "execute.shard",
+    "merge": "execute.merge",
     "load_results": "_results",
     "COLUMNS": "_results",
     "environment": "_env",

@@ -27,6 +27,7 @@ CASE_FIELDS = (
     "threads",
     "epochs",
     "ncosines",
+    "lr",
 )
 
 
@@ -56,6 +57,7 @@ class Case:
     threads: int = 2
     epochs: int | None = None  # set: a training run (gqbench.training), else one gradient measurement
     ncosines: int | None = None  # Wong–Zakai noise terms (torch_gq on SDE training problems)
+    lr: float | None = None  # Adam's learning rate (training problems that take it from the case)
 
     def to_dict(self) -> dict:
         return {f: getattr(self, f) for f in CASE_FIELDS}
@@ -68,7 +70,7 @@ class Case:
     def case_id(self) -> str:
         canon = {k: (float(v) if isinstance(v, float) else v) for k, v in self.to_dict().items()}
         # Fields added after the first release hash only when set, so earlier ids stay valid.
-        for late in ("warm_start", "quadrature", "epochs", "ncosines"):
+        for late in ("warm_start", "quadrature", "epochs", "ncosines", "lr"):
             if not canon[late]:
                 del canon[late]
         blob = json.dumps(canon, sort_keys=True, separators=(",", ":"))

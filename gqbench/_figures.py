@@ -95,17 +95,22 @@ def speedups(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def compare_runs(current: pd.DataFrame, baseline: pd.DataFrame, threshold: float = 0.1) -> pd.DataFrame:
-    """Cases present in both summaries (same case_id), with current/baseline ratios of the median
-    backward time, total time and peak memory, and a verdict per case: "regression" when the
-    total time grew by more than `threshold` (0.1 = 10 %), "improvement" when it shrank by more
-    (ratio < 1 / (1 + threshold)), else "same"."""
+    """Two runs' raw result rows -> the cases in both (same case_id): each run's summary side by
+    side, the peak memory ratio, and from `_ratios.compare_samples` the current/baseline ratios of
+    the median total and backward times with 95% intervals and the verdict ("regression" only when
+    the interval lies wholly above 1 + `threshold`)."""
+    from ._ratios import compare_samples  # _ratios imports this module
+
+    now, base = summarize(current), summarize(baseline)
     cols = ["case_id", "bwd_s", "total_s", "peak_mem_bytes", "bwd_q25", "bwd_q75"]
-    m = current.merge(baseline[cols], on="case_id", suffixes=("", "_baseline"))
-    for col in ("bwd_s", "total_s", "peak_mem_bytes"):
-        m[f"ratio_{col}"] = m[col] / m[f"{col}_baseline"]
-    r = m["ratio_total_s"]
-    m["verdict"] = np.where(r > 1 + threshold, "regression", np.where(r < 1 / (1 + threshold), "improvement", "same"))
-    return m
+    m = now.merge(base[cols], on="case_id", suffixes=("", "_baseline"))
+    m["ratio_peak_mem_bytes"] = m["peak_mem_bytes"] / m["peak_mem_bytes_baseline"]
+    cmp = compare_samples(current, baseline, threshold)
+    if cmp.empty:
+        return m.iloc[:0]
+    keep = ["case_id", "ratio_total", "total_lo", "total_hi", "ratio_bwd", "bwd_lo", "bwd_hi", "verdict"]
+    m = m.merge(cmp[keep], on="case_id")
+    return m.rename(columns={"ratio_total": "ratio_total_s", "ratio_bwd": "ratio_bwd_s"})
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -177,7 +182,21 @@ def scaling_part(d: pd.DataFrame) -> pd.DataFrame:
     return d[n >= 2]
 
 
-def _vs_width(d: pd.DataFrame, col: str, title: str, ylabel: str, *, hover=None, iqr: bool = False) -> go.Figure | None:
+def _facet_wrap(d: pd.DataFrame) -> tuple[pd.DataFrame, dict, int]:
+    """One facet per (panel, tolerance) that holds data, wrapped at 3 columns (no empty facets):
+    -> (d with a `facet` column, the px keywords, rows)."""
+    d = d.assign(facet=[f"{p} · {t}" if p else t for p, t in zip(d["panel"], d["tolerance"], strict=True)])
+    order = _orders(d)
+    facets = list(d.sort_values(["panel", "rtol"], ascending=[True, False])["facet"].unique())
+    order["category_orders"]["facet"] = facets
+    cols = min(3, len(facets))
+    kw = dict(facet_col="facet", facet_col_wrap=cols, facet_row_spacing=0.12 if len(facets) > cols else 0.03, **order)
+    return d, kw, -(-len(facets) // cols)
+
+
+def _vs_width(
+    d: pd.DataFrame, col: str, title: str, ylabel: str, *, hover=None, iqr: bool = False, log_y=True, **px_kw
+) -> go.Figure | None:
     """One log-log line per method setting of `col` against width, one facet per (panel, tolerance)
     that holds a scaling study: no empty facets, no single dots."""
     d = scaling_part(d)
@@ -185,11 +204,7 @@ def _vs_width(d: pd.DataFrame, col: str, title: str, ylabel: str, *, hover=None,
         return None  # every problem ran at a single width: `fig_single_width` shows them
     if iqr:
         d = d.assign(**{f"_{k}": v for k, v in _errors(d, col).items()})
-    d = d.assign(facet=[f"{p} · {t}" if p else t for p, t in zip(d["panel"], d["tolerance"], strict=True)])
-    order = _orders(d)
-    facets = list(d.sort_values(["panel", "rtol"], ascending=[True, False])["facet"].unique())
-    order["category_orders"]["facet"] = facets
-    cols = min(3, len(facets))
+    d, facet_kw, rows = _facet_wrap(d)
     fig = px.line(
         d,
         x="width",
@@ -197,18 +212,16 @@ def _vs_width(d: pd.DataFrame, col: str, title: str, ylabel: str, *, hover=None,
         color="label",
         markers=True,
         log_x=True,
-        log_y=True,
+        log_y=log_y,
         error_y="_error_y" if "_error_y" in d else None,
         error_y_minus="_error_y_minus" if "_error_y_minus" in d else None,
         hover_data=hover,
         labels={col: ylabel, "width": "width"},
-        facet_col="facet",
-        facet_col_wrap=cols,
-        facet_row_spacing=0.12 if len(facets) > cols else 0.03,
-        **order,
+        **facet_kw,
+        **px_kw,
     )
     fig.update_yaxes(showticklabels=True)
-    return _style(fig, title, rows=-(-len(facets) // cols))
+    return _style(fig, title, rows=rows)
 
 
 def fig_single_width(summary: pd.DataFrame) -> go.Figure | None:
@@ -300,49 +313,78 @@ def _short_tol(rtol: float, atol: float) -> str:
     return f"rtol={rtol:g}" if rtol == atol else f"rtol={rtol:g} atol={atol:g}"
 
 
-def _speedup_heatmap(summary: pd.DataFrame, metric: str, what: str) -> go.Figure:
-    """Columns: baselines; rows: panels (device/problem); in each cell a heatmap of width (x)
-    by GQ setting x tolerance (y). Colour: log2 of the speed-up, blue where GQ is faster."""
+def _speedup_heatmap(summary: pd.DataFrame, metric: str, what: str, samples: pd.DataFrame | None) -> go.Figure:
+    """Columns: baselines; rows: panels (device/problem), each as tall as its rows; in each cell a
+    heatmap of width (x) by GQ setting x tolerance (y). Colour: log2 of the speed-up, blue where GQ
+    is faster. With `samples` (the raw rows) every cell carries its 95% interval over paired rounds
+    (`_ratios.paired_speedups`; "~" marks an interval that includes 1)."""
     title = f"Speed-up of the GQ adjoint over each baseline: {what} time (> 1×: GQ faster)"
-    sp = speedups(summary)
+    name = "bwd" if metric == "speedup_bwd" else "total"
+    if samples is not None:
+        from ._ratios import paired_speedups  # _ratios imports this module
+
+        sp = paired_speedups(samples)
+        panels_of = summary[[*MATCH, "tolerance", "panel"]].drop_duplicates(MATCH)
+        sp = sp.merge(panels_of, on=[c for c in MATCH if c in sp], how="inner")
+    else:
+        sp = speedups(summary)
+        sp[f"{name}_lo"] = sp[f"{name}_hi"] = np.nan
+        sp[f"{name}_includes_one"] = False
     sp[metric] = pd.to_numeric(sp[metric], errors="coerce").astype("float64")
     sp = sp[np.isfinite(sp[metric]) & (sp[metric] > 0)]
     if sp.empty:
         return _empty(title, "needs torch_gq (or jax_gq) and a baseline run on the same experiments")
     sp = sp.sort_values(["gq", "rtol", "atol"], ascending=[True, False, False])
     sp = sp.assign(y=[f"{g} · {_short_tol(r, a)}" for g, r, a in zip(sp["gq"], sp["rtol"], sp["atol"], strict=True)])
-    panels, cols = sorted(sp["panel"].unique()), sorted(sp["baseline"].unique())
+    # The panel with the most widths (the scaling study) on top, as in the other figures.
+    panels = list(sp.groupby("panel")["width"].nunique().sort_values(ascending=False, kind="stable").index)
+    cols = sorted(sp["baseline"].unique())
+    n_ys = [sp.loc[sp["panel"] == p, "y"].nunique() for p in panels]
     fig = make_subplots(
         rows=len(panels),
         cols=len(cols),
         column_titles=[f"over {c}" for c in cols],
         row_titles=panels if len(panels) > 1 else None,
+        row_heights=n_ys,  # a panel of one GQ setting is one row high, not half the figure
         horizontal_spacing=0.03,
-        vertical_spacing=0.06 if len(panels) > 1 else 0.0,
-        shared_yaxes=True,
+        vertical_spacing=0.08 / len(panels) if len(panels) > 1 else 0.0,
     )
     span = max(1.0, float(np.abs(np.log2(sp[metric].to_numpy())).max()))
-    n_y = 1
     for i, panel in enumerate(panels, 1):
         ys = list(dict.fromkeys(sp.loc[sp["panel"] == panel, "y"]))
-        n_y = max(n_y, len(ys))
+        labelled = False  # y labels on the row's first drawn cell only
         for j, c in enumerate(cols, 1):
             cell = sp[(sp["panel"] == panel) & (sp["baseline"] == c)]
-            if cell.empty:
+            if cell.empty:  # this baseline did not run on this panel: no axes either
+                fig.update_xaxes(visible=False, row=i, col=j)
+                fig.update_yaxes(visible=False, row=i, col=j)
                 continue
             widths = sorted(cell["width"].unique())
-            grid = cell.pivot_table(index="y", columns="width", values=metric, aggfunc="median")
-            grid = grid.reindex(index=ys, columns=widths).to_numpy()
+
+            def grid(col, cell=cell, ys=ys, widths=widths):
+                g = cell.pivot_table(index="y", columns="width", values=col, aggfunc="first", dropna=False)
+                return g.reindex(index=ys, columns=widths).to_numpy(dtype=float)
+
+            v, lo, hi = grid(metric), grid(f"{name}_lo"), grid(f"{name}_hi")
+            one = grid(f"{name}_includes_one") > 0
+            text = [
+                ["" if np.isnan(x) else f"{x:.2f}×" + ("~" if u else "") for x, u in zip(rv, ru, strict=True)]
+                for rv, ru in zip(v, one, strict=True)
+            ]
+            ci = [
+                [f"95% interval {a:.3g}–{b:.3g}×" if a == a else "no interval (< 3 rounds)" for a, b in zip(ra, rb)]
+                for ra, rb in zip(lo, hi, strict=True)
+            ]
             fig.add_trace(
                 go.Heatmap(
                     x=[str(w) for w in widths],
                     y=ys,
-                    z=np.log2(grid),
-                    text=[["" if np.isnan(v) else f"{v:.2f}×" for v in row] for row in grid],
+                    z=np.log2(v),
+                    text=text,
                     texttemplate="%{text}",
-                    customdata=grid,
-                    hovertemplate=f"%{{y}} over {c}<br>width %{{x}}<br>{what} speed-up %{{customdata:.3g}}×"
-                    "<extra></extra>",
+                    customdata=np.dstack([v, np.array(ci, dtype=object)]),
+                    hovertemplate=f"%{{y}} over {c}<br>width %{{x}}<br>{what} speed-up %{{customdata[0]:.3g}}×"
+                    "<br>%{customdata[1]}<extra></extra>",
                     coloraxis="coloraxis",
                     xgap=1,
                     ygap=1,
@@ -350,6 +392,8 @@ def _speedup_heatmap(summary: pd.DataFrame, metric: str, what: str) -> go.Figure
                 row=i,
                 col=j,
             )
+            fig.update_yaxes(showticklabels=not labelled, row=i, col=j)
+            labelled = True
     vals, text = _log2_ticks(-span, span)
     fig.update_layout(
         coloraxis=dict(
@@ -360,16 +404,16 @@ def _speedup_heatmap(summary: pd.DataFrame, metric: str, what: str) -> go.Figure
     fig.update_xaxes(title_text="width", row=len(panels))
     fig.update_yaxes(autorange="reversed", type="category")
     fig = _style(fig, title)
-    fig.update_layout(height=max(360, 150 + len(panels) * (40 + 26 * n_y)))
+    fig.update_layout(height=max(300, 170 + 40 * len(panels) + 26 * sum(n_ys)))
     return fig
 
 
-def fig_speedup_heatmap(summary: pd.DataFrame) -> go.Figure:
-    return _speedup_heatmap(summary, "speedup_bwd", "backward")
+def fig_speedup_heatmap(summary: pd.DataFrame, samples: pd.DataFrame | None = None) -> go.Figure:
+    return _speedup_heatmap(summary, "speedup_bwd", "backward", samples)
 
 
-def fig_speedup_heatmap_total(summary: pd.DataFrame) -> go.Figure:
-    return _speedup_heatmap(summary, "speedup_total", "forward + backward")
+def fig_speedup_heatmap_total(summary: pd.DataFrame, samples: pd.DataFrame | None = None) -> go.Figure:
+    return _speedup_heatmap(summary, "speedup_total", "forward + backward", samples)
 
 
 def fig_speedup(summary: pd.DataFrame) -> go.Figure:
@@ -425,7 +469,7 @@ def fig_work_precision(summary: pd.DataFrame) -> go.Figure:
     return _style(fig, title)
 
 
-def fig_nfe(summary: pd.DataFrame) -> go.Figure:
+def fig_nfe(summary: pd.DataFrame) -> go.Figure | None:
     title = (
         "Function evaluations per method: forward and backward (direct backprop's backward: 0, it replays the graph)"
     )
@@ -433,25 +477,14 @@ def fig_nfe(summary: pd.DataFrame) -> go.Figure:
     if d.empty:
         return _empty(title, "no NFE recorded")
     long = d.melt(
-        id_vars=["label", "width", "tolerance", "panel"],
+        id_vars=["label", "width", "tolerance", "rtol", "atol", "panel"],
         value_vars=["nfe_fwd", "nfe_bwd"],
         var_name="pass",
         value_name="nfe",
     )
     long["pass"] = long["pass"].map({"nfe_fwd": "forward", "nfe_bwd": "backward"})
-    fig = px.line(
-        long,
-        x="width",
-        y="nfe",
-        color="label",
-        line_dash="pass",
-        markers=True,
-        log_x=True,
-        labels={"nfe": "function evaluations (median)"},
-        **_facets(long),
-        **_orders(d),
-    )
-    return _style(fig, title, rows=_rows(long))
+    # Single-width problems: their NFE is in the single-width figure's hover.
+    return _vs_width(long, "nfe", title, "function evaluations (median)", log_y=False, line_dash="pass")
 
 
 def fig_grad_error(summary: pd.DataFrame) -> go.Figure:
@@ -606,16 +639,23 @@ def fig_baseline_comparison(comparison: pd.DataFrame, threshold: float = 0.1) ->
     if comparison is None or comparison.empty:
         return None
     colors = {"regression": "#d62728", "improvement": "#2ca02c", "same": "#7f7f7f"}
+    comparison = comparison.assign(
+        interval_plus=comparison["total_hi"] - comparison["ratio_total_s"],
+        interval_minus=comparison["ratio_total_s"] - comparison["total_lo"],
+    )
+    comparison, facet_kw, rows = _facet_wrap(comparison)
+    facet_kw["color_discrete_map"] = colors
+    facet_kw["category_orders"]["verdict"] = ["regression", "improvement", "same"]
     fig = px.scatter(
         comparison,
+        error_y="interval_plus",
+        error_y_minus="interval_minus",
         x="width",
         y="ratio_total_s",
         color="verdict",
         symbol="label",
         log_x=True,
         log_y=True,
-        color_discrete_map=colors,
-        category_orders={"verdict": ["regression", "improvement", "same"]},
         hover_data=[
             "label",
             "problem",
@@ -626,12 +666,15 @@ def fig_baseline_comparison(comparison: pd.DataFrame, threshold: float = 0.1) ->
             "ratio_peak_mem_bytes",
         ],
         labels={"ratio_total_s": "total time: this run / baseline"},
-        **_facets(comparison),
+        **facet_kw,
     )
+    fig.update_yaxes(showticklabels=True)
     for y, dash in ((1.0, "solid"), (1 + threshold, "dot"), (1 / (1 + threshold), "dot")):
         fig.add_hline(y=y, line_dash=dash, line_color="gray", line_width=1)
     return _style(
-        fig, f"Against the baseline run: total time ratio per case (band: ±{threshold:.0%})", rows=_rows(comparison)
+        fig,
+        f"Against the baseline run: total time ratio per case with its 95% interval (band: ±{threshold:.0%})",
+        rows=rows,
     )
 
 
@@ -690,6 +733,8 @@ FIGURES = (
     fig_nfe,
     fig_grad_error,
 )
+# Figures that also take the raw rows (`samples=`): their ratios carry intervals over paired rounds.
+SAMPLE_FIGURES = (fig_speedup_heatmap, fig_speedup_heatmap_total)
 OPTIONAL_FIGURES = (
     fig_single_width,
     fig_quadrature_order,

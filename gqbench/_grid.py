@@ -15,9 +15,10 @@ Rules:
   one case per gtol value), "fixed" (one case per quad_order value). Without a `quadrature` axis, a
   spec that names `gtol` or `quad_order` runs those rules beside "adaptive".
 - `batch` omitted: each problem's default batch; `width` omitted: each problem's default width.
-- Training problems (`gqbench.training`, e.g. sde_ou): every case trains for `epochs` (default: the
-  problem's); `ncosines` (Wong–Zakai noise terms) applies to torch_gq on SDE problems only. Both are
-  None on gradient problems.
+- Training problems (`gqbench.training`, e.g. sde_ou, images): every case trains for `epochs` (default: the
+  problem's) with Adam at `lr` (default: the problem's, on problems that take it from the case);
+  `ncosines` (Wong–Zakai noise terms) applies to torch_gq on SDE problems only. All three are None on
+  gradient problems. A name that is both (g1d, spheres, sines) trains only when the spec gives `epochs`.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def _expand(axes: dict, where: str) -> list[Case]:
         if key not in ax:
             _fail(where, key, f"is missing; add e.g. {key} = [{_example(key)}]")
     _choices(where, "method", ax["method"], list(METHODS))
-    _choices(where, "problem", ax["problem"], [*PROBLEMS, *TRAINING_PROBLEMS])
+    _choices(where, "problem", ax["problem"], list(dict.fromkeys([*PROBLEMS, *TRAINING_PROBLEMS])))
     _choices(where, "backward_state", ax["backward_state"], BACKWARD_STATES)
     _choices(where, "quadrature", ax["quadrature"], QUADRATURES)
     for v in ax["warm_start"]:
@@ -184,7 +185,7 @@ def _expand(axes: dict, where: str) -> list[Case]:
     for v in ax.get("quad_order", []):
         if v > 64:
             _fail(where, "quad_order", f"value {v} is above 64; use 1..64 nodes per interval")
-    for key in ("rtol", "atol", "gtol"):
+    for key in ("rtol", "atol", "gtol", "lr"):
         for v in ax.get(key, []):
             _positive(where, key, v)
     tols = _tolerances(where, ax, axes.get("tolerances", "paired"))
@@ -201,6 +202,15 @@ def _expand(axes: dict, where: str) -> list[Case]:
     cases = []
     for method, problem_name in itertools.product(ax["method"], ax["problem"]):
         training = TRAINING_PROBLEMS.get(problem_name)
+        if problem_name in PROBLEMS and "epochs" not in ax:
+            training = None  # g1d, spheres, sines: one gradient unless the spec asks for training
+        if "lr" in ax and (training is None or training.default_lr is None):
+            _fail(
+                where,
+                "lr",
+                f"does not apply to {problem_name!r}; give lr only to training problems that take it"
+                f" ({', '.join(p for p, t in TRAINING_PROBLEMS.items() if t.default_lr is not None)})",
+            )
         problem = training or PROBLEMS[problem_name]
         if training is not None and training.unsupported(method):
             _fail(where, "method", f"{method!r}: {training.unsupported(method)}; give it its own [[grid]]")
@@ -210,6 +220,7 @@ def _expand(axes: dict, where: str) -> list[Case]:
         epochs = [None] if training is None else ax.get("epochs", [training.default_epochs])
         wong_zakai = training is not None and training.noise_axis and method == "torch_gq"
         noise = ax.get("ncosines", [DEFAULT_NCOSINES]) if wong_zakai else [None]
+        lrs = ax.get("lr", [training.default_lr]) if training is not None else [None]
         widths = ax.get("width", [problem.default_width])
         batches = ax.get("batch", [problem.default_batch])
         is_quad = METHODS[method].quadrature
@@ -218,10 +229,9 @@ def _expand(axes: dict, where: str) -> list[Case]:
             if is_quad
             else [(None, None, None, None, None)]
         )
-        for w, b, (rtol, atol), (q, g, n, bs, ws), solver, device, dtype, seed, threads, ep, nc in itertools.product(
-            widths, batches, tols, quad_points, ax["solver"], ax["device"], ax["dtype"], ax["seed"], ax["threads"],
-            epochs, noise,
-        ):  # fmt: skip
+        points = itertools.product(widths, batches, tols, quad_points, ax["solver"], ax["device"], ax["dtype"],
+                                   ax["seed"], ax["threads"], epochs, noise, lrs)  # fmt: skip
+        for w, b, (rtol, atol), (q, g, n, bs, ws), solver, device, dtype, seed, threads, ep, nc, lr in points:
             cases.append(
                 Case(
                     method=method,
@@ -242,6 +252,7 @@ def _expand(axes: dict, where: str) -> list[Case]:
                     threads=threads,
                     epochs=ep,
                     ncosines=nc,
+                    lr=None if lr is None else float(lr),
                 )
             )
     return cases
@@ -296,6 +307,8 @@ def _positive(where: str, key: str, v, *, integer: bool = False, zero_ok: bool =
     if isinstance(v, bool) or not ok_type or not math.isfinite(v) or v < 0 or (v == 0 and not zero_ok):
         kind = "an integer" if integer else "a number"
         bound = ">= 0" if zero_ok else "> 0"
-        example = ("3" if integer else "60") if "." in key else ("[1]" if integer else "[1e-6]")
+        example = {"lr": "[1e-3]"}.get(
+            key, ("3" if integer else "60") if "." in key else ("[1]" if integer else "[1e-6]")
+        )
         _fail(where, key, f"value {v!r} must be {kind} {bound}, e.g. {key.split('.')[-1]} = {example}")
     return v

@@ -56,10 +56,23 @@ class PeakMemory:
     after their timed calls) so freed tensors go back to the kernel and the peak is the block's own.
     """
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, baseline: int | None = None):
         self.cuda = device.startswith("cuda")
         self.device = device
         self.bytes = float("nan")
+        self.baseline = baseline  # measure above this many bytes instead of what is in use at entry
+
+    @staticmethod
+    def in_use(device: str) -> int:
+        """Bytes in use now (CUDA: allocated by torch; CPU: resident set): a `baseline` to measure above."""
+        if device.startswith("cuda"):
+            import torch
+
+            return torch.cuda.memory_allocated(device)
+        try:
+            return _vm("VmRSS")
+        except OSError:
+            return _maxrss()
 
     def __enter__(self):
         if self.cuda:
@@ -67,7 +80,7 @@ class PeakMemory:
 
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
+            self._base = torch.cuda.memory_allocated(self.device) if self.baseline is None else self.baseline
         else:
             try:
                 with open("/proc/self/clear_refs", "w") as f:
@@ -75,7 +88,7 @@ class PeakMemory:
                 self._proc = True
             except OSError:
                 self._proc = False
-            self._base = _vm("VmRSS") if self._proc else _maxrss()
+            self._base = (_vm("VmRSS") if self._proc else _maxrss()) if self.baseline is None else self.baseline
         return self
 
     def __exit__(self, *exc):
@@ -142,16 +155,19 @@ def memory_call(run: AbstractRun, device: str) -> float:
 
 def return_freed_memory() -> None:
     """From now on, glibc hands freed blocks >= 64 KiB back to the kernel (as MALLOC_MMAP_THRESHOLD_=65536
-    would), and what the timed calls left free in the heap goes back now (`malloc_trim`), so an RSS
-    high-water mark measures the next block's own peak. Only for memory calls, after the timed ones: it
-    slows allocation-heavy code (direct backprop's backward by up to 45%)."""
+    would), so an RSS high-water mark measures the block's own peak. Only for memory repeats, after the
+    timed ones: it slows allocation-heavy code (direct backprop's backward by up to 45%).
+
+    malloc_trim(0) first returns what the timed calls left free in the heaps: without it the next call
+    reuses those resident pages and its peak reads low (60 MB of live tensors measured as 40 MB)."""
     try:
         import ctypes
 
-        ctypes.CDLL(None).mallopt(-3, 65536)  # M_MMAP_THRESHOLD (also stops glibc raising it dynamically)
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
-    _trim()
 
 
 def _trim() -> None:
@@ -217,6 +233,9 @@ def measure(
     `run`: an already prepared run (asv/pytest-benchmark set up once); `reference=False`: no
     gradient error (NaN), e.g. when the reference could not be computed. The runner does the same
     steps in worker processes, with the timed calls of compared methods alternating round by round.
+    Here the memory call runs under the default allocator (this process goes on timing other things),
+    which reuses blocks freed by the timed calls: `peak_mem_bytes` is a lower bound; the runner's
+    workers `return_freed_memory()` first.
     """
     if run is None:
         run, setup_s = warm_up(case, warmup)

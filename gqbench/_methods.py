@@ -135,19 +135,32 @@ class TorchBaseline(AbstractMethod):
     """A torchdiffeq baseline: `solve` names the adapter in `impls` (odeint_direct, odeint_adjoint, ...)."""
 
     solve: str = "odeint_direct"
+    needs: str | None = None  # a module the adapter imports (TorchDiffEqPack): skipped rows without it
 
-    def build(self, *, case, problem):
+    def unsupported(self, case):
+        import importlib.util
+
+        if self.needs and importlib.util.find_spec(self.needs) is None:
+            return f"{self.name} needs {self.needs}; pip install the [mali] extra"
+        return super().unsupported(case)
+
+    def solver(self, case: Case):
+        """`solve(func, y0, t)` with the case's solver settings (also what training runs call)."""
         import impls
 
         solve = getattr(impls, self.solve)
-        return _TorchRun(problem, lambda f, y0, t: solve(f, y0, t, **_tols(case)), case.device, True)
+        return lambda f, y0, t: solve(f, y0, t, **_tols(case))
+
+    def build(self, *, case, problem):
+        return _TorchRun(problem, self.solver(case), case.device, True)
 
 
 @dataclasses.dataclass(frozen=True)
 class TorchGQ(AbstractMethod):
     quadrature: ClassVar[bool] = True
 
-    def build(self, *, case, problem):
+    def solver(self, case: Case):
+        """`solve(func, y0, t)`: GQ with the case's quadrature settings (also what training runs call)."""
         import impls
 
         kw = dict(_tols(case), backward_state=case.backward_state or "backsolve", warm_start=bool(case.warm_start))
@@ -155,7 +168,10 @@ class TorchGQ(AbstractMethod):
             kw["quad_order"] = case.quad_order
         elif case.quadrature == "gtol" or (case.quadrature is None and case.gtol is not None):
             kw["gtol"] = case.gtol
-        return _TorchRun(problem, lambda f, y0, t: impls.odeint_adjoint_gq(f, y0, t, **kw), case.device, False)
+        return lambda f, y0, t: impls.odeint_adjoint_gq(f, y0, t, **kw)
+
+    def build(self, *, case, problem):
+        return _TorchRun(problem, self.solver(case), case.device, False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,6 +243,8 @@ for _m in (
     TorchBaseline("torch_adjoint", "torchdiffeq.odeint_adjoint (continuous adjoint)", "odeint_adjoint"),
     TorchBaseline("torch_seminorm", "odeint_adjoint with adjoint_options=dict(norm='seminorm')", "odeint_seminorm"),
     TorchGQ("torch_gq", "impls.odeint_adjoint_gq (Gauss-Legendre quadrature adjoint)"),
+    TorchBaseline("torch_mali", "MALI, reversible leapfrog (TorchDiffEqPack)", "odeint_mali", "TorchDiffEqPack"),
+    TorchBaseline("torch_aca", "ACA, adaptive checkpoint adjoint (TorchDiffEqPack)", "odeint_aca", "TorchDiffEqPack"),
     TrainingOnly("sde_direct", "torchsde.sdeint, reversible Heun, backprop through the steps (SDE training)"),
     TrainingOnly("sde_adjoint", "torchsde.sdeint_adjoint, adjoint reversible Heun (SDE training)"),
 ):

@@ -20,26 +20,37 @@ def _median_ratio(a, b, axis=-1):
     return np.median(a, axis=axis) / np.median(b, axis=axis)
 
 
+def _median_of_ratios(a, b, axis=-1):
+    return np.median(a / b, axis=axis)
+
+
 def ratio_ci(num, den, *, paired: bool, seed: int = 0) -> tuple[float, float, float]:
-    """median(num) / median(den) and its 95% bootstrap interval (percentile method); NaN bounds
-    with fewer than 3 samples a side (no interval worth the name)."""
+    """The ratio num/den and its 95% bootstrap interval (percentile method); NaN bounds with fewer
+    than 3 samples a side (no interval worth the name).
+
+    paired (num[i] and den[i] timed in the same round): the median over rounds of the per-round ratio,
+    so a slow spell that hits a whole round cancels (on a shared machine the ratio of the two medians
+    swung 3-4x more between runs); unpaired: median(num) / median(den)."""
     from scipy.stats import bootstrap
 
     num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
-    point = float(_median_ratio(num, den))
+    stat = _median_of_ratios if paired else _median_ratio
+    point = float(stat(num, den))
     if min(len(num), len(den)) < 3:
         return point, float("nan"), float("nan")
-    if np.ptp(num) == 0 and np.ptp(den) == 0:
+    if (np.ptp(num / den) == 0) if paired else (np.ptp(num) == 0 and np.ptp(den) == 0):
         return point, point, point
-    res = bootstrap((num, den), _median_ratio, paired=paired, vectorized=True, n_resamples=RESAMPLES,
+    res = bootstrap((num, den), stat, paired=paired, vectorized=True, n_resamples=RESAMPLES,
                     confidence_level=LEVEL, method="percentile", rng=np.random.default_rng(seed))  # fmt: skip
     return point, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def paired_speedups(df: pd.DataFrame) -> pd.DataFrame:
+def paired_speedups(df: pd.DataFrame, gq_methods: tuple[str, ...] = QUAD_METHODS) -> pd.DataFrame:
     """GQ's speed-up over every baseline of its comparison group: baseline time / GQ time, backward
-    and whole step (forward + backward), each with its 95% interval from samples paired by round.
-    `*_includes_one`: the interval does not exclude "no difference"."""
+    and whole step (forward + backward), the median over rounds of each round's ratio, with its 95%
+    interval (bootstrap over rounds).
+    `*_includes_one`: the interval does not exclude "no difference". `gq_methods`: the methods
+    whose speed-up is wanted (every other method of a group is a baseline)."""
     cols = [*MATCH, "gq", "baseline", "rounds", "speedup_bwd", "bwd_lo", "bwd_hi", "speedup_total", "total_lo",
             "total_hi", "bwd_includes_one", "total_includes_one"]  # fmt: skip
     ok = df[df["status"] == "ok"].copy()
@@ -49,7 +60,7 @@ def paired_speedups(df: pd.DataFrame) -> pd.DataFrame:
     # Results from before paired rounds: repeats were not taken side by side, so resample independently.
     paired = "round" in ok and ok["round"].notna().all()
     ok["round"] = ok["round"] if paired else ok["repeat"]
-    is_gq = ok["method"].isin(QUAD_METHODS)
+    is_gq = ok["method"].isin(gq_methods)
     out = []
     key = [c for c in MATCH if c in ok]
     for _, grp in ok.groupby(key, dropna=False, sort=True):

@@ -20,6 +20,7 @@ from ._figures import (
     MATCH,
     OPTIONAL_FIGURES,
     QUAD_METHODS,
+    SAMPLE_FIGURES,
     compare_runs,
     fig_baseline_comparison,
     fig_phases,
@@ -28,6 +29,8 @@ from ._figures import (
 )
 from ._results import load_results, load_table
 from ._verdict import verdict_html
+from .training import claims as train_claims
+from .training import figures as train_figures
 from .training import sde_figures
 
 __all__ = [
@@ -47,8 +50,10 @@ DEFAULT_THRESHOLD = 0.10
 NOTES = {
     "fig_backward_time": "Median over repeats, error bars from the 25th to the 75th percentile. Columns: tolerances.",
     "fig_total_time": "One training step's cost: forward solve plus gradient.",
-    "fig_speedup_heatmap": "Each cell: baseline's median backward time / GQ's, on the same experiment "
-    "(problem, width, batch, tolerances, solver, device, dtype, seed, threads). Blue: GQ faster.",
+    "fig_speedup_heatmap": "Each cell: baseline's backward time / GQ's on the same experiment (problem, width, "
+    "batch, tolerances, solver, device, dtype, seed, threads), timed side by side: the median over rounds of "
+    "each round's ratio. Hover: the 95% bootstrap interval over rounds; ~: the interval includes 1 (no clear "
+    "difference). Blue: GQ faster.",
     "fig_speedup_heatmap_total": "As above for forward + backward time.",
     "fig_speedup": "The backward speed-up as lines over width (dashes: GQ setting).",
     "fig_peak_memory": "Peak memory of one forward + backward above what was allocated before it "
@@ -69,6 +74,7 @@ NOTES = {
     "the gradient error and backward NFE.",
     "fig_compile_time": "Tracing plus XLA compilation, measured once per case and kept out of the timed calls.",
     **sde_figures.NOTES,
+    **train_figures.NOTES,
 }
 TITLES = {
     "fig_backward_time": "Backward time vs width",
@@ -90,6 +96,7 @@ TITLES = {
     "fig_phases": "Where the time goes (profiles)",
     "sde_training": "SDE training",
     **sde_figures.TITLES,
+    **train_figures.TITLES,
 }
 
 CSS = """
@@ -196,7 +203,7 @@ def _baseline_html(comparison: pd.DataFrame, threshold: float, label: str, n_now
     head = (
         f"<p>Compared with <code>{html.escape(label)}</code>: {len(comparison)} cases in both runs "
         f"({n_now - len(comparison)} only in this run, {n_base - len(comparison)} only in the baseline). "
-        f"Threshold ±{threshold:.0%} on the median total time: "
+        f"Threshold ±{threshold:.0%} on the median total time, counted only when the 95% interval lies beyond it: "
         f"<b class=bad>{counts.get('regression', 0)} regressions</b>, "
         f"<b>{counts.get('improvement', 0)} improvements</b>, {counts.get('same', 0)} within the band.</p>"
     )
@@ -215,8 +222,8 @@ def _baseline_html(comparison: pd.DataFrame, threshold: float, label: str, n_now
         "tolerance",
         "device",
         "total s (baseline → now)",
-        "total ratio",
-        "backward ratio",
+        "total ratio [95% interval]",
+        "backward ratio [95% interval]",
         "memory ratio",
         "backward IQR/median now",
     )
@@ -236,6 +243,11 @@ def _baseline_html(comparison: pd.DataFrame, threshold: float, label: str, n_now
 MAX_ROWS = 15
 
 
+def _ratio_cell(r, col: str, name: str) -> str:
+    lo, hi = r[f"{name}_lo"], r[f"{name}_hi"]
+    return f"{r[col]:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo == lo else " (n<3)")
+
+
 def _baseline_row(r) -> str:
     iqr = (r["bwd_q75"] - r["bwd_q25"]) / r["bwd_s"] if r["bwd_s"] else float("nan")
     cells = [
@@ -246,8 +258,8 @@ def _baseline_row(r) -> str:
         r["tolerance"],
         str(r["device"]),
         f"{r['total_s_baseline']:.4g} → {r['total_s']:.4g}",
-        f"{r['ratio_total_s']:.3f}",
-        f"{r['ratio_bwd_s']:.3f}",
+        _ratio_cell(r, "ratio_total_s", "total"),
+        _ratio_cell(r, "ratio_bwd_s", "bwd"),
         f"{r['ratio_peak_mem_bytes']:.3f}",
         f"{iqr:.0%}",
     ]
@@ -313,6 +325,7 @@ def render(
     out_dir: Path | None = None,
     epochs: pd.DataFrame | None = None,
     sde_bands: pd.DataFrame | None = None,
+    toy_gradient: pd.DataFrame | None = None,
 ) -> str:
     """The whole page as a string. `baseline`: another run's results table to compare against;
     `phases`: `_profile.load_phases(...)` of the profiles to show; `epochs`/`sde_bands`: the training
@@ -324,18 +337,23 @@ def render(
     sections: list[tuple[str, str]] = []
     if not summary.empty:
         for make in FIGURES:
-            fig = make(summary)
+            fig = make(summary, samples=df[~training]) if make in SAMPLE_FIGURES else make(summary)
             if fig is not None:  # None: nothing of this kind was measured (e.g. no problem at two widths)
                 sections.append((make.__name__, _figure_div(fig, make.__name__)))
         for make in OPTIONAL_FIGURES:
             fig = make(summary)
             if fig is not None:
                 sections.append((make.__name__, _figure_div(fig, make.__name__)))
-    if epochs is not None and not epochs.empty:
-        sections += _sde_sections(epochs, sde_bands)
+    sde = _sde_rows(epochs)
+    ode = None if epochs is None else epochs[~sde]
+    if (ode is not None and not ode.empty) or (toy_gradient is not None and not toy_gradient.empty):
+        sections += _training_sections(ode, toy_gradient)
+    if epochs is not None and not epochs[sde].empty:
+        sections += _sde_sections(epochs[sde], sde_bands)
     if baseline is not None:
-        base_summary = summarize(baseline)
-        comparison = compare_runs(summary, base_summary, threshold) if not summary.empty else None
+        base_training = baseline["epochs"].notna() if "epochs" in baseline else pd.Series(False, index=baseline.index)
+        base_summary = summarize(baseline[~base_training])
+        comparison = compare_runs(df[~training], baseline[~base_training], threshold) if not summary.empty else None
         if comparison is not None and not comparison.empty:
             fig = fig_baseline_comparison(comparison, threshold)
             body = _baseline_html(comparison, threshold, baseline_label, len(summary), len(base_summary)) + _figure_div(
@@ -369,6 +387,23 @@ def render(
 <h2 id="environment">Environment</h2>
 {env_html}
 </body></html>"""
+
+
+def _sde_rows(epochs: pd.DataFrame | None) -> pd.Series | None:
+    """Which epoch rows belong to SDE training problems (their own section)."""
+    if epochs is None:
+        return None
+    from .training import TRAINING_PROBLEMS
+
+    sde = [n for n, p in TRAINING_PROBLEMS.items() if p.noise_axis]
+    return epochs["problem"].isin(sde)
+
+
+def _training_sections(epochs: pd.DataFrame | None, toy: pd.DataFrame | None) -> list[tuple[str, str]]:
+    """The paper's ODE experiments: the claims table and tables first, then the figures."""
+    figs = train_figures.section_figures(epochs, toy)
+    out = [("training", train_claims.tables_html(epochs, toy))]
+    return out + [(name, _figure_div(fig, name)) for name, fig in figs]
 
 
 def _sde_sections(epochs: pd.DataFrame, bands: pd.DataFrame | None) -> list[tuple[str, str]]:
@@ -427,6 +462,7 @@ def write_report(
         out_dir=out_dir.resolve(),
         epochs=load_table(out_dir, "epochs"),
         sde_bands=load_table(out_dir, "sde_bands"),
+        toy_gradient=load_table(out_dir, "toy_gradient"),
     )
     path = out_dir / "index.html"
     tmp = out_dir / ".index.html.tmp"

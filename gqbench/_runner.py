@@ -3,8 +3,8 @@
 Cases that differ only in the method and its settings form a comparison group. The group's workers
 are alive together and their timed calls alternate round by round (the order rotating each round,
 never two at once), so a machine's drift hits every method alike and ratios can be taken per round.
-Re-running the same command after a crash or `kill -9` skips the finished cases (their files in
-DIR/cases/) and runs the rest; nothing is lost or written twice.
+Re-running the same command after a crash or `kill -9` skips the finished comparison groups (every
+case's file in DIR/cases/) and runs the rest; nothing is lost or duplicated.
 """
 
 from __future__ import annotations
@@ -80,14 +80,19 @@ def run_grid(
     if per_node < 1:
         raise ValueError(f"--per-node {per_node}: must be >= 1")
     cases = list(dict.fromkeys(cases))
+    from .execute.merge import grid_identity
+
+    grid = grid_identity(c.case_id for c in cases)  # the whole grid, before sharding: merge checks it
     if shard is not None:
         from .execute.shard import Shard, assign
 
         cases = assign(cases, Shard.parse(shard))
     done = finished_ids(out_dir)
-    todo = [c for c in cases if c.case_id not in done]
+    # A comparison group is finished only when every case of it has its file: a group cut short (a kill
+    # while its cases' files were being written) runs again whole, so its rounds stay paired.
+    todo = [c for g in comparison_groups(cases) if any(c.case_id not in done for c in g) for c in g]
     env = environment(threads=sorted({c.threads for c in cases}))
-    env.update(executor=executor, per_node=per_node, shard=shard)
+    env.update(executor=executor, per_node=per_node, shard=shard, grid=grid)
     _write_environment(out_dir, env, spec, settings, n_cases=len(cases), n_done=len(cases) - len(todo))
     machine = machine_name()
     console = Console(stderr=True, quiet=not progress)
@@ -152,6 +157,8 @@ def run_group(group: list[Case], out_dir: Path, settings: RunSettings, ref_dir: 
     workers: dict[Case, Worker] = {}
     started: dict[Case, float] = {}
     try:
+        # One worker at a time sets up and warms up (set-up and JAX compile times are columns too, so
+        # not side by side with another's); a training case sends its result here.
         for case in group:
             early = _precheck(case, out_dir, settings, ref_dir, failed_refs, console)
             if early is not None:
@@ -161,8 +168,6 @@ def run_group(group: list[Case], out_dir: Path, settings: RunSettings, ref_dir: 
             job = dict(kind="case", case=case.to_dict(), warmup=settings.warmup, reference_dir=str(ref_dir),
                        reference=case.reference_key not in failed_refs)  # fmt: skip
             workers[case] = Worker(job, case, _log(out_dir, case), budget=settings.timeout)
-        # Every worker sets up and warms up (in parallel: untimed); a training case sends its result here.
-        for case in list(workers):
             try:
                 msg = workers[case].request()
             except WorkerFailed as exc:
@@ -212,6 +217,8 @@ def _log(out_dir: Path, case: Case) -> Path:
 def _precheck(case: Case, out_dir: Path, settings: RunSettings, ref_dir: Path, failed_refs: dict, console):
     """Failure rows for a case that cannot run here (or whose method is broken); else None, after
     making sure the float64 reference gradient exists (its failure only blanks grad_rel_err)."""
+    from rich.markup import escape
+
     try:
         method = get_method(case.method)
         reason = method.unsupported(case)
@@ -227,7 +234,7 @@ def _precheck(case: Case, out_dir: Path, settings: RunSettings, ref_dir: Path, f
                 run_to_end(job, case, out_dir / "logs" / "reference.log", settings.reference_timeout)
             except WorkerFailed as exc:
                 failed_refs[key] = str(exc)
-                console.print(f"[yellow]reference gradient for {key} failed: {exc}; grad_rel_err will be NaN")
+                console.print(f"[yellow]reference gradient for {key} failed: {escape(str(exc))}; grad_rel_err is NaN")
     return None
 
 

@@ -1,7 +1,10 @@
 """Stub methods with known NFE and timing, for testing the harness (not a benchmark).
 
 Import this module, or set GQBENCH_PLUGINS=gqbench._testing so worker processes register them too.
-Per call: nfe_forward = width, nfe_backward = 2 * width + 1; forward sleeps FWD_S, backward BWD_S.
+Per call: nfe_forward = width, nfe_backward = 2 * width + 1; forward sleeps FWD_S, backward BWD_S
+(both times `time_scale` for the stubs of known speed-up). `stub_alloc` holds ALLOC_BYTES of touched
+memory during its backward (a known peak); `stub_crash_later`/`stub_hang_later` fail on their
+second timed call (in the middle of the paired rounds, after one warm-up).
 """
 
 from __future__ import annotations
@@ -16,15 +19,26 @@ import numpy as np
 from ._methods import METHODS, AbstractMethod, AbstractRun, register_method
 
 FWD_S = 0.02
-TRACE_ENV = "GQBENCH_STUB_TRACE"  # a file each stub forward call appends "<method> <MALLOC_MMAP_THRESHOLD_>" to
+# A file each stub forward + backward appends "<method> <MALLOC_MMAP_THRESHOLD_> <start> <end>" to.
+TRACE_ENV = "GQBENCH_STUB_TRACE"
+ONCE_ENV = "GQBENCH_STUB_ONCE_DIR"  # stub_killparent_once leaves a marker here: it kills its parent only once
 BWD_S = 0.05
+HOLD_ENV = "GQBENCH_STUB_HOLD"  # stub_hold's gradients() (in the runner's "finish") wait while this file exists
+ALLOC_BYTES = 60 * 2**20  # three 20 MiB blocks: under the default allocator glibc reuses such freed blocks
+LATER_CALL = 3  # the *_later kinds fail on this forward call (warm-up, round 0, then here)
 
 
 class StubRun(AbstractRun):
-    def __init__(self, kind: str, width: int, name: str = ""):
+    def __init__(self, kind: str, width: int, name: str = "", time_scale: float = 1.0):
         self.kind, self.width, self.name, self.extra = kind, width, name, {}
+        self.time_scale, self.calls = time_scale, 0
 
     def forward(self):
+        self.calls += 1
+        if self.kind.endswith("_later") and self.calls == LATER_CALL:
+            if self.kind == "hang_later":
+                time.sleep(3600)
+            raise RuntimeError("stub crashed in the middle of its rounds on purpose")
         if self.kind == "crash":
             raise RuntimeError("stub crashed on purpose")
         if self.kind == "oom":
@@ -37,31 +51,45 @@ class StubRun(AbstractRun):
             os.abort()
         if self.kind == "killparent":  # the process that started this worker (e.g. a Ray worker) dies
             os.kill(os.getppid(), 9)
-        time.sleep(FWD_S)
+        if self.kind == "killparent_once":  # ... the first time only (a marker per width in $GQBENCH_STUB_ONCE_DIR)
+            marker = os.path.join(os.environ[ONCE_ENV], f"killparent-w{self.width}")
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os.kill(os.getppid(), 9)
+        self._started = time.time()
+        time.sleep(FWD_S * self.time_scale)
         self.nfe_forward = self.width
+
+    def backward(self):
+        time.sleep(BWD_S * self.time_scale)
         trace = os.environ.get(TRACE_ENV)
         if trace:  # which method ran when: the runner's paired rounds are checked with it
             with open(trace, "a") as f:
-                f.write(f"{self.name} {os.environ.get('MALLOC_MMAP_THRESHOLD_', '-')}\n")
-
-    def backward(self):
-        time.sleep(BWD_S)
+                env = os.environ.get("MALLOC_MMAP_THRESHOLD_", "-")
+                f.write(f"{self.name} {env} {self._started!r} {time.time()!r}\n")
+        if self.kind == "alloc":
+            blocks = [np.ones(ALLOC_BYTES // 3 // 8) for _ in range(3)]  # touched: resident
+            del blocks
         self.nfe_backward = 2 * self.width + 1
 
     def loss_value(self):
         return float("nan") if self.kind == "nan" else 1.0
 
     def gradients(self):
+        if self.kind == "hold":  # the runner's "finish" waits while the file HOLD_ENV names exists
+            while os.path.exists(os.environ.get(HOLD_ENV, "")):
+                time.sleep(0.05)
         return [np.full(3, np.nan if self.kind == "nan" else 1.0)]
 
 
 @dataclasses.dataclass(frozen=True)
 class StubMethod(AbstractMethod):
     kind: str = "ok"
+    time_scale: float = 1.0
     needs_reference: ClassVar[bool] = False
 
     def build(self, *, case, problem):
-        return StubRun(self.kind, case.width, self.name)
+        return StubRun(self.kind, case.width, self.name, self.time_scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +98,11 @@ class StubQuadMethod(StubMethod):
 
 
 KINDS = ("ok", "crash", "nan", "hang", "oom", "max_steps", "abort")
-# "killparent" kills the process that started the worker: only for executors that survive it (Ray).
-for _kind in (*KINDS, "killparent"):
+# "killparent(_once)" kills the process that started the worker: only for executors that survive it (Ray).
+for _kind in (*KINDS, "killparent", "killparent_once", "alloc", "crash_later", "hang_later", "hold"):
     if f"stub_{_kind}" not in METHODS._methods:
         register_method(StubMethod(f"stub_{_kind}", f"test stub: {_kind}", kind=_kind))
 if "stub_quad" not in METHODS._methods:
     register_method(StubQuadMethod("stub_quad", "test stub with quadrature axes"))
+if "stub_quad_half" not in METHODS._methods:  # twice as fast as stub_ok: a known speed-up of 2
+    register_method(StubQuadMethod("stub_quad_half", "test stub with quadrature axes, half the time", time_scale=0.5))

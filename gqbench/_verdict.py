@@ -104,8 +104,8 @@ def verdict_html(df: pd.DataFrame, summary: pd.DataFrame) -> str:
     note = (
         "<p class='note'>Per problem, width and tolerance: the fastest method (forward + backward) among those "
         f"whose gradient error is within {REACH:g}x of max(rtol, the best error reached there); GQ's speed-up "
-        "over each baseline (baseline time / GQ time, whole step), the median over paired rounds with its 95% "
-        "bootstrap interval (~1: the interval includes 1); relative gradient errors; peak memory.</p>"
+        "over each baseline (baseline time / GQ time, whole step), the median over rounds of each round's ratio, "
+        "with its 95% bootstrap interval (~1: the interval includes 1); relative gradient errors; peak memory.</p>"
     )
     shown = table.to_html(index=False, border=0, classes="verdict", na_rep="",
                           float_format=lambda x: f"{x:.3g}")  # fmt: skip

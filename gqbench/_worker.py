@@ -115,7 +115,7 @@ def _run_training(case, job: dict) -> dict:
 
     try:
         problem = TRAINING_PROBLEMS[case.problem]
-        rows, tables = problem.run(case, cache_dir=job.get("reference_dir"))
+        rows, tables = problem.run(case=case, cache_dir=job.get("reference_dir"))
     except BaseException as exc:  # noqa: BLE001 -- every failure of a case becomes a row
         if isinstance(exc, KeyboardInterrupt):
             raise

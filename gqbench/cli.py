@@ -180,11 +180,13 @@ def _run(args) -> int:
 def _print_speedups(df) -> None:
     """GQ over each baseline of its comparison group, with 95% intervals (paired by round)."""
     from rich.console import Console
-    from rich.markup import escape  # labels like torch_gq[adaptive] are not markup
+    from rich.markup import escape
     from rich.table import Table
 
     from ._ratios import paired_speedups
 
+    if "epochs" in df:
+        df = df[df["epochs"].isna()]  # training runs: their own section of the report (per-epoch ratios, claims)
     sp = paired_speedups(df)
     if sp.empty:
         return
@@ -200,8 +202,9 @@ def _print_speedups(df) -> None:
         return f"{s:.2f}x [{lo:.2f}, {hi:.2f}]{star}" if lo == lo else f"{s:.2f}x (n<3)"
 
     for _, r in sp.iterrows():
-        table.add_row(r["problem"], str(r["width"]), f"{r['rtol']:g}", escape(r["gq"]), escape(r["baseline"]),
-                      cell(r, "bwd"), cell(r, "total"))  # fmt: skip
+        cells = (r["problem"], str(r["width"]), f"{r['rtol']:g}", r["gq"], r["baseline"], cell(r, "bwd"),
+                 cell(r, "total"))  # fmt: skip
+        table.add_row(*map(escape, cells))  # labels like torch_gq[adaptive] are not rich markup
     Console(width=200).print(table)
 
 
@@ -238,9 +241,10 @@ def _compare(args) -> int:
     for col in ("case", "problem", "width", "rtol", "fwd + bwd", "backward", "verdict"):
         table.add_column(col)
     for _, r in cmp.iterrows():
-        table.add_row(escape(r["label"]), r["problem"], str(r["width"]), f"{r['rtol']:g}",
-                      f"{r['ratio_total']:.3f} [{r['total_lo']:.3f}, {r['total_hi']:.3f}]",
-                      f"{r['ratio_bwd']:.3f} [{r['bwd_lo']:.3f}, {r['bwd_hi']:.3f}]", r["verdict"])  # fmt: skip
+        cells = (r["label"], r["problem"], str(r["width"]), f"{r['rtol']:g}",
+                 f"{r['ratio_total']:.3f} [{r['total_lo']:.3f}, {r['total_hi']:.3f}]",
+                 f"{r['ratio_bwd']:.3f} [{r['bwd_lo']:.3f}, {r['bwd_hi']:.3f}]", r["verdict"])  # fmt: skip
+        table.add_row(*map(escape, cells))
     Console(width=160).print(table)
     n_reg, n_imp = (int((cmp["verdict"] == v).sum()) for v in ("regression", "improvement"))
     print(f"{len(cmp)} cases compared: {n_reg} regressions, {n_imp} improvements")

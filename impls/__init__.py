@@ -1,7 +1,15 @@
 """What gqbench measures: the GQ adjoint (PyTorch; JAX in `impls.jax`), baseline adapters, and Wong–Zakai
 neural SDEs (trained as ODEs through the GQ adjoint, sampled with torchsde)."""
 
-from ._baselines import NFECounter, odeint_adjoint, odeint_direct, odeint_seminorm, synchronize
+from ._baselines import (
+    NFECounter,
+    odeint_aca,
+    odeint_adjoint,
+    odeint_direct,
+    odeint_mali,
+    odeint_seminorm,
+    synchronize,
+)
 from ._gq import BACKWARD_STATES, QUADRATURES, odeint_adjoint_gq
 from ._quadrature import MAX_QUAD_ORDER, gauss_kronrod, gauss_legendre, quad_order_from_gtol
 from ._stats import GQStats, gq_stats
@@ -26,9 +34,11 @@ __all__ = [
     "gauss_kronrod",
     "gauss_legendre",
     "gq_stats",
+    "odeint_aca",
     "odeint_adjoint",
     "odeint_adjoint_gq",
     "odeint_direct",
+    "odeint_mali",
     "odeint_seminorm",
     "quad_order_from_gtol",
     "sample_sde",

@@ -50,3 +50,41 @@ def synchronize(device: torch.device | str) -> None:
     """Wait for queued kernels, so a clock read afterwards times the work (no-op on CPU)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _torchdiffeqpack(name: str):
+    try:
+        import TorchDiffEqPack
+    except ImportError as exc:  # it also needs matplotlib, which it does not declare
+        raise ImportError(
+            f"{name} needs TorchDiffEqPack ({exc}); pip install TorchDiffEqPack==1.0.1 matplotlib (the [mali] extra)"
+        ) from None
+    return TorchDiffEqPack
+
+
+def _pack_solve(solve, solver: str, func, y0, t, rtol, atol, options):
+    """TorchDiffEqPack's adjoints return only the end state: solve interval by interval, each from the last."""
+    if not torch.is_tensor(y0):
+        raise TypeError(f"{solver}: y0 must be a Tensor (TorchDiffEqPack has no tuple states)")
+    ys, y = [y0], y0
+    for t0, t1 in zip(t[:-1].tolist(), t[1:].tolist(), strict=True):
+        opts = dict(method=solver, t0=t0, t1=t1, h=None, rtol=rtol, atol=atol, print_neval=False,
+                    neval_max=1_000_000, **(options or {}))  # fmt: skip
+        y = solve(func, y, options=opts)
+        ys.append(y)
+    return torch.stack(ys)
+
+
+def odeint_mali(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
+    """MALI (Zhuang et al. 2021): the asynchronous leapfrog integrator, reversible, so the backward
+    reconstructs the forward trajectory exactly (TorchDiffEqPack's `odesolve_adjoint_sym12`).
+    `method` is ignored: MALI is its own solver ("sym12async"). No gradient with respect to `t`."""
+    pack = _torchdiffeqpack("odeint_mali")
+    return _pack_solve(pack.odesolve_adjoint_sym12, "sym12async", func, y0, t, rtol, atol, options)
+
+
+def odeint_aca(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
+    """ACA (Zhuang et al. 2020): the adaptive checkpoint adjoint (TorchDiffEqPack's `odesolve_adjoint`):
+    the forward keeps the accepted steps' states and the backward replays them. No gradient w.r.t. `t`."""
+    pack = _torchdiffeqpack("odeint_aca")
+    return _pack_solve(pack.odesolve_adjoint, method or "dopri5", func, y0, t, rtol, atol, options)

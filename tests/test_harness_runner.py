@@ -157,6 +157,35 @@ def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path):
     assert env_runs[-1]["already_done"] == len(done_before)
 
 
+def test_a_group_cut_short_runs_again_whole(tmp_path):
+    """Killed after one case of a comparison group was written: the re-run times the whole group again
+    (the other case's rounds must be paired with this one's, not with rounds of the killed run)."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    spec = tmp_path / "spec.toml"
+    spec.write_text(
+        '[run]\nrepeats = 3\nwarmup = 0\n[axes]\nmethod = ["stub_ok", "stub_hold"]\nproblem = ["linear"]\n'
+        "width = [3]\nbatch = [2]\nthreads = [1]\n"
+    )
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "gqbench", "run", "--grid", str(spec), "--out", str(out), "--quiet"]
+    env = dict(os.environ, **PLUGIN, **{stubs.HOLD_ENV: str(hold)})
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((out / "cases").glob("*.json")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # stub_ok's file is written, stub_hold waits in "finish"
+    proc.wait()
+    (first,) = (out / "cases").glob("*.json")
+    mtime = first.stat().st_mtime_ns
+    hold.unlink()
+    subprocess.run(cmd, env=env, check=True, timeout=120)
+    df = pd.read_parquet(out / "results.parquet")
+    assert sorted(df["method"].unique()) == ["stub_hold", "stub_ok"] and (df["status"] == "ok").all()
+    assert len(df) == 6 and first.stat().st_mtime_ns != mtime  # stub_ok was timed again, beside stub_hold
+    assert json.loads((out / "environment.json").read_text())["runs"][-1]["already_done"] == 0
+
+
 # ----------------------------------------------------------------------------- paired rounds
 
 
@@ -172,11 +201,12 @@ def test_compared_methods_alternate_round_by_round(tmp_path, monkeypatch):
     assert [len(g) for g in comparison_groups(cases)] == [3, 1]
     df = run_grid(cases, tmp_path / "out", settings=RunSettings(repeats=3, warmup=1, timeout=60), progress=False)
     calls = [line.split() for line in trace.read_text().splitlines()]
-    assert {env for _, env in calls} == {"-"}  # timed (and warm-up) calls never see the allocator setting
-    timed = [m for m, _ in calls]
-    # warm-ups (in parallel, any order), then rounds: (ok, quad), (quad, ok), (ok, quad); the crash case is out
-    group = [m for m in timed[2:] if m in ("stub_ok", "stub_quad")][:6]
-    assert group == ["stub_ok", "stub_quad", "stub_quad", "stub_ok", "stub_ok", "stub_quad"]
+    assert {env for _, env, _, _ in calls} == {"-"}  # timed (and warm-up) calls never see the allocator setting
+    spans = sorted((float(a), float(b)) for _, _, a, b in calls)
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:])), "two calls overlapped"
+    # warm-ups one at a time, then rounds (ok, quad), (quad, ok), (ok, quad); the crash case is out
+    group = [m for m, *_ in calls if m in ("stub_ok", "stub_quad")][:8]
+    assert group == ["stub_ok", "stub_quad"] + ["stub_ok", "stub_quad", "stub_quad", "stub_ok", "stub_ok", "stub_quad"]
     ok = df[(df["method"] == "stub_ok") & (df["width"] == 3)]
     assert sorted(ok["round"]) == [0, 1, 2] and (ok["repeat"] == ok["round"]).all()
     assert df[df["method"] == "stub_crash"]["status"].tolist() == ["error"]
@@ -188,3 +218,38 @@ def test_worker_env_drops_the_allocator_setting(monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     env = worker_env(stub_case("ok").with_(threads=3))
     assert "MALLOC_MMAP_THRESHOLD_" not in env and env["OMP_NUM_THREADS"] == "3"
+
+
+def test_paired_speedup_of_stubs_with_known_times(tmp_path):
+    """stub_quad_half sleeps half as long as stub_ok: run side by side, the speed-up is 2 with a 95%
+    interval that excludes 1, from samples paired by round."""
+    from gqbench._ratios import paired_speedups
+
+    cases = [stub_case("ok"), stub_case("quad_half")]
+    df = run_grid(cases, tmp_path, settings=RunSettings(repeats=5, warmup=1, timeout=60), progress=False)
+    assert df.groupby("method")["round"].apply(sorted).tolist() == [[0, 1, 2, 3, 4]] * 2
+    (r,) = paired_speedups(df, gq_methods=("stub_quad_half",)).itertuples()
+    assert r.gq == "stub_quad_half" and r.baseline == "stub_ok" and r.rounds == 5
+    assert 1.7 < r.bwd_lo <= r.speedup_bwd <= r.bwd_hi < 2.3 and not r.bwd_includes_one
+    assert 1.7 < r.speedup_total < 2.3 and not r.total_includes_one
+
+
+def test_failure_in_the_middle_of_the_rounds_leaves_the_group_going(tmp_path):
+    """A case that raises, and one that hangs past its timeout, on their second timed call: each
+    becomes one failure row; the rest of the group keeps its rounds."""
+    cases = [stub_case("ok"), stub_case("crash_later"), stub_case("hang_later")]
+    df = run_grid(cases, tmp_path, settings=RunSettings(repeats=4, warmup=1, timeout=8), progress=False)
+    by = {m: g for m, g in df.groupby("method")}
+    assert sorted(by["stub_ok"]["round"]) == [0, 1, 2, 3] and set(by["stub_ok"]["status"]) == {"ok"}
+    assert by["stub_crash_later"][["status", "repeat"]].values.tolist() == [["error", 0]]
+    assert "in the middle of its rounds" in by["stub_crash_later"]["error"].iloc[0]
+    assert by["stub_hang_later"]["status"].tolist() == ["timeout"]
+
+
+def test_memory_call_counts_blocks_the_timed_calls_freed(tmp_path):
+    """Timed calls run under the default allocator, which keeps freed 20 MiB blocks for reuse; the
+    memory call still sees the backward's whole 60 MiB (as with MALLOC_MMAP_THRESHOLD_ set from the start)."""
+    df = run_grid([stub_case("alloc")], tmp_path, settings=RunSettings(repeats=3, warmup=2, timeout=60),
+                  progress=False)  # fmt: skip
+    peak = df["peak_mem_bytes"].iloc[0]
+    assert 0.95 * stubs.ALLOC_BYTES < peak < 1.25 * stubs.ALLOC_BYTES, peak / 2**20

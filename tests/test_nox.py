@@ -110,3 +110,18 @@ def test_microbench_smoke():
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "1 passed" in proc.stdout
+
+
+def test_bench_gpu_shard_runs_its_part_and_asv_once(noxfile, monkeypatch):
+    """A CI matrix: each runner passes --shard to gqbench run; only shard 1 records the asv benchmarks."""
+    module, _ = noxfile
+    pytest.importorskip("asv")
+    monkeypatch.setattr(module, "cuda_unavailable", lambda: None)
+    func = getattr(module.bench_gpu, "func", module.bench_gpu)
+    for shard, asv_runs in (("1/4", True), ("2/4", False)):
+        session = FakeSession(["reports/gpu-x", "--shard", shard])
+        func(session)
+        runs = [c[1] for c in session.calls]
+        assert runs[0][2:] == ("gqbench", "run", "--preset", "gpu", "--out", "reports/gpu-x", "--report", "--shard",
+                               shard)  # fmt: skip
+        assert any(r[2:4] == ("asv", "run") for r in runs) == asv_runs

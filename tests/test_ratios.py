@@ -74,3 +74,20 @@ def test_compare_flags_regressions_only_beyond_the_threshold(tmp_path):
     assert main(["compare", str(tmp_path / "same"), str(tmp_path / "base")]) == 0
     assert main(["compare", str(tmp_path / "slower"), str(tmp_path / "base"), "--threshold", "0.5"]) == 0
     assert main(["compare", str(tmp_path / "slower"), str(tmp_path / "base"), "--threshold", "-1"]) == 2
+
+
+def test_printed_speedups_keep_the_labels(capsys):
+    """`gqbench run`'s closing table names the GQ setting (rich would eat "[adaptive]" as markup)."""
+    from gqbench.cli import _print_speedups
+
+    df = pd.DataFrame(rows("torch_direct", [2.0] * 5) + rows("torch_gq", [1.0] * 5, quadrature="adaptive"))
+    _print_speedups(df)
+    out = capsys.readouterr().out
+    assert "torch_gq[adaptive]" in out and "2.00x" in out
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    """Paired: the statistic is median(base_r / gq_r) over rounds (here 1.5), not median(base) / median(gq) (1.0)."""
+    base, gq = [1.0, 2.0, 3.0, 2.5, 0.5], [3.0, 1.0, 2.0, 2.0, 1.0]
+    assert ratio_ci(base, gq, paired=True)[0] == pytest.approx(np.median(np.divide(base, gq)))
+    assert ratio_ci(base, gq, paired=False)[0] == pytest.approx(1.0)

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from gqbench._figures import (
     OPTIONAL_FIGURES,
     compare_runs,
     fig_backward_time,
+    fig_baseline_comparison,
     fig_compile_time,
     fig_device_comparison,
     fig_phases,
@@ -214,9 +216,9 @@ def test_quadrature_order_figure_only_with_several_settings():
 
 
 def test_compare_runs_marks_regressions_beyond_threshold():
-    now = summarize(frame(rich_rows(slow=1.0)))
-    slower_base = summarize(frame(rich_rows(slow=0.8)))  # now is 25 % slower
-    same_base = summarize(frame(rich_rows(slow=1.05)))  # now is 5 % faster: inside the band
+    now = frame(rich_rows(slow=1.0))
+    slower_base = frame(rich_rows(slow=0.8))  # now is 25 % slower
+    same_base = frame(rich_rows(slow=1.05))  # now is 5 % faster: inside the band
     assert (compare_runs(now, slower_base, 0.1)["verdict"] == "regression").all()
     assert (compare_runs(now, same_base, 0.1)["verdict"] == "same").all()
     assert (compare_runs(now, slower_base, 0.5)["verdict"] == "same").all()
@@ -244,6 +246,23 @@ def test_single_width_problems_are_bars_not_empty_facets():
     assert {x for t in bars.data for x in t.x} == {"g1d w=64 rtol=1e-05"}
     assert fig_single_width(summarize(frame(rich_rows(jax=False)))) is None
     assert fig_backward_time(summarize(frame(single_width_rows()))) is None
+
+
+def test_no_figure_has_an_empty_facet():
+    """No figure has a blank facet amid its grid (a reader must not scroll past blank axes): only the
+    last row of a wrapped grid may end early. Old layout (problem rows x tolerance columns) failed this."""
+    df = frame(rich_rows(jax=False) + single_width_rows())
+    s = summarize(df)
+    figs = [(make.__name__, make(s)) for make in (*FIGURES, *OPTIONAL_FIGURES)]
+    figs.append(("fig_baseline_comparison", fig_baseline_comparison(compare_runs(df, frame(rich_rows(slow=0.8))))))
+    for name, fig in figs:
+        if fig is None:
+            continue
+        layout = fig.layout.to_plotly_json()
+        shown = {k.replace("axis", "") for k, v in layout.items() if k.startswith("xaxis") and v.get("visible", True)}
+        drawn = {t.xaxis or "x" for t in fig.data}
+        columns = {tuple(layout[f"xaxis{a[1:]}"].get("domain", (0, 1))) for a in shown}
+        assert len(shown - drawn) < len(columns), (name, sorted(shown - drawn), len(columns))
 
 
 def test_page_has_every_section(report_dirs):
@@ -327,7 +346,7 @@ def browser():
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
-        "--window-size=1400,1000",
+        "--window-size=1400,2600",  # tall enough that a figure screenshot is not cut off
         f"--user-data-dir={profile}",
     ):
         opts.add_argument(flag)
@@ -363,7 +382,9 @@ def test_every_figure_renders_in_chromium(report_dirs, browser, tmp_path_factory
     # A screenshot per figure, as a reader sees it: none blank (a blank PNG of this size compresses to ~10 kB).
     from selenium.webdriver.common.by import By
 
-    shots = tmp_path_factory.mktemp("shots")
+    # GQBENCH_SCREENSHOTS=DIR keeps them for a person to look at.
+    shots = Path(os.environ.get("GQBENCH_SCREENSHOTS") or tmp_path_factory.mktemp("shots"))
+    shots.mkdir(parents=True, exist_ok=True)
     for el in browser.find_elements(By.CSS_SELECTOR, ".plotly-graph-div"):
         browser.execute_script("arguments[0].scrollIntoView()", el)
         png = el.screenshot_as_png

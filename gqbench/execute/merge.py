@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .._grid import GridSpecError, parse_spec
+from .._grid import GridSpecError
 from .._results import finished_ids, rebuild_results, rebuild_tables, write_atomic, write_case
 
 
@@ -27,27 +27,34 @@ def machine_of(env: dict) -> str:
     return f"{env.get('hostname')} ({env.get('cpu_model')}{'; ' + gpus if gpus else ''})"
 
 
+def grid_identity(case_ids) -> dict:
+    """A grid's fingerprint, recorded by `gqbench run` before sharding: its number of cases and a hash
+    of their ids (order-free)."""
+    import hashlib
+
+    ids = sorted(case_ids)
+    return dict(cases=len(ids), id=hashlib.sha256(" ".join(ids).encode()).hexdigest()[:16])
+
+
 def merge(out: str | Path, dirs: list[str | Path]):
     out, dirs = Path(out), [Path(d) for d in dirs]
     if not dirs:
         raise GridSpecError("gqbench merge OUT DIR...: give at least one shard folder")
     envs = [_environment(d) for d in dirs]
-    spec = envs[0].get("spec")
     for d, e in zip(dirs[1:], envs[1:]):
-        if e.get("spec") != spec:
+        if (e.get("grid"), e.get("spec")) != (envs[0].get("grid"), envs[0].get("spec")):
             raise GridSpecError(f"gqbench merge: {d} ran another grid than {dirs[0]}; merge shards of one grid only")
-    expected = {c.case_id for c in parse_spec(spec, source=str(dirs[0])).cases} if spec else None
     owner: dict[str, Path] = {}
     for d in dirs:
         for cid in finished_ids(d):
             if cid in owner:
                 raise GridSpecError(f"gqbench merge: case {cid} is in both {owner[cid]} and {d}; drop one of them")
             owner[cid] = d
-    if expected is not None:
-        missing = expected - set(owner)
-        if missing:
-            raise GridSpecError(f"gqbench merge: {len(missing)} of {len(expected)} cases are in no shard (e.g. "
-                                f"{sorted(missing)[0]}); run the missing shard(s) first")  # fmt: skip
+    grid = envs[0].get("grid")
+    if grid is not None and grid_identity(owner) != grid:
+        have, need = len(owner), grid["cases"]
+        raise GridSpecError(f"gqbench merge: these folders hold {have} finished cases, the grid has {need} "
+                            "(a shard missing or unfinished); run the missing shard(s) first")  # fmt: skip
     if out.exists() and any(out.iterdir()):
         raise GridSpecError(f"gqbench merge: {out} is not empty; merge into a new folder")
     for d, env in zip(dirs, envs):

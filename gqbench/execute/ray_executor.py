@@ -4,31 +4,71 @@ Each task runs `gqbench._runner.run_group` on its node: the same fresh worker pr
 rounds, timeouts and failure rows as a local run; only where it runs changes. Ray reserves
 `num_cpus` = the cases' threads and one GPU for a CUDA group, so two timed cases never share a GPU.
 At most `per_node` groups run on a node at a time (by default one: concurrent cases contend for
-memory bandwidth and skew each other's times): the driver keeps `per_node` lanes per alive node and
-pins each task to its lane's node. Results stream back to the driver, which writes them as the local
-runner does. A task whose Ray worker or node is lost is retried once by Ray, then its cases become
-failure rows.
+memory bandwidth and skew each other's times): the driver counts the groups running on each alive
+node and places each task on a node with room through Ray's node-affinity strategy. Results stream
+back to the driver, which writes them as the local runner does. A task whose Ray worker or node is
+lost is retried once by Ray, then its cases become failure rows; a group no node of the cluster has
+the CPUs or GPU for becomes skipped rows at once (Ray would wait for such a node forever).
+
+Nodes need not share a file system: a task works in a temporary folder on its node, gets the
+reference gradients the driver has through Ray's object store (each moves to a node at most once),
+and sends back its results, the logs of its failed cases and the references it computed, which the
+driver writes into the run folder.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 from .._case import Case
 from .._grid import RunSettings
-from .._measure import failure_rows
+from .._measure import failure_rows, reference_path
+
+REFRESH_S = 30.0  # how often the driver looks for nodes that joined while every task is still running
 
 
-def _run_group_task(cases: list[dict], settings: dict, out_dir: str, ref_dir: str) -> list[tuple]:
+def _run_group_task(cases: list[dict], settings: dict, references: dict) -> dict:
+    import shutil
+    import tempfile
+
+    import ray
     from rich.console import Console
 
+    from .._results import write_atomic
     from .._runner import machine_name, run_group
 
-    group = [Case.from_dict(c) for c in cases]
-    done = run_group(group, Path(out_dir), RunSettings(**settings), Path(ref_dir), {}, Console(quiet=True))
-    here = machine_name()
-    return [(case.to_dict(), [dict(r, machine=here) for r in rows], tables, s) for case, rows, tables, s in done]
+    work = Path(tempfile.mkdtemp(prefix="gqbench-ray-"))
+    try:
+        ref_dir = work / "references"
+        for name, obj in references.items():
+            write_atomic(ref_dir / name, ray.get(obj))
+        shipped = set(references)
+        group = [Case.from_dict(c) for c in cases]
+        done = list(run_group(group, work, RunSettings(**settings), ref_dir, {}, Console(quiet=True)))
+        here = machine_name()
+        return dict(
+            results=[(c.to_dict(), [dict(r, machine=here) for r in rows], tables, s) for c, rows, tables, s in done],
+            logs={p.name: p.read_bytes() for p in sorted((work / "logs").glob("*.log"))},
+            references={
+                p.name: p.read_bytes()
+                for p in sorted(ref_dir.glob("*.npz"))
+                if p.name not in shipped and ".tmp." not in p.name
+            },
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _needs(group: list[Case]) -> tuple[int, int]:
+    """(CPUs, GPUs) a group's task reserves."""
+    return max(c.threads for c in group), int(any(c.device.startswith("cuda") for c in group))
+
+
+def _fits(group: list[Case], resources: dict) -> bool:
+    cpus, gpus = _needs(group)
+    return resources.get("CPU", 0) >= cpus and resources.get("GPU", 0) >= gpus
 
 
 def run_groups(
@@ -45,37 +85,71 @@ def run_groups(
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     except ImportError:
         raise RuntimeError("--executor ray needs the ray extra: pip install -e '.[ray]'") from None
+    from .._results import write_atomic
+
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
-    lanes = [node for node in nodes for _ in range(per_node)]
-    task = ray.remote(max_retries=1)(_run_group_task)
+    task = ray.remote(max_retries=1)(_run_group_task)  # Ray reruns a task whose worker or node was lost, once
     queue = list(groups)
-    running: dict = {}
+    running: dict = {}  # ObjectRef -> (node id, group)
+    busy: Counter = Counter()  # groups running per node
+    shipped: dict = {}  # reference file name -> ObjectRef of its bytes, put once
 
-    def submit(node: str) -> None:
-        group = queue.pop(0)
+    def references(group: list[Case]) -> dict:
+        refs = {}
+        for case in group:
+            path = reference_path(case, ref_dir)
+            if path.exists():
+                if path.name not in shipped:
+                    shipped[path.name] = ray.put(path.read_bytes())
+                refs[path.name] = shipped[path.name]
+        return refs
+
+    def submit(group: list[Case], node: str) -> None:
+        cpus, gpus = _needs(group)
         opts = dict(
-            num_cpus=max(c.threads for c in group),
-            num_gpus=1 if any(c.device.startswith("cuda") for c in group) else 0,
-            # soft: Ray's retry of a task whose node was lost may run elsewhere
+            num_cpus=cpus,
+            num_gpus=gpus,
+            # soft: Ray's retry of a task whose node was lost may run on another node
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=True),
         )
-        ref = task.options(**opts).remote([c.to_dict() for c in group], vars(settings), str(out_dir), str(ref_dir))
+        ref = task.options(**opts).remote([c.to_dict() for c in group], vars(settings), references(group))
         running[ref] = (node, group)
+        busy[node] += 1
 
-    for node in lanes:
-        if queue:
-            submit(node)
-    while running:
-        (ref,), _ = ray.wait(list(running), num_returns=1)
-        node, group = running.pop(ref)
-        try:
-            for case, rows, tables, worker_s in ray.get(ref):
-                yield Case.from_dict(case), rows, tables, worker_s
-        except Exception as exc:  # noqa: BLE001 -- the task failed twice (Ray retried it once): failure rows
-            why = " ".join(str(exc).split())[:300]
+    while queue or running:
+        nodes = {n["NodeID"]: n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")}
+        for group in [g for g in queue if not any(_fits(g, r) for r in nodes.values())]:
+            queue.remove(group)
+            cpus, gpus = _needs(group)
+            why = (f"no alive node of the Ray cluster has {cpus} CPU(s){' and a GPU' if gpus else ''}; add one "
+                   f"(ray start --address ...) or lower threads")  # fmt: skip
             for case in group:
-                yield case, failure_rows(case, "error", f"Ray task lost twice ({type(exc).__name__}): {why}"), {}, 0.0
-        if queue:
-            submit(node)
+                yield case, failure_rows(case, "skipped", why), {}, 0.0
+        for group in list(queue):
+            node = next((n for n in sorted(nodes) if busy[n] < per_node and _fits(group, nodes[n])), None)
+            if node is not None:
+                queue.remove(group)
+                submit(group, node)
+        if not running:
+            continue
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=REFRESH_S)
+        if not ready:
+            continue
+        node, group = running.pop(ready[0])
+        busy[node] -= 1
+        try:
+            out = ray.get(ready[0])
+        except Exception as exc:  # noqa: BLE001 -- lost twice (Ray retried once) or the task raised: failure rows
+            lost = not isinstance(exc, ray.exceptions.RayTaskError)  # not an exception raised by the task itself
+            why = " ".join(str(exc).split())[:300]
+            msg = f"Ray task lost twice ({type(exc).__name__}): {why}" if lost else f"{type(exc).__name__}: {why}"
+            for case in group:
+                yield case, failure_rows(case, "error", msg), {}, 0.0
+            continue
+        for name, data in out["references"].items():
+            write_atomic(ref_dir / name, data)
+        for name, data in out["logs"].items():
+            write_atomic(out_dir / "logs" / name, data)
+        for case, rows, tables, worker_s in out["results"]:
+            yield Case.from_dict(case), rows, tables, worker_s

@@ -228,6 +228,9 @@ NOTES = {
     "fig_sde_loglik_epoch": "Log-likelihood of the validation paths under Gaussian fits of the model's marginals; "
     "every method's model is sampled the same way (torchsde, reversible Heun, dt 0.01, the same Brownian "
     "paths). Epoch 0: the untrained model, identical for every method of a seed.",
+    "sde_training": "Read the fit verdict with the number of optimiser steps in mind: Adam's first steps move "
+    "every weight by about lr whatever the gradient's size, so after a few steps all methods' models are close "
+    "(sde_direct and sde_adjoint compute the same gradient and differ only by round-off).",
     "fig_sde_loglik_time": "The same curves against cumulative training time: what reaching a given fit costs.",
     "fig_sde_bands": "The trained drift and diffusion sampled as a Stratonovich SDE in torchsde (200 paths) "
     "for three validation initial values; dashed: the data's mean ± 2 std over its 45 paths.",
