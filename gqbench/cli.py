@@ -117,6 +117,12 @@ def _list(args) -> int:
     print("problems:")
     for name, p in PROBLEMS.items():
         print(f"  {name:16s} batch {p.default_batch:<4d} {p.description}")
+    from .training import TRAINING_PROBLEMS
+
+    print("training problems (cases with epochs):")
+    for name, p in TRAINING_PROBLEMS.items():
+        lr = f"lr {p.default_lr:g}" if p.default_lr is not None else ""
+        print(f"  {name:16s} epochs {p.default_epochs:<4d} batch {p.default_batch:<4d} {lr:9s} {p.description}")
     return 0
 
 

@@ -196,5 +196,5 @@ def test_train_smoke_killed_then_resumed_then_reported(tmp_path):
     toy = pd.read_parquet(out / "toy_gradient.parquet")
     assert set(toy["method"]) == set(ODE_METHODS) and (toy["grad_rel_err"] < 0.05).all()
     page = (out / "index.html").read_text()
-    for part in ("The paper's claims, re-run", "fig_train_epoch_time", "fig_train_curves", "fig_toy_gradient"):
+    for part in ("The paper's claims, re-run", "fig-train-epoch-time", "fig-train-curves", "fig-toy-gradient"):
         assert part in page
