@@ -215,7 +215,7 @@ def _expand(axes: dict, where: str) -> list[Case]:
         if training is not None and training.unsupported(method):
             _fail(where, "method", f"{method!r}: {training.unsupported(method)}; give it its own [[grid]]")
         if training is None and isinstance(METHODS[method], TrainingOnly):
-            trainers = ", ".join(TRAINING_PROBLEMS)
+            trainers = ", ".join(n for n, t in TRAINING_PROBLEMS.items() if not t.unsupported(method))
             _fail(where, "method", f"{method!r} trains only ({trainers}); give it its own [[grid]] with those problems")
         epochs = [None] if training is None else ax.get("epochs", [training.default_epochs])
         wong_zakai = training is not None and training.noise_axis and method == "torch_gq"
