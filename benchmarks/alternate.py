@@ -1,20 +1,25 @@
 """The same comparison groups as `gqbench run`, but every method of a group prepared in ONE process
 and timed alternately round by round (the check a reader runs to see whether our ratios hold).
 
-    python benchmarks/alternate.py --preset ratios [--repeats 7] [--out alt.parquet]
+    python benchmarks/alternate.py --preset ratios [--repeats 7] [--out alt.parquet] [--against RUN_DIR]
 
 Uses gqbench's own `warm_up`/`time_call` and `paired_speedups` (no second timing implementation);
-prints the speed-up table with 95% intervals that `gqbench run` prints.
+prints the speed-up table with 95% intervals that `gqbench run` prints. `--against RUN_DIR` (a
+`gqbench run` of the same preset) then prints each speed-up from both and their ratio, and exits 1
+when one differs by more than `--tolerance` (default 10%): issue 10's reproducibility check.
 """
 
 from __future__ import annotations
 
 import argparse
+import pathlib
+import sys
 
 import pandas as pd
 
 from gqbench import load_preset
 from gqbench._measure import time_call, warm_up
+from gqbench._ratios import paired_speedups
 from gqbench._runner import comparison_groups
 from gqbench.cli import _print_speedups
 
@@ -24,7 +29,12 @@ def main() -> None:
     p.add_argument("--preset", default="ratios")
     p.add_argument("--repeats", type=int)
     p.add_argument("--out", help="write the samples here (parquet)")
+    p.add_argument("--against", type=pathlib.Path, help="a `gqbench run --preset ...` folder to check against")
+    p.add_argument("--tolerance", type=float, default=0.10, help="largest relative difference that agrees")
     args = p.parse_args()
+    if args.against and not (args.against / "results.parquet").exists():
+        p.error(f"{args.against / 'results.parquet'} does not exist; run `gqbench run --preset {args.preset}"
+                f" --out {args.against}` first")  # fmt: skip
     spec = load_preset(args.preset)
     repeats = args.repeats or spec.settings.repeats
     rows = []
@@ -40,6 +50,29 @@ def main() -> None:
     if args.out:
         df.to_parquet(args.out)
     _print_speedups(df)
+    if args.against:
+        sys.exit(agreement(df, pd.read_parquet(args.against / "results.parquet"), args.tolerance))
+
+
+def agreement(alternated: pd.DataFrame, run: pd.DataFrame, tolerance: float) -> int:
+    """Print run vs alternated speed-ups side by side; 1 when any differs by more than `tolerance`."""
+    key = ["problem", "width", "batch", "rtol", "gq", "baseline"]
+    both = paired_speedups(run).merge(paired_speedups(alternated), on=key, suffixes=("_run", "_alt"))
+    worst = 0.0
+    print(f"\n{'problem':<11} {'width':>5} {'GQ':<22} {'baseline':<14} {'bwd run':>8} {'bwd alt':>8} {'diff':>6}"
+          f" {'total run':>9} {'total alt':>9} {'diff':>6}")  # fmt: skip
+    for _, r in both.iterrows():
+        cells = []
+        for name in ("bwd", "total"):
+            run_s, alt_s = r[f"speedup_{name}_run"], r[f"speedup_{name}_alt"]
+            diff = run_s / alt_s - 1
+            worst = max(worst, abs(diff))
+            cells.append(f"{run_s:>8.2f} {alt_s:>8.2f} {diff:>+6.0%}")
+        print(f"{r['problem']:<11} {r['width']:>5} {r['gq']:<22} {r['baseline']:<14} {cells[0]} {cells[1]:>26}")
+    ok = not both.empty and worst <= tolerance
+    print(f"{len(both)} speed-ups; largest difference {worst:.1%}: {'agree' if ok else 'DISAGREE'}"
+          f" within {tolerance:.0%}")  # fmt: skip
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
