@@ -143,6 +143,20 @@ def time_call(run: AbstractRun) -> dict:
     )
 
 
+def alternate(cases: list[Case], warmup: int = 1, repeats: int = 7) -> list[dict]:
+    """Every case of a comparison group prepared in THIS process and timed round by round, the order
+    rotating each round: the in-process check of the runner's ratios (`benchmarks/alternate.py`, one
+    fresh worker per group). -> one row per sample, with its `round`."""
+    runs = {case: warm_up(case, warmup)[0] for case in cases}
+    rows = []
+    for r in range(repeats):
+        k = r % len(cases)
+        for case in cases[k:] + cases[:k]:
+            rows.append(dict(case.to_dict(), case_id=case.case_id, label=case.label, round=r, repeat=r,
+                             status="ok", **time_call(runs[case])))  # fmt: skip
+    return rows
+
+
 def memory_call(run: AbstractRun, device: str) -> float:
     """Peak bytes of one forward + backward above what was in use before (see `PeakMemory`)."""
     if not device.startswith("cuda"):

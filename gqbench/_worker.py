@@ -6,6 +6,8 @@ and go to the case's log). Commands come on stdin, one per line.
 
 kind "reference": computes and caches the float64 reference gradient, then sends {"rows": []}.
 kind "profile": `gqbench profile`'s traced steps -> {"profile": phases} (or {"error": ...}).
+kind "alternate": every case of `cases` (a comparison group) in this one process, timed alternately
+  for `repeats` rounds -> {"rows": samples} (`benchmarks/alternate.py`'s check of the runner's ratios).
 kind "case": prepares the case and warms it up, then sends {"ready": true} and serves
 - "time": one timed forward + backward under the default allocator -> {"sample": {...}};
 - "finish": one memory call (freed blocks returned to the kernel from here on, so the RSS peak is
@@ -82,6 +84,14 @@ def serve(job: dict, send, commands) -> None:
             send({"profile": profile_case(case, job["out_dir"], **job["profile"])})
         except Exception as exc:  # noqa: BLE001 -- reported as the case's error
             send({"error": _one_line(exc)})
+        return
+    if job["kind"] == "alternate":
+        from ._measure import alternate
+
+        try:
+            send({"rows": alternate([Case.from_dict(c) for c in job["cases"]], job.get("warmup", 1), job["repeats"])})
+        except BaseException as exc:  # noqa: BLE001 -- reported as the group's first case's error
+            fail(exc)
         return
     if case.epochs is not None:
         send(_run_training(case, job))

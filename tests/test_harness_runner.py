@@ -234,6 +234,27 @@ def test_paired_speedup_of_stubs_with_known_times(tmp_path):
     assert 1.7 < r.speedup_total < 2.3 and not r.total_includes_one
 
 
+def test_alternate_job_times_a_group_in_one_fresh_process(tmp_path):
+    """benchmarks/alternate.py's worker job: both stubs prepared in one worker, timed in an order
+    rotating each round, with the same known speed-up of 2 as the runner's separate processes; a
+    group that fails is a failure row, not a lost run."""
+    from gqbench._launch import run_to_end
+    from gqbench._ratios import paired_speedups
+
+    group = [stub_case("ok"), stub_case("quad_half")]
+    job = dict(kind="alternate", case=group[0].to_dict(), cases=[c.to_dict() for c in group], warmup=1, repeats=4)
+    rows = run_to_end(job, group[0], tmp_path / "alt.log", timeout=60)["rows"]
+    assert [(r["method"], r["round"]) for r in rows] == [
+        ("stub_ok", 0), ("stub_quad_half", 0), ("stub_quad_half", 1), ("stub_ok", 1),
+        ("stub_ok", 2), ("stub_quad_half", 2), ("stub_quad_half", 3), ("stub_ok", 3),
+    ]  # fmt: skip
+    (r,) = paired_speedups(pd.DataFrame(rows), gq_methods=("stub_quad_half",)).itertuples()
+    assert r.rounds == 4 and 1.7 < r.speedup_bwd < 2.3
+    bad = dict(job, cases=[stub_case("crash").to_dict()])
+    (row,) = run_to_end(bad, group[0], tmp_path / "bad.log", timeout=60)["rows"]
+    assert row["status"] == "error" and "crashed on purpose" in row["error"]
+
+
 def test_failure_in_the_middle_of_the_rounds_leaves_the_group_going(tmp_path):
     """A case that raises, and one that hangs past its timeout, on their second timed call: each
     becomes one failure row; the rest of the group keeps its rounds."""
