@@ -104,7 +104,8 @@ def sentences(df: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
             adj = g[g["label"] == "torch_adjoint"].set_index(["width", "rtol"])["grad_rel_err"]
             ratio = (mine / adj).dropna()
             if len(ratio):
-                err_txt = f"; its gradient error is {ratio.min():.2g}-{ratio.max():.2g}x the adjoint's"
+                lo, hi = f"{ratio.min():.2g}", f"{ratio.max():.2g}"
+                err_txt = f"; its gradient error is {lo if lo == hi else f'{lo}-{hi}'}x the adjoint's"
         if parts:
             out.append(f"<b>{html.escape(str(problem))}</b>: {html.escape(gq_label)}'s backward is "
                        + "; ".join(html.escape(p) for p in parts) + html.escape(err_txt) + ".")  # fmt: skip
