@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -117,21 +118,27 @@ def test_cuda_measure():
     assert all(r["status"] == "ok" and r["peak_mem_bytes"] > 0 for r in rows)
 
 
-def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path):
+def _run_killed_after(tmp_path, spec_text: str, n_cases: int, env: dict) -> tuple[list[str], Path]:
+    """`gqbench run` of `spec_text` in a subprocess, SIGKILLed (runner and workers) once `n_cases`
+    case files are written: -> (the command, to run it again; the output folder)."""
     spec = tmp_path / "spec.toml"
-    spec.write_text(
-        '[run]\nrepeats = 2\nwarmup = 0\n[axes]\nmethod = ["stub_ok"]\nproblem = ["linear"]\n'
-        "width = [1, 2, 3, 4, 5, 6]\nbatch = [2]\nthreads = [1]\n"
-    )
+    spec.write_text(spec_text)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "gqbench", "run", "--grid", str(spec), "--out", str(out), "--quiet"]
-    env = dict(os.environ, **PLUGIN)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while len(list((out / "cases").glob("*.json"))) < 2 and time.time() < deadline:
+    while len(list((out / "cases").glob("*.json"))) < n_cases and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the runner and its worker, mid-grid
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    return cmd, out
+
+
+def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path):
+    env = dict(os.environ, **PLUGIN)
+    spec = ('[run]\nrepeats = 2\nwarmup = 0\n[axes]\nmethod = ["stub_ok"]\nproblem = ["linear"]\n'
+            "width = [1, 2, 3, 4, 5, 6]\nbatch = [2]\nthreads = [1]\n")  # fmt: skip
+    cmd, out = _run_killed_after(tmp_path, spec, 2, env)  # the runner and its worker, mid-grid
     done_before = {p.stem for p in (out / "cases").glob("*.json")}
     assert 2 <= len(done_before) < 6
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "cases").glob("*.json")}
@@ -162,20 +169,10 @@ def test_a_group_cut_short_runs_again_whole(tmp_path):
     (the other case's rounds must be paired with this one's, not with rounds of the killed run)."""
     hold = tmp_path / "hold"
     hold.touch()
-    spec = tmp_path / "spec.toml"
-    spec.write_text(
-        '[run]\nrepeats = 3\nwarmup = 0\n[axes]\nmethod = ["stub_ok", "stub_hold"]\nproblem = ["linear"]\n'
-        "width = [3]\nbatch = [2]\nthreads = [1]\n"
-    )
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "gqbench", "run", "--grid", str(spec), "--out", str(out), "--quiet"]
     env = dict(os.environ, **PLUGIN, **{stubs.HOLD_ENV: str(hold)})
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list((out / "cases").glob("*.json")) and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # stub_ok's file is written, stub_hold waits in "finish"
-    proc.wait()
+    spec = ('[run]\nrepeats = 3\nwarmup = 0\n[axes]\nmethod = ["stub_ok", "stub_hold"]\nproblem = ["linear"]\n'
+            "width = [3]\nbatch = [2]\nthreads = [1]\n")  # fmt: skip
+    cmd, out = _run_killed_after(tmp_path, spec, 1, env)  # stub_ok's file is written, stub_hold waits in "finish"
     (first,) = (out / "cases").glob("*.json")
     mtime = first.stat().st_mtime_ns
     hold.unlink()
