@@ -24,9 +24,9 @@ def _median_of_ratios(a, b, axis=-1):
     return np.median(a / b, axis=axis)
 
 
-def ratio_ci(num, den, *, paired: bool, seed: int = 0) -> tuple[float, float, float]:
+def ratio_ci(num, den, *, paired: bool, seed: int = 0, min_samples: int = 3) -> tuple[float, float, float]:
     """The ratio num/den and its 95% bootstrap interval (percentile method); NaN bounds with fewer
-    than 3 samples a side (no interval worth the name).
+    than `min_samples` a side (no interval worth the name).
 
     paired (num[i] and den[i] timed in the same round): the median over rounds of the per-round ratio,
     so a slow spell that hits a whole round cancels (on a shared machine the ratio of the two medians
@@ -36,7 +36,7 @@ def ratio_ci(num, den, *, paired: bool, seed: int = 0) -> tuple[float, float, fl
     num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
     stat = _median_of_ratios if paired else _median_ratio
     point = float(stat(num, den))
-    if min(len(num), len(den)) < 3:
+    if min(len(num), len(den)) < min_samples:
         return point, float("nan"), float("nan")
     if (np.ptp(num / den) == 0) if paired else (np.ptp(num) == 0 and np.ptp(den) == 0):
         return point, point, point

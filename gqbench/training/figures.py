@@ -8,10 +8,11 @@ None when its data are absent.
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
+
+from .._ratios import ratio_ci
 
 TEMPLATE = "plotly_white"
 GQ = "torch_gq"
@@ -64,20 +65,6 @@ def per_epoch_summary(epochs: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-def ratio_ci(a: np.ndarray, b: np.ndarray, n_resamples: int = 2000) -> tuple[float, float, float]:
-    """median(a) / median(b) with a 95 % percentile bootstrap interval (NaN bounds with < 2 samples each)."""
-    from scipy.stats import bootstrap
-
-    if len(a) == 0 or len(b) == 0:
-        return np.nan, np.nan, np.nan
-    ratio = float(np.median(a) / np.median(b))
-    if len(a) < 2 or len(b) < 2:
-        return ratio, np.nan, np.nan
-    res = bootstrap((a, b), lambda x, y: np.median(x) / np.median(y), vectorized=False, n_resamples=n_resamples,
-                    method="percentile", random_state=0)  # fmt: skip
-    return ratio, float(res.confidence_interval.low), float(res.confidence_interval.high)
-
-
 def epoch_ratios(epochs: pd.DataFrame) -> pd.DataFrame:
     """GQ's per-epoch time over each baseline's, per experiment and width (samples: trained epochs x seeds)."""
     d = trained(epochs)
@@ -89,7 +76,7 @@ def epoch_ratios(epochs: pd.DataFrame) -> pd.DataFrame:
                 b = w.loc[w["method"] == base, "epoch_s"].to_numpy()
                 if len(b) == 0:
                     continue
-                r, lo, hi = ratio_ci(g["epoch_s"].to_numpy(), b)
+                r, lo, hi = ratio_ci(g["epoch_s"].to_numpy(), b, paired=False, min_samples=2)
                 rows.append(dict(problem=problem, width=width, gq=gq_label, baseline=base, ratio=r, low=lo, high=hi))
     return pd.DataFrame(rows, columns=["problem", "width", "gq", "baseline", "ratio", "low", "high"])
 

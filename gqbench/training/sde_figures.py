@@ -14,6 +14,8 @@ import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .._ratios import ratio_ci
+
 TEMPLATE = "plotly_white"
 GQ, BASELINES = "torch_gq", ("sde_direct", "sde_adjoint")
 DEFAULT_NCOSINES = 10
@@ -46,10 +48,8 @@ def per_epoch_summary(epochs: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-def ratios(epochs: pd.DataFrame, *, n_resamples: int = 2000) -> pd.DataFrame:
+def ratios(epochs: pd.DataFrame) -> pd.DataFrame:
     """GQ's median epoch time over each baseline's, per width, with a 95% bootstrap interval over epochs."""
-    from scipy.stats import bootstrap
-
     d = epoch_times(main_runs(epochs))
     rows = []
     for width, w in d.groupby("width"):
@@ -58,12 +58,7 @@ def ratios(epochs: pd.DataFrame, *, n_resamples: int = 2000) -> pd.DataFrame:
             b = w.loc[w["method"] == base, "epoch_s"].to_numpy()
             if len(gq) == 0 or len(b) == 0:
                 continue
-            ratio = np.median(gq) / np.median(b)
-            lo = hi = np.nan
-            if len(gq) > 1 and len(b) > 1:
-                res = bootstrap((gq, b), lambda x, y: np.median(x) / np.median(y), vectorized=False,
-                                n_resamples=n_resamples, method="percentile", random_state=0)  # fmt: skip
-                lo, hi = res.confidence_interval.low, res.confidence_interval.high
+            ratio, lo, hi = ratio_ci(gq, b, paired=False, min_samples=2)
             rows.append(dict(width=width, baseline=base, ratio=ratio, low=lo, high=hi))
     return pd.DataFrame(rows, columns=["width", "baseline", "ratio", "low", "high"])
 
