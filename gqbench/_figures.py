@@ -30,6 +30,8 @@ MEDIANS = (
     "compile_s",
     "quad_nodes",
     "quad_err_est",
+    "fwd_page_faults",
+    "bwd_page_faults",
 )
 KEYS = ["case_id", "label", "method", "quadrature", "gtol", "quad_order", "backward_state", "warm_start", *MATCH]
 TEMPLATE = "plotly_white"
@@ -257,7 +259,7 @@ def _time_vs_width(summary: pd.DataFrame, col: str, title: str, ylabel: str) -> 
     d = summary.dropna(subset=[col])
     if d.empty:
         return _empty(title, "no finished case has this measurement")
-    hover = ["nfe_fwd", "nfe_bwd", "fwd_s", "bwd_s", "grad_rel_err", "repeats"]
+    hover = ["nfe_fwd", "nfe_bwd", "fwd_s", "bwd_s", "bwd_page_faults", "grad_rel_err", "repeats"]
     return _vs_width(d, col, title, ylabel, hover=hover, iqr=True)
 
 

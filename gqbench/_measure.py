@@ -125,16 +125,31 @@ def warm_up(case: Case, warmup: int = 1) -> tuple[AbstractRun, float]:
     return run, setup_s
 
 
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_call(run: AbstractRun) -> dict:
-    """One timed forward + backward (each returns after the device is idle): a sample's fields."""
+    """One timed forward + backward (each returns after the device is idle): a sample's fields.
+
+    `*_page_faults`: the process's minor page faults during the call (one getrusage each side,
+    ~1 us). Fresh pages the allocator had to map (glibc mmaps blocks >= 32 MiB, and smaller ones
+    when its adaptive threshold is low) are a large part of some methods' time on CPU -- torchdiffeq's
+    adjoint at workload L w=2000 takes 0.3-0.7 M faults per backward depending on what ran earlier
+    in the process -- and they say why a ratio moves between one process and another."""
+    fa = _minor_faults()
     a = time.perf_counter()
     run.forward()
     b = time.perf_counter()
+    fb = _minor_faults()
     run.backward()
     c = time.perf_counter()
+    fc = _minor_faults()
     return dict(
         fwd_s=b - a,
         bwd_s=c - b,
+        fwd_page_faults=fb - fa,
+        bwd_page_faults=fc - fb,
         nfe_fwd=run.nfe_forward,
         nfe_bwd=run.nfe_backward,
         loss=run.loss_value(),

@@ -25,6 +25,8 @@ MEASURES = (
     "round",  # the round of paired timing the sample was taken in (compared methods alternate per round)
     "fwd_s",
     "bwd_s",
+    "fwd_page_faults",  # minor page faults of the process during the timed forward / backward
+    "bwd_page_faults",
     "peak_mem_bytes",
     "nfe_fwd",
     "nfe_bwd",

@@ -3,12 +3,14 @@
 Import this module, or set GQBENCH_PLUGINS=gqbench._testing so worker processes register them too.
 Per call: nfe_forward = width, nfe_backward = 2 * width + 1; forward sleeps FWD_S, backward BWD_S
 (both times `time_scale` for the stubs of known speed-up). `stub_alloc` holds ALLOC_BYTES of touched
-memory during its backward (a known peak); `stub_crash_later`/`stub_hang_later` fail on their
+memory during its backward (a known peak), `stub_fresh` touches a freshly mapped FRESH_BYTES (known
+page faults); `stub_crash_later`/`stub_hang_later` fail on their
 second timed call (in the middle of the paired rounds, after one warm-up).
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import time
@@ -25,6 +27,7 @@ ONCE_ENV = "GQBENCH_STUB_ONCE_DIR"  # stub_killparent_once leaves a marker here:
 BWD_S = 0.05
 HOLD_ENV = "GQBENCH_STUB_HOLD"  # stub_hold's gradients() (in the runner's "finish") wait while this file exists
 ALLOC_BYTES = 60 * 2**20  # three 20 MiB blocks: under the default allocator glibc reuses such freed blocks
+FRESH_BYTES = 64 * 2**20  # stub_fresh's backward: one block glibc always maps anew (>= 32 MiB)
 LATER_CALL = 3  # the *_later kinds fail on this forward call (warm-up, round 0, then here)
 
 
@@ -70,6 +73,10 @@ class StubRun(AbstractRun):
         if self.kind == "alloc":
             blocks = [np.ones(ALLOC_BYTES // 3 // 8) for _ in range(3)]  # touched: resident
             del blocks
+        if self.kind == "fresh":  # FRESH_BYTES // 4096 minor page faults, every call (numpy would
+            block = bytearray(FRESH_BYTES)  # ask for huge pages: 32 faults; a bytearray does not)
+            ctypes.memset((ctypes.c_char * FRESH_BYTES).from_buffer(block), 1, FRESH_BYTES)
+            del block
         self.nfe_backward = 2 * self.width + 1
 
     def loss_value(self):
@@ -99,7 +106,7 @@ class StubQuadMethod(StubMethod):
 
 KINDS = ("ok", "crash", "nan", "hang", "oom", "max_steps", "abort")
 # "killparent(_once)" kills the process that started the worker: only for executors that survive it (Ray).
-for _kind in (*KINDS, "killparent", "killparent_once", "alloc", "crash_later", "hang_later", "hold"):
+for _kind in (*KINDS, "killparent", "killparent_once", "alloc", "fresh", "crash_later", "hang_later", "hold"):
     if f"stub_{_kind}" not in METHODS._methods:
         register_method(StubMethod(f"stub_{_kind}", f"test stub: {_kind}", kind=_kind))
 if "stub_quad" not in METHODS._methods:

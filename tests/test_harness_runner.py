@@ -37,6 +37,16 @@ def test_measure_in_process_exact_counts():
     assert all(np.isnan(r["grad_rel_err"]) for r in rows)  # stubs have no reference
 
 
+def test_page_faults_are_counted_per_pass():
+    """A backward that touches a freshly mapped 64 MiB block faults once per 4 KiB page; the sleeping
+    forward hardly at all; and the sleeping stub_ok backward neither."""
+    pages = stubs.FRESH_BYTES // 4096
+    fresh = measure(stub_case("fresh"), repeats=3, warmup=1)
+    assert all(pages <= r["bwd_page_faults"] < 1.5 * pages for r in fresh), [r["bwd_page_faults"] for r in fresh]
+    assert all(r["fwd_page_faults"] < pages / 10 for r in fresh)
+    assert all(r["bwd_page_faults"] < pages / 10 for r in measure(stub_case(), repeats=3, warmup=1))
+
+
 def test_run_grid_records_ok_and_every_failure(tmp_path):
     cases = [stub_case("ok", 3), stub_case("ok", 4)] + [stub_case(k) for k in stubs.KINDS if k != "ok"]
     cases.append(stub_case("ok", device="cuda:0") if not _cuda() else stub_case("ok", 6))
