@@ -22,10 +22,10 @@ import tempfile
 import pandas as pd
 
 from gqbench import load_preset
-from gqbench._launch import run_to_end
-from gqbench._ratios import paired_speedups
-from gqbench._runner import comparison_groups
 from gqbench.cli import _print_speedups
+from gqbench.execute.runner import comparison_groups
+from gqbench.measurement.launch import run_to_end
+from gqbench.results.ratios import paired_speedups
 
 
 def main() -> None:

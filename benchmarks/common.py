@@ -230,9 +230,9 @@ def reference_dir(gq) -> Path:
     solver are unchanged (keyed by the installed files that define them)."""
     h = hashlib.sha1()
     pkg = Path(gq.__file__).parent
-    for name in ("_problems.py", "_measure.py"):
-        p = pkg / name
-        h.update(p.read_bytes() if p.exists() else b"")
+    for names in (("define/problems.py", "_problems.py"), ("measurement/measure.py", "_measure.py")):
+        p = next((pkg / n for n in names if (pkg / n).exists()), None)  # today's layout, or the flat one
+        h.update(p.read_bytes() if p is not None else b"")
     base = Path(os.environ.get("ASV_CONF_DIR") or ROOT) / ".asv" / "references"
     return base / h.hexdigest()[:12]
 

@@ -1,6 +1,6 @@
 """gqbench: grid spec -> one fresh process per case -> tidy results -> HTML report.
 
-Names load lazily (PEP 562), so `python -m gqbench._worker` pays for torch only, never for
+Names load lazily (PEP 562), so `python -m gqbench.measurement.worker` pays for torch only, never for
 pandas/plotly, and `gqbench report` never for torch.
 """
 
@@ -9,38 +9,38 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "Case": "_case",
-    "CASE_FIELDS": "_case",
-    "AbstractProblem": "_problems",
-    "ProblemInstance": "_problems",
-    "PROBLEMS": "_problems",
-    "get_problem": "_problems",
-    "AbstractMethod": "_methods",
-    "AbstractRun": "_methods",
-    "METHODS": "_methods",
-    "get_method": "_methods",
-    "register_method": "_methods",
-    "Skip": "_measure",
-    "HARNESS_VERSION": "_measure",
-    "prepare": "_measure",
-    "measure": "_measure",
-    "PeakMemory": "_measure",
-    "reference_gradients": "_measure",
-    "grad_rel_err": "_measure",
-    "GridSpec": "_grid",
-    "GridSpecError": "_grid",
-    "RunSettings": "_grid",
-    "load_spec": "_grid",
-    "load_preset": "_grid",
-    "parse_spec": "_grid",
-    "list_presets": "_grid",
-    "run_grid": "_runner",
+    "Case": "define.case",
+    "CASE_FIELDS": "define.case",
+    "AbstractProblem": "define.problems",
+    "ProblemInstance": "define.problems",
+    "PROBLEMS": "define.problems",
+    "get_problem": "define.problems",
+    "AbstractMethod": "define.methods",
+    "AbstractRun": "define.methods",
+    "METHODS": "define.methods",
+    "get_method": "define.methods",
+    "register_method": "define.methods",
+    "Skip": "measurement.measure",
+    "HARNESS_VERSION": "measurement.measure",
+    "prepare": "measurement.measure",
+    "measure": "measurement.measure",
+    "PeakMemory": "measurement.measure",
+    "reference_gradients": "measurement.measure",
+    "grad_rel_err": "measurement.measure",
+    "GridSpec": "define.grid",
+    "GridSpecError": "define.grid",
+    "RunSettings": "define.grid",
+    "load_spec": "define.grid",
+    "load_preset": "define.grid",
+    "parse_spec": "define.grid",
+    "list_presets": "define.grid",
+    "run_grid": "execute.runner",
     "Shard": "execute.shard",
     "merge": "execute.merge",
-    "load_results": "_results",
-    "COLUMNS": "_results",
-    "environment": "_env",
-    "write_report": "_report",
+    "load_results": "results.tables",
+    "COLUMNS": "results.tables",
+    "environment": "measurement.env",
+    "write_report": "report.html",
 }
 
 __all__ = sorted(_EXPORTS)

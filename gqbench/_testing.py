@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ._methods import METHODS, AbstractMethod, AbstractRun, register_method
+from .define.methods import METHODS, AbstractMethod, AbstractRun, register_method
 
 FWD_S = 0.02
 # A file each stub forward + backward appends "<method> <MALLOC_MMAP_THRESHOLD_> <start> <end>" to.

@@ -87,7 +87,7 @@ def _profile_parser(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ._grid import GridSpecError
+    from .define.grid import GridSpecError
 
     args = _parser().parse_args(argv)
     try:
@@ -103,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _list(args) -> int:
-    from ._grid import list_presets, load_preset
-    from ._methods import METHODS
-    from ._problems import PROBLEMS
+    from .define.grid import list_presets, load_preset
+    from .define.methods import METHODS
+    from .define.problems import PROBLEMS
 
     print("presets:")
     for name in list_presets():
@@ -127,7 +127,7 @@ def _list(args) -> int:
 
 
 def _run(args) -> int:
-    from ._grid import GridSpecError, load_preset, load_spec, parse_spec
+    from .define.grid import GridSpecError, load_preset, load_spec, parse_spec
 
     for flag in ("repeats", "timeout", "threads"):
         value = getattr(args, flag)
@@ -167,7 +167,7 @@ def _run(args) -> int:
             )
         print(f"{len(cases)} cases{f' (shard {args.shard})' if args.shard else ''}; {settings}")
         return 0
-    from ._runner import run_grid
+    from .execute.runner import run_grid
 
     df = run_grid(
         spec.cases, out, settings=settings, spec=spec.source, progress=not args.quiet, reference_dir=args.reference_dir,
@@ -177,7 +177,7 @@ def _run(args) -> int:
     print(f"{out / 'results.parquet'}: {len(df)} rows, cases by status: {per_case}")
     _print_speedups(df)
     if args.report:
-        from ._report import write_report
+        from .report.html import write_report
 
         print(write_report(out))
     return 0
@@ -189,7 +189,7 @@ def _print_speedups(df) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from ._ratios import paired_speedups
+    from .results.ratios import paired_speedups
 
     if "epochs" in df:
         df = df[df["epochs"].isna()]  # training runs: their own section of the report (per-epoch ratios, claims)
@@ -222,7 +222,7 @@ def _merge(args) -> int:
     print(f"{args.out / 'results.parquet'}: {df['case_id'].nunique()} cases from {len(args.dirs)} folders, "
           f"{len(machines)} machine(s)")  # fmt: skip
     if args.report:
-        from ._report import write_report
+        from .report.html import write_report
 
         print(write_report(args.out))
     return 0
@@ -233,9 +233,9 @@ def _compare(args) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    from ._grid import GridSpecError
-    from ._ratios import compare_samples
-    from ._results import load_results
+    from .define.grid import GridSpecError
+    from .results.ratios import compare_samples
+    from .results.tables import load_results
 
     if not args.threshold > 0:
         raise GridSpecError(f"--threshold {args.threshold}: must be > 0, e.g. 0.1 for 10%")
@@ -258,8 +258,8 @@ def _compare(args) -> int:
 
 
 def _report(args) -> int:
-    from ._grid import GridSpecError
-    from ._report import write_report
+    from .define.grid import GridSpecError
+    from .report.html import write_report
 
     if not args.threshold > 0:
         raise GridSpecError(f"--threshold {args.threshold}: must be > 0, e.g. 0.1 for 10%")
@@ -270,8 +270,8 @@ def _report(args) -> int:
 
 
 def _profile(args) -> int:
-    from ._grid import AXES, GridSpecError, load_preset, load_spec, parse_spec
-    from ._profile import profile_cases
+    from .define.grid import AXES, GridSpecError, load_preset, load_spec, parse_spec
+    from .measurement.profile import profile_cases
 
     axes = {k: v for k in AXES if (v := getattr(args, k, None)) is not None}
     if args.steps < 1 or args.warmup < 0:
@@ -312,7 +312,7 @@ def _profile(args) -> int:
         "JAX cases: plugins/profile/*/perfetto_trace.json.gz in ui.perfetto.dev"
     )
     if args.report:
-        from ._report import write_report
+        from .report.html import write_report
 
         print(write_report(args.report, profiles=args.out))
     return 0 if all(r.get("status") == "ok" for r in results) else 1

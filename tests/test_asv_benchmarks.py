@@ -27,12 +27,13 @@ def test_labels_are_the_harness_expansion_of_the_preset():
 
 def test_every_registered_method_is_tracked():
     # gqbench's own methods; other tests register stubs (gqbench._testing) in this process.
-    from gqbench._methods import TrainingOnly
+    from gqbench.define.methods import TrainingOnly
 
     builtin = {
         n
         for n, m in gqbench.METHODS.items()
-        if type(m).__module__ in ("gqbench._methods", "gqbench._jax_methods") and not isinstance(m, TrainingOnly)
+        if type(m).__module__ in ("gqbench.define.methods", "gqbench.define.jax_methods")
+        and not isinstance(m, TrainingOnly)
     }  # training-only methods (torchsde's) have no single-gradient case for asv to time
     assert {common.method_of(label) for label in common.LABELS} == builtin
 

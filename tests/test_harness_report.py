@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 
 from gqbench import Case, write_report
-from gqbench._report import FIGURES, render, speedups, summarize
-from gqbench._results import frame, write_case
+from gqbench.report.html import FIGURES, render, speedups, summarize
+from gqbench.results.tables import frame, write_case
 
 BWD = {"torch_direct": 0.4, "torch_adjoint": 1.0, "torch_gq": 0.25}
 

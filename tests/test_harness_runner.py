@@ -14,7 +14,7 @@ import pytest
 
 import gqbench._testing as stubs
 from gqbench import COLUMNS, Case, RunSettings, load_results, measure, parse_spec, run_grid
-from gqbench._measure import Skip
+from gqbench.measurement.measure import Skip
 
 PLUGIN = {"GQBENCH_PLUGINS": "gqbench._testing"}
 
@@ -203,7 +203,7 @@ def test_compared_methods_alternate_round_by_round(tmp_path, monkeypatch):
     monkeypatch.setenv(stubs.TRACE_ENV, str(trace))
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     cases = [stub_case("ok"), stub_case("quad"), stub_case("crash"), stub_case("ok", width=5)]
-    from gqbench._runner import comparison_groups
+    from gqbench.execute.runner import comparison_groups
 
     assert [len(g) for g in comparison_groups(cases)] == [3, 1]
     df = run_grid(cases, tmp_path / "out", settings=RunSettings(repeats=3, warmup=1, timeout=60), progress=False)
@@ -220,7 +220,7 @@ def test_compared_methods_alternate_round_by_round(tmp_path, monkeypatch):
 
 
 def test_worker_env_drops_the_allocator_setting(monkeypatch):
-    from gqbench._launch import worker_env
+    from gqbench.measurement.launch import worker_env
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     env = worker_env(stub_case("ok").with_(threads=3))
@@ -230,7 +230,7 @@ def test_worker_env_drops_the_allocator_setting(monkeypatch):
 def test_paired_speedup_of_stubs_with_known_times(tmp_path):
     """stub_quad_half sleeps half as long as stub_ok: run side by side, the speed-up is 2 with a 95%
     interval that excludes 1, from samples paired by round."""
-    from gqbench._ratios import paired_speedups
+    from gqbench.results.ratios import paired_speedups
 
     cases = [stub_case("ok"), stub_case("quad_half")]
     df = run_grid(cases, tmp_path, settings=RunSettings(repeats=5, warmup=1, timeout=60), progress=False)
@@ -245,8 +245,8 @@ def test_alternate_job_times_a_group_in_one_fresh_process(tmp_path):
     """benchmarks/alternate.py's worker job: both stubs prepared in one worker, timed in an order
     rotating each round, with the same known speed-up of 2 as the runner's separate processes; a
     group that fails is a failure row, not a lost run."""
-    from gqbench._launch import run_to_end
-    from gqbench._ratios import paired_speedups
+    from gqbench.measurement.launch import run_to_end
+    from gqbench.results.ratios import paired_speedups
 
     group = [stub_case("ok"), stub_case("quad_half")]
     job = dict(kind="alternate", case=group[0].to_dict(), cases=[c.to_dict() for c in group], warmup=1, repeats=4)

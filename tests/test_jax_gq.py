@@ -398,8 +398,8 @@ def test_rule_selection():
     ],
 )
 def test_jax_gq_adapter_picks_the_cases_rule(case_kw, rule, gtol, quad_order):
-    from gqbench._case import Case
-    from gqbench._jax_methods import JaxGQ
+    from gqbench.define.case import Case
+    from gqbench.define.jax_methods import JaxGQ
 
     adj = JaxGQ("jax_gq", "").adjoint(Case("jax_gq", "oscillator", 16, 8, **case_kw))
     assert (adj.rule, adj.gtol, adj.quad_order) == (rule, gtol, quad_order)

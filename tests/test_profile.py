@@ -17,11 +17,11 @@ import urllib.request
 import pytest
 
 from gqbench import Case
-from gqbench._figures import fig_phases
-from gqbench._profile import load_phases
-from gqbench._report import render
-from gqbench._results import frame
 from gqbench.cli import main
+from gqbench.measurement.profile import load_phases
+from gqbench.report.figures import fig_phases
+from gqbench.report.html import render
+from gqbench.results.tables import frame
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ARGS = ["--problem", "workload_l", "--width", "32", "--batch", "16", "--rtol", "1e-3", "--steps", "1"]
@@ -134,7 +134,7 @@ def test_profile_cli_selects_cases_from_a_preset(capsys):
 def test_jax_case_goes_through_jax_profiler(tmp_path):
     if importlib.util.find_spec("diffrax") is None:
         pytest.skip("diffrax not installed (pip install -e '.[jax]')")
-    from gqbench._profile import profile_cases
+    from gqbench.measurement.profile import profile_cases
 
     case = Case("jax_gq", "workload_l", 16, 8, rtol=1e-3, atol=1e-3, gtol=0.1, backward_state="backsolve")
     (res,) = profile_cases([case], tmp_path, steps=1, warmup=1, log=lambda _: None)  # fresh process: XLA threads set

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 from gqbench import Case
-from gqbench._ratios import compare_samples, paired_speedups, ratio_ci
 from gqbench.cli import main
+from gqbench.results.ratios import compare_samples, paired_speedups, ratio_ci
 
 
 def rows(method, times, *, drift=None, width=100, **case_kw):
@@ -96,9 +96,9 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
 def test_verdict_sentences_and_columns_from_known_speedups():
     """The report's first screen: speed-ups below 1 read as slow-downs, all-unsure ones as no clear
     difference; columns in a fixed order whatever problem comes first."""
-    from gqbench._figures import summarize
-    from gqbench._results import frame
-    from gqbench._verdict import sentences, verdict_table
+    from gqbench.report.figures import summarize
+    from gqbench.report.verdict import sentences, verdict_table
+    from gqbench.results.tables import frame
 
     rng = np.random.default_rng(2)
     data = []

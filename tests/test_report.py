@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from gqbench import Case, write_report
-from gqbench._figures import (
+from gqbench.measurement.profile import leaf_phases, load_phases
+from gqbench.report.figures import (
     FIGURES,
     OPTIONAL_FIGURES,
     compare_runs,
@@ -32,9 +33,8 @@ from gqbench._figures import (
     speedups,
     summarize,
 )
-from gqbench._profile import leaf_phases, load_phases
-from gqbench._report import render
-from gqbench._results import frame, write_case
+from gqbench.report.html import render
+from gqbench.results.tables import frame, write_case
 
 # Backward seconds at width 10, rtol 1e-3, CPU; scaled below with width, tolerance and device.
 BWD = {

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from gqbench import Case
-from gqbench._grid import GridSpecError, load_preset, parse_spec
+from gqbench.define.grid import GridSpecError, load_preset, parse_spec
 from gqbench.training import TRAINING_PROBLEMS, AbstractTrainingProblem
 from gqbench.training import claims as tc
 from gqbench.training.experiments import G1D, ODE_METHODS

@@ -11,8 +11,8 @@ import json
 import shutil
 from pathlib import Path
 
-from .._grid import GridSpecError
-from .._results import finished_ids, rebuild_results, rebuild_tables, write_atomic, write_case
+from ..define.grid import GridSpecError
+from ..results.tables import finished_ids, rebuild_results, rebuild_tables, write_atomic, write_case
 
 
 def _environment(d: Path) -> dict:

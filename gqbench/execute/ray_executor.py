@@ -1,6 +1,6 @@
 """`gqbench run --executor ray [--address ADDR] [--per-node N]`: comparison groups as Ray tasks.
 
-Each task runs `gqbench._runner.run_group` on its node: the same fresh worker processes, paired
+Each task runs `gqbench.execute.runner.run_group` on its node: the same fresh worker processes, paired
 rounds, timeouts and failure rows as a local run; only where it runs changes. Ray reserves
 `num_cpus` = the cases' threads and one GPU for a CUDA group, so two timed cases never share a GPU.
 At most `per_node` groups run on a node at a time (by default one: concurrent cases contend for
@@ -22,9 +22,9 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from .._case import Case
-from .._grid import RunSettings
-from .._measure import failure_rows, reference_path
+from ..define.case import Case
+from ..define.grid import RunSettings
+from ..measurement.measure import failure_rows, reference_path
 
 REFRESH_S = 30.0  # how often the driver looks for nodes that joined while every task is still running
 
@@ -36,8 +36,8 @@ def _run_group_task(cases: list[dict], settings: dict, references: dict) -> dict
     import ray
     from rich.console import Console
 
-    from .._results import write_atomic
-    from .._runner import machine_name, run_group
+    from ..results.tables import write_atomic
+    from .runner import machine_name, run_group
 
     work = Path(tempfile.mkdtemp(prefix="gqbench-ray-"))
     try:
@@ -85,7 +85,7 @@ def run_groups(
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     except ImportError:
         raise RuntimeError("--executor ray needs the ray extra: pip install -e '.[ray]'") from None
-    from .._results import write_atomic
+    from ..results.tables import write_atomic
 
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)

@@ -17,7 +17,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .._case import Case
+    from ..define.case import Case
 
 Rows = list[dict[str, Any]]
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-# The methods that train through a `solve(func, y0, t)` (gqbench._methods' `solver`).
+# The methods that train through a `solve(func, y0, t)` (gqbench.define.methods' `solver`).
 ODE_METHODS = ("torch_direct", "torch_adjoint", "torch_seminorm", "torch_gq", "torch_mali", "torch_aca")
 DATA_SEED = 20230501  # the data are fixed; a case's seed varies the initial weights and the batch order
 

@@ -12,7 +12,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from .._ratios import ratio_ci
+from ..results.ratios import ratio_ci
 
 TEMPLATE = "plotly_white"
 GQ = "torch_gq"

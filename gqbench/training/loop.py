@@ -17,7 +17,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-from .._case import Case
+from ..define.case import Case
 from .experiments import DATA_SEED, Dataset, ODEExperiment
 
 
@@ -32,7 +32,7 @@ class CountedSolve:
     def __init__(self, case: Case, field):
         import impls
 
-        from .._methods import get_method
+        from ..define.methods import get_method
 
         method = get_method(case.method)
         if not hasattr(method, "solver"):
@@ -64,8 +64,8 @@ def train(experiment: ODEExperiment, case: Case, data: Dataset, *, on_epoch: Cal
     (the error says which and where); the rows so far are returned either way."""
     import torch
 
-    from .._measure import PeakMemory, classify
-    from .._worker import _one_line
+    from ..measurement.measure import PeakMemory, classify
+    from ..measurement.worker import _one_line
 
     dtype = getattr(torch, case.dtype)
     data = data.to(case.device, dtype)
@@ -138,7 +138,7 @@ def run_case(experiment: ODEExperiment, *, case: Case, cache_dir=None):
     the first left out when there are three or more: it holds the warm-up) and the `epochs` table."""
     import torch
 
-    from .._measure import Skip
+    from ..measurement.measure import Skip
 
     if case.device.startswith("cuda") and not torch.cuda.is_available():
         raise Skip(f"device={case.device} but torch.cuda.is_available() is False on this machine")

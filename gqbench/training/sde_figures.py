@@ -14,7 +14,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .._ratios import ratio_ci
+from ..results.ratios import ratio_ci
 
 TEMPLATE = "plotly_white"
 GQ, BASELINES = "torch_gq", ("sde_direct", "sde_adjoint")

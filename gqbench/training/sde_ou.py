@@ -315,7 +315,7 @@ def settings_for(case, problem) -> OUSettings:
 def run_case(case, problem, cache_dir=None) -> tuple[list[dict], dict[str, list[dict]]]:
     """The worker's entry: train, then one results row (medians over trained epochs) and the tables
     `epochs` and `sde_bands`, every row carrying the case fields."""
-    from .._measure import PeakMemory, Skip
+    from ..measurement.measure import PeakMemory, Skip
 
     if case.device != "cpu" and not torch.cuda.is_available():
         raise Skip(f"device={case.device} but torch.cuda.is_available() is False on this machine")

@@ -41,7 +41,7 @@ class ToyGradient(AbstractTrainingProblem):
     def run(self, *, case, cache_dir=None):
         import torch
 
-        from .._measure import Skip
+        from ..measurement.measure import Skip
         from .loop import CountedSolve
 
         if case.device.startswith("cuda") and not torch.cuda.is_available():

@@ -10,7 +10,7 @@ per case::
     OUT/<case_id>/phases.json                          the phase breakdown (see `profile_case`)
     OUT/<case_id>/ops.txt                              key_averages() table, by self time
 
-Each case runs in a fresh process (a `gqbench._launch.Worker`, as the runner starts them), like the benchmark
+Each case runs in a fresh process (a `gqbench.measurement.launch.Worker`, as the runner starts them), like the benchmark
 worker, with the same thread environment; `profile_case` is the in-process function it calls.
 Step = one forward + one backward, each inside an outer `record_function` range
 (`gqbench::forward`, `gqbench::backward`); the GQ adjoint adds its own ranges inside them
@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._case import Case
+from ..define.case import Case
 
 DEFAULT_OUT = Path("reports") / "profiles"
 OUTER = {"forward": "gqbench::forward", "backward": "gqbench::backward"}
@@ -64,8 +64,8 @@ def profile_case(
     breakdown: {"case_id", "label", "case", "backend", "steps", "warmup", "phases": [{"phase",
     "label", "parent", "ms", "calls"}], "leaves": [...], "top_ops": {...}, "nfe_fwd", "nfe_bwd",
     "trace_files", "memory_snapshot", ...}. `ms` is milliseconds per recorded step."""
-    from ._measure import prepare
-    from ._methods import get_method
+    from ..define.methods import get_method
+    from .measure import prepare
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"profile_case(steps={steps}, warmup={warmup}): need steps >= 1 and warmup >= 0")
@@ -309,7 +309,7 @@ def profile_cases(
 
 def _spawn(case: Case, out_dir: Path, kw: dict, timeout: float) -> dict:
     """The case in a fresh worker process, started as the runner starts its workers."""
-    from ._launch import WorkerFailed, run_to_end
+    from .launch import WorkerFailed, run_to_end
 
     job = dict(kind="profile", case=case.to_dict(), out_dir=str(out_dir.resolve()), profile=kw)
     try:

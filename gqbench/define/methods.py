@@ -14,13 +14,13 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from ._case import Case
-    from ._problems import ProblemInstance
+    from .case import Case
+    from .problems import ProblemInstance
 
 PLUGINS_ENV = "GQBENCH_PLUGINS"  # comma-separated modules imported for their register_method calls
 # gqbench's own method modules beyond this one, imported on first look-up (e.g. the JAX methods);
 # each must import its backend inside build(), not at module level.
-BUILTIN_MODULES: tuple[str, ...] = ("gqbench._jax_methods",)
+BUILTIN_MODULES: tuple[str, ...] = ("gqbench.define.jax_methods",)
 
 
 class AbstractRun(abc.ABC):

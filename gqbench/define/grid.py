@@ -30,7 +30,7 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 
-from ._case import CASE_FIELDS, Case
+from .case import CASE_FIELDS, Case
 
 AXES = CASE_FIELDS  # every field of a Case is a grid axis
 AXIS_OPTIONS = ("tolerances",)
@@ -80,13 +80,13 @@ class GridSpec:
 
 
 def list_presets() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("gqbench.presets").iterdir() if p.name.endswith(".toml"))
+    return sorted(p.name[:-5] for p in resources.files("gqbench.define.presets").iterdir() if p.name.endswith(".toml"))
 
 
 def load_preset(name: str) -> GridSpec:
     if name not in list_presets():
         raise GridSpecError(f"unknown preset {name!r}; choose one of: {', '.join(list_presets())}")
-    text = resources.files("gqbench.presets").joinpath(f"{name}.toml").read_text()
+    text = resources.files("gqbench.define.presets").joinpath(f"{name}.toml").read_text()
     return parse_spec(_parse_toml(text, f"preset {name}"), source=f"preset {name}", default_name=name)
 
 
@@ -153,9 +153,9 @@ def parse_spec(
 
 
 def _expand(axes: dict, where: str) -> list[Case]:
-    from ._methods import METHODS, TrainingOnly
-    from ._problems import PROBLEMS
-    from .training import TRAINING_PROBLEMS
+    from ..training import TRAINING_PROBLEMS
+    from .methods import METHODS, TrainingOnly
+    from .problems import PROBLEMS
 
     for key in axes:
         if key not in AXES + AXIS_OPTIONS:

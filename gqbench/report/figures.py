@@ -101,7 +101,7 @@ def compare_runs(current: pd.DataFrame, baseline: pd.DataFrame, threshold: float
     side, the peak memory ratio, and from `_ratios.compare_samples` the current/baseline ratios of
     the median total and backward times with 95% intervals and the verdict ("regression" only when
     the interval lies wholly above 1 + `threshold`)."""
-    from ._ratios import compare_samples  # _ratios imports this module
+    from ..results.ratios import compare_samples  # _ratios imports this module
 
     now, base = summarize(current), summarize(baseline)
     cols = ["case_id", "bwd_s", "total_s", "peak_mem_bytes", "bwd_q25", "bwd_q75"]
@@ -330,7 +330,7 @@ def _speedup_heatmap(summary: pd.DataFrame, metric: str, what: str, samples: pd.
     title = f"Speed-up of the GQ adjoint over each baseline: {what} time (> 1×: GQ faster)"
     name = "bwd" if metric == "speedup_bwd" else "total"
     if samples is not None:
-        from ._ratios import paired_speedups  # _ratios imports this module
+        from ..results.ratios import paired_speedups  # _ratios imports this module
 
         sp = paired_speedups(samples)
         panels_of = summary[[*MATCH, "tolerance", "panel"]].drop_duplicates(MATCH)

@@ -22,7 +22,7 @@ import time
 import warnings
 from typing import ClassVar
 
-from ._methods import AbstractMethod, AbstractRun, register_method
+from .methods import AbstractMethod, AbstractRun, register_method
 
 _SOLVERS = {"dopri5": "Dopri5", "dopri8": "Dopri8", "bosh3": "Bosh3", "adaptive_heun": "Heun"}
 _LOSS_PROBLEMS = ("workload_l", "linear", "g1d", "spheres", "sines", "oscillator", "forced_mlp")
@@ -55,7 +55,7 @@ class _JaxMethod(AbstractMethod):
         if case.solver not in _SOLVERS:
             return f"solver {case.solver!r} has no diffrax counterpart here (have {', '.join(_SOLVERS)})"
         if case.problem not in _LOSS_PROBLEMS:
-            return f"problem {case.problem!r} has no JAX loss in gqbench._jax_methods"
+            return f"problem {case.problem!r} has no JAX loss in gqbench.define.jax_methods"
         if case.device.startswith("cuda") and not any(
             importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin")
         ):
@@ -222,7 +222,7 @@ def _field_from_torch(func, put):
     import jax.numpy as jnp
     from torch import nn
 
-    from ._problems import MLP, SecondOrder, _CubicField, _ForcedField, _LinearField
+    from .problems import MLP, SecondOrder, _CubicField, _ForcedField, _LinearField
 
     class JMLP(eqx.Module):
         weights: list
@@ -283,7 +283,7 @@ def _field_from_torch(func, put):
         return JForced(mlp(func.mlp), func.frequency), lambda g: mlp_order(g.mlp)
     if isinstance(func, _LinearField):
         return JLinear(put(func.lin.weight)), lambda g: [g.weight]
-    raise ValueError(f"no JAX copy of {type(func).__name__}; add one in gqbench._jax_methods")
+    raise ValueError(f"no JAX copy of {type(func).__name__}; add one in gqbench.define.jax_methods")
 
 
 def _loss_from_torch(name: str, inst, put):
@@ -303,7 +303,7 @@ def _loss_from_torch(name: str, inst, put):
         (obs,) = data
         dim = obs.shape[-1]
         return lambda ys: jnp.mean((ys[..., :dim] - obs) ** 2)
-    raise ValueError(f"problem {name!r} has no JAX loss; add one in gqbench._jax_methods")
+    raise ValueError(f"problem {name!r} has no JAX loss; add one in gqbench.define.jax_methods")
 
 
 for _m in (

@@ -1,7 +1,7 @@
 """The one way to start a case in a fresh process: `Worker`, used by the runner (paired timing
 rounds, references, training runs), the profiler and any executor that runs cases elsewhere.
 
-A worker is `python -m gqbench._worker JOB FD`: commands on its stdin, JSON-line replies on file
+A worker is `python -m gqbench.measurement.worker JOB FD`: commands on its stdin, JSON-line replies on file
 descriptor FD, its stdout/stderr to a log. Each worker has a time budget that counts only the time
 it works (from start-up and from each command until its reply), not the time it waits while the
 other methods of its comparison group take their turn.
@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ._case import Case
+from ..define.case import Case
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,7 +53,7 @@ class WorkerFailed(Exception):
 
 
 class Worker:
-    def __init__(self, job: dict, case: Case, log: Path, *, budget: float, module: str = "gqbench._worker"):
+    def __init__(self, job: dict, case: Case, log: Path, *, budget: float, module: str = "gqbench.measurement.worker"):
         self.case, self.log, self.budget = case, Path(log), float(budget)
         self.busy = 0.0
         self._tmp = tempfile.TemporaryDirectory(prefix="gqbench-")
@@ -137,7 +137,7 @@ class Worker:
         self.close()
 
 
-def run_to_end(job: dict, case: Case, log: Path, timeout: float, module: str = "gqbench._worker") -> dict:
+def run_to_end(job: dict, case: Case, log: Path, timeout: float, module: str = "gqbench.measurement.worker") -> dict:
     """A worker whose first message is its result (a reference gradient, a training run, a profile).
     Raises `WorkerFailed` when it has none."""
     with Worker(job, case, log, budget=timeout, module=module) as worker:

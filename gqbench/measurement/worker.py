@@ -1,4 +1,4 @@
-"""One case (or one reference gradient) in a fresh process: `python -m gqbench._worker JOB.json FD`.
+"""One case (or one reference gradient) in a fresh process: `python -m gqbench.measurement.worker JOB.json FD`.
 
 JOB: {"kind": "case" | "reference", "case": {...}, "warmup", "reference_dir", "reference"}. Messages go
 to the parent as JSON lines on file descriptor FD (stdout and stderr stay free for the user's code
@@ -54,8 +54,8 @@ def _json(x):
 
 def serve(job: dict, send, commands) -> None:
     """The worker's side of the protocol; `send(dict)` writes a message, `commands` yields lines."""
-    from ._case import Case
-    from ._measure import (
+    from ..define.case import Case
+    from .measure import (
         classify,
         failure_rows,
         finish,
@@ -78,7 +78,7 @@ def serve(job: dict, send, commands) -> None:
         send({"rows": []})
         return
     if job["kind"] == "profile":
-        from ._profile import profile_case
+        from .profile import profile_case
 
         try:
             send({"profile": profile_case(case, job["out_dir"], **job["profile"])})
@@ -86,7 +86,7 @@ def serve(job: dict, send, commands) -> None:
             send({"error": _one_line(exc)})
         return
     if job["kind"] == "alternate":
-        from ._measure import alternate
+        from .measure import alternate
 
         try:
             send({"rows": alternate([Case.from_dict(c) for c in job["cases"]], job.get("warmup", 1), job["repeats"])})
@@ -120,8 +120,8 @@ def serve(job: dict, send, commands) -> None:
 
 
 def _run_training(case, job: dict) -> dict:
-    from ._measure import classify, failure_rows
-    from .training import TRAINING_PROBLEMS
+    from ..training import TRAINING_PROBLEMS
+    from .measure import classify, failure_rows
 
     try:
         problem = TRAINING_PROBLEMS[case.problem]

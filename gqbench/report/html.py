@@ -15,7 +15,11 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
-from ._figures import (
+from ..results.tables import load_results, load_table
+from ..training import claims as train_claims
+from ..training import figures as train_figures
+from ..training import sde_figures
+from .figures import (
     FIGURES,
     MATCH,
     OPTIONAL_FIGURES,
@@ -27,11 +31,7 @@ from ._figures import (
     speedups,
     summarize,
 )
-from ._results import load_results, load_table
-from ._verdict import verdict_html
-from .training import claims as train_claims
-from .training import figures as train_figures
-from .training import sde_figures
+from .verdict import verdict_html
 
 __all__ = [
     "FIGURES",
@@ -394,7 +394,7 @@ def _sde_rows(epochs: pd.DataFrame | None) -> pd.Series | None:
     """Which epoch rows belong to SDE training problems (their own section)."""
     if epochs is None:
         return None
-    from .training import TRAINING_PROBLEMS
+    from ..training import TRAINING_PROBLEMS
 
     sde = [n for n, p in TRAINING_PROBLEMS.items() if p.noise_axis]
     return epochs["problem"].isin(sde)
@@ -438,7 +438,7 @@ def write_report(
     `threshold`, 0.1 = 10 %). `profiles`: a `gqbench profile` output folder (default: DIR/profiles,
     DIR/../profiles or reports/profiles, the first that holds profiles). `asv`: asv's published
     index.html (default: found beside DIR or under reports/asv)."""
-    from ._profile import find_profiles, load_phases
+    from ..measurement.profile import find_profiles, load_phases
 
     if not threshold > 0:
         raise ValueError(f"write_report(threshold={threshold}): must be > 0, e.g. 0.1 for 10 %")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ._case import CASE_FIELDS
+from ..define.case import CASE_FIELDS
 
 _INTS = ("width", "batch", "quad_order", "seed", "threads", "repeat", "round", "warmup", "epochs", "ncosines")
 _STRINGS = (

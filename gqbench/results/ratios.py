@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ._figures import MATCH, QUAD_METHODS
+from ..report.figures import MATCH, QUAD_METHODS
 
 LEVEL = 0.95
 RESAMPLES = 2000

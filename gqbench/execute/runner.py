@@ -14,12 +14,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._case import Case
-from ._grid import RunSettings
-from ._launch import PACKAGE_ROOT, Worker, WorkerFailed, run_to_end, worker_env  # noqa: F401 (re-exported)
-from ._measure import failure_rows, reference_path
-from ._methods import get_method
-from ._results import rebuild_results, rebuild_tables, write_atomic, write_case, write_table
+from ..define.case import Case
+from ..define.grid import RunSettings
+from ..define.methods import get_method
+from ..measurement.launch import PACKAGE_ROOT, Worker, WorkerFailed, run_to_end, worker_env  # noqa: F401 (re-exported)
+from ..measurement.measure import failure_rows, reference_path
+from ..results.tables import rebuild_results, rebuild_tables, write_atomic, write_case, write_table
 
 # Fields that make a case's method what it is; the rest define the experiment methods are compared on.
 METHOD_FIELDS = ("method", "quadrature", "gtol", "quad_order", "backward_state", "warm_start")
@@ -69,8 +69,8 @@ def run_grid(
         TimeRemainingColumn,
     )
 
-    from ._env import environment
-    from ._results import finished_ids
+    from ..measurement.env import environment
+    from ..results.tables import finished_ids
 
     out_dir = Path(out_dir)
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -80,11 +80,11 @@ def run_grid(
     if per_node < 1:
         raise ValueError(f"--per-node {per_node}: must be >= 1")
     cases = list(dict.fromkeys(cases))
-    from .execute.merge import grid_identity
+    from .merge import grid_identity
 
     grid = grid_identity(c.case_id for c in cases)  # the whole grid, before sharding: merge checks it
     if shard is not None:
-        from .execute.shard import Shard, assign
+        from .shard import Shard, assign
 
         cases = assign(cases, Shard.parse(shard))
     done = finished_ids(out_dir)
@@ -111,7 +111,7 @@ def run_grid(
         task = bar.add_task("gqbench", total=len(todo))
         groups = comparison_groups(todo)
         if executor == "ray":
-            from .execute.ray_executor import run_groups
+            from .ray_executor import run_groups
 
             bar.update(task, description=f"{len(groups)} groups on Ray")
             finished = run_groups(groups, out_dir=out_dir, settings=settings, ref_dir=ref_dir, address=address,
@@ -137,7 +137,7 @@ def machine_name() -> str:
     """This machine in a results row: hostname and CPU model."""
     import platform
 
-    from ._env import _cpu_model
+    from ..measurement.env import _cpu_model
 
     return f"{platform.node()} ({_cpu_model()})"
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._case import Case
-from ._methods import AbstractRun, get_method
+from ..define.case import Case
+from ..define.methods import AbstractRun, get_method
 
 REFERENCE_ENV = "GQBENCH_REFERENCE_DIR"
 # The reference: direct backprop in float64 through dopri8, stepping onto every observation time
@@ -33,7 +33,7 @@ def prepare(case: Case) -> AbstractRun:
     """Threads, seed, problem and method set up; the next forward()/backward() is timed work."""
     import torch
 
-    from ._problems import get_problem
+    from ..define.problems import get_problem
 
     method = get_method(case.method)
     reason = method.unsupported(case)
@@ -321,7 +321,7 @@ def compute_reference(case: Case) -> list[np.ndarray]:
     import torch
     import torchdiffeq
 
-    from ._problems import get_problem
+    from ..define.problems import get_problem
 
     torch.set_num_threads(case.threads)
     problem = get_problem(case.problem)
