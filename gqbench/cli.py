@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("a", type=Path, help="results folder under test (e.g. this commit, this machine)")
     cmp.add_argument("b", type=Path, help="results folder to compare against (the baseline)")
     cmp.add_argument("--threshold", type=float, default=0.1, help="slow-down that counts (default 0.1 = 10%%)")
+    cmp.add_argument("--absolute", action="store_true",
+                     help="judge raw times (two machines, or back-to-back runs on a quiet one); default: GQ "
+                          "relative to the baselines timed beside it, which absorbs the machine's drift")  # fmt: skip
     _profile_parser(sub)
     return p
 
@@ -234,24 +237,33 @@ def _compare(args) -> int:
     from rich.table import Table
 
     from .define.grid import GridSpecError
-    from .results.ratios import compare_samples
+    from .results.ratios import compare_samples, machine_factor
     from .results.tables import load_results
 
     if not args.threshold > 0:
         raise GridSpecError(f"--threshold {args.threshold}: must be > 0, e.g. 0.1 for 10%")
-    cmp = compare_samples(load_results(args.a), load_results(args.b), threshold=args.threshold)
+    cmp = compare_samples(load_results(args.a), load_results(args.b), threshold=args.threshold, absolute=args.absolute)
     if cmp.empty:
         raise GridSpecError(f"gqbench compare: {args.a} and {args.b} share no finished case; compare runs of one grid")
-    table = Table(title=f"{args.a} / {args.b}: median time ratio with 95% interval (regression: interval above "
-                  f"{1 + args.threshold:g})", title_justify="left")  # fmt: skip
-    for col in ("case", "problem", "width", "rtol", "fwd + bwd", "backward", "verdict"):
+    judged = "fwd + bwd" if args.absolute else "GQ: vs baselines; others: fwd + bwd"
+    table = Table(title=f"{args.a} / {args.b}: median time ratios with 95% intervals (regression: the {judged} "
+                  f"interval above {1 + args.threshold:g})", title_justify="left")  # fmt: skip
+    for col in ("case", "problem", "width", "rtol", "fwd + bwd", "backward", "vs baselines", "verdict"):
         table.add_column(col)
+
+    def cell(point, lo, hi):
+        return "" if point != point else f"{point:.3f} [{lo:.3f}, {hi:.3f}]"
+
     for _, r in cmp.iterrows():
         cells = (r["label"], r["problem"], str(r["width"]), f"{r['rtol']:g}",
-                 f"{r['ratio_total']:.3f} [{r['total_lo']:.3f}, {r['total_hi']:.3f}]",
-                 f"{r['ratio_bwd']:.3f} [{r['bwd_lo']:.3f}, {r['bwd_hi']:.3f}]", r["verdict"])  # fmt: skip
+                 cell(r["ratio_total"], r["total_lo"], r["total_hi"]), cell(r["ratio_bwd"], r["bwd_lo"], r["bwd_hi"]),
+                 cell(r["rel_total"], r["rel_lo"], r["rel_hi"]), r["verdict"])  # fmt: skip
         table.add_row(*map(escape, cells))
-    Console(width=160).print(table)
+    Console(width=180).print(table)
+    factor = machine_factor(cmp)
+    if factor == factor:
+        print(f"baselines (code GQ does not change) ran {factor:.2f}x as long in {args.a}: the machine's drift"
+              + ("" if args.absolute else "; GQ is judged relative to the baselines timed beside it"))  # fmt: skip
     n_reg, n_imp = (int((cmp["verdict"] == v).sum()) for v in ("regression", "improvement"))
     print(f"{len(cmp)} cases compared: {n_reg} regressions, {n_imp} improvements")
     return 1 if n_reg else 0

@@ -6,7 +6,7 @@ import pytest
 
 from gqbench import Case
 from gqbench.cli import main
-from gqbench.results.ratios import compare_samples, paired_speedups, ratio_ci
+from gqbench.results.ratios import compare_samples, machine_factor, paired_speedups, ratio_ci
 
 
 def rows(method, times, *, drift=None, width=100, **case_kw):
@@ -74,6 +74,30 @@ def test_compare_flags_regressions_only_beyond_the_threshold(tmp_path):
     assert main(["compare", str(tmp_path / "same"), str(tmp_path / "base")]) == 0
     assert main(["compare", str(tmp_path / "slower"), str(tmp_path / "base"), "--threshold", "0.5"]) == 0
     assert main(["compare", str(tmp_path / "slower"), str(tmp_path / "base"), "--threshold", "-1"]) == 2
+
+
+def test_compare_judges_gq_relative_to_the_baselines_timed_beside_it(tmp_path):
+    """The machine 30% slower in the new run (every method alike): no GQ regression, unless raw times
+    are asked for; GQ alone 30% slower beside an unchanged baseline: a regression either way."""
+    noise = [1.0, 1.01, 0.99, 1.0, 1.02, 0.98]
+    gq = dict(quadrature="adaptive")
+    base = pd.DataFrame(rows("torch_direct", noise) + rows("torch_gq", [0.5 * t for t in noise], **gq))
+    drift = pd.DataFrame(rows("torch_direct", noise, drift=[1.3] * 6) + rows("torch_gq", [0.5 * t for t in noise],
+                                                                               drift=[1.3] * 6, **gq))  # fmt: skip
+    gq_slower = pd.DataFrame(rows("torch_direct", noise) + rows("torch_gq", [0.65 * t for t in noise], **gq))
+    verdicts = lambda now, **kw: dict(zip(*compare_samples(now, base, **kw)[["method", "verdict"]].T.values))  # noqa: E731
+    assert verdicts(drift) == {"torch_direct": "-", "torch_gq": "same"}
+    assert verdicts(drift, absolute=True) == {"torch_direct": "regression", "torch_gq": "regression"}
+    assert verdicts(gq_slower) == {"torch_direct": "-", "torch_gq": "regression"}
+    cmp = compare_samples(drift, base)
+    assert cmp.loc[cmp["method"] == "torch_gq", "rel_total"].item() == pytest.approx(1.0)
+    assert machine_factor(cmp) == pytest.approx(1.3)
+    for name, df in (("base", base), ("drift", drift), ("gq_slower", gq_slower)):
+        (tmp_path / name).mkdir()
+        df.to_parquet(tmp_path / name / "results.parquet")
+    assert main(["compare", str(tmp_path / "drift"), str(tmp_path / "base")]) == 0
+    assert main(["compare", str(tmp_path / "drift"), str(tmp_path / "base"), "--absolute"]) == 1
+    assert main(["compare", str(tmp_path / "gq_slower"), str(tmp_path / "base")]) == 1
 
 
 def test_printed_speedups_keep_the_labels(capsys):

@@ -61,7 +61,8 @@ def single_width_rows(slow: float = 1.0) -> list[dict]:
     return rows
 
 
-def rich_rows(*, slow: float = 1.0, jax: bool = True) -> list[dict]:
+def rich_rows(*, slow: float = 1.0, gq_slow: float = 1.0, jax: bool = True) -> list[dict]:
+    """`slow`: every method's times scaled (the machine); `gq_slow`: GQ's scaled again (GQ's own change)."""
     rows = []
     rng = np.random.default_rng(0)
     for method, bwd in BWD.items():
@@ -86,6 +87,7 @@ def rich_rows(*, slow: float = 1.0, jax: bool = True) -> list[dict]:
                             device=device,
                         )
                         scale = (width / 10) ** 0.8 * (2.0 if rtol < 1e-4 else 1.0) * (0.2 if device == "cuda" else 1)
+                        scale *= gq_slow if q else 1.0
                         n = q.get("quad_order") or (3 if q.get("gtol") == 0.1 else 12)
                         for r in range(3):
                             rows.append(
@@ -151,8 +153,8 @@ def write_profiles(root):
 def report_dirs(tmp_path_factory):
     """reports/{now,base,profiles,asv} laid out like a real run: DIR/../profiles, DIR/../asv."""
     root = tmp_path_factory.mktemp("reports")
-    for name, slow in (("now", 1.0), ("base", 0.8)):
-        rows = rich_rows(slow=slow) + single_width_rows(slow)
+    for name, slow in (("now", 1.0), ("base", 0.8)):  # base: the machine 25% faster, GQ 25% faster again
+        rows = rich_rows(slow=slow, gq_slow=slow) + single_width_rows(slow)
         for cid in dict.fromkeys(r["case_id"] for r in rows):
             write_case(root / name, cid, [r for r in rows if r["case_id"] == cid])
     env = dict(
@@ -219,10 +221,16 @@ def test_compare_runs_marks_regressions_beyond_threshold():
     now = frame(rich_rows(slow=1.0))
     slower_base = frame(rich_rows(slow=0.8))  # now is 25 % slower
     same_base = frame(rich_rows(slow=1.05))  # now is 5 % faster: inside the band
-    assert (compare_runs(now, slower_base, 0.1)["verdict"] == "regression").all()
-    assert (compare_runs(now, same_base, 0.1)["verdict"] == "same").all()
-    assert (compare_runs(now, slower_base, 0.5)["verdict"] == "same").all()
-    assert (compare_runs(slower_base, now, 0.1)["verdict"] == "improvement").all()
+    assert (compare_runs(now, slower_base, 0.1, absolute=True)["verdict"] == "regression").all()
+    assert (compare_runs(now, same_base, 0.1, absolute=True)["verdict"] == "same").all()
+    assert (compare_runs(now, slower_base, 0.5, absolute=True)["verdict"] == "same").all()
+    assert (compare_runs(slower_base, now, 0.1, absolute=True)["verdict"] == "improvement").all()
+    # Every method 25% slower is the machine, not GQ: judged against its baselines, GQ did not move.
+    rel = compare_runs(now, slower_base, 0.1)
+    gq = rel["method"].isin(["torch_gq", "jax_gq"])
+    assert (rel.loc[gq, "basis"] == "baselines").any()
+    assert (rel.loc[gq & (rel["basis"] == "baselines"), "verdict"] == "same").all()
+    assert (rel.loc[~gq, "verdict"] == "-").all()
 
 
 def test_phase_breakdown_adds_up(tmp_path):

@@ -29,6 +29,13 @@ CASE_FIELDS = (
     "ncosines",
     "lr",
 )
+# Fields that make a case's method what it is; cases equal in the rest are timed side by side.
+METHOD_FIELDS = ("method", "quadrature", "gtol", "quad_order", "backward_state", "warm_start")
+# The fields of the experiment methods are compared on (one gradient measurement; training runs add
+# epochs, ncosines and lr).
+MATCH = ["problem", "width", "batch", "rtol", "atol", "solver", "device", "dtype", "seed", "threads"]
+# Methods whose speed-up over the others is what gqbench reports.
+QUAD_METHODS = ("torch_gq", "jax_gq")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,15 +14,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..define.case import Case
+from ..define.case import METHOD_FIELDS, Case
 from ..define.grid import RunSettings
 from ..define.methods import get_method
 from ..measurement.launch import PACKAGE_ROOT, Worker, WorkerFailed, run_to_end, worker_env  # noqa: F401 (re-exported)
 from ..measurement.measure import failure_rows, reference_path
 from ..results.tables import rebuild_results, rebuild_tables, write_atomic, write_case, write_table
-
-# Fields that make a case's method what it is; the rest define the experiment methods are compared on.
-METHOD_FIELDS = ("method", "quadrature", "gtol", "quad_order", "backward_state", "warm_start")
 
 
 def group_key(case: Case) -> tuple:

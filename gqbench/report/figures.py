@@ -16,9 +16,9 @@ import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..define.case import MATCH, QUAD_METHODS
+
 # Cases that are the same experiment except for the method: GQ is compared to baselines on these.
-MATCH = ["problem", "width", "batch", "rtol", "atol", "solver", "device", "dtype", "seed", "threads"]
-QUAD_METHODS = ("torch_gq", "jax_gq")
 MEDIANS = (
     "fwd_s",
     "bwd_s",
@@ -96,21 +96,25 @@ def speedups(summary: pd.DataFrame) -> pd.DataFrame:
     return m.rename(columns={"label_gq": "gq", "label_base": "baseline"})
 
 
-def compare_runs(current: pd.DataFrame, baseline: pd.DataFrame, threshold: float = 0.1) -> pd.DataFrame:
+def compare_runs(
+    current: pd.DataFrame, baseline: pd.DataFrame, threshold: float = 0.1, *, absolute: bool = False
+) -> pd.DataFrame:
     """Two runs' raw result rows -> the cases in both (same case_id): each run's summary side by
-    side, the peak memory ratio, and from `_ratios.compare_samples` the current/baseline ratios of
-    the median total and backward times with 95% intervals and the verdict ("regression" only when
-    the interval lies wholly above 1 + `threshold`)."""
+    side, the peak memory ratio, and from `results.ratios.compare_samples` the current/baseline ratios
+    of the median total and backward times with 95% intervals, GQ's ratio relative to the baselines
+    timed beside it, and the verdict ("regression" only when the judged interval lies wholly above
+    1 + `threshold`; baselines are not judged: "-")."""
     from ..results.ratios import compare_samples  # _ratios imports this module
 
     now, base = summarize(current), summarize(baseline)
     cols = ["case_id", "bwd_s", "total_s", "peak_mem_bytes", "bwd_q25", "bwd_q75"]
     m = now.merge(base[cols], on="case_id", suffixes=("", "_baseline"))
     m["ratio_peak_mem_bytes"] = m["peak_mem_bytes"] / m["peak_mem_bytes_baseline"]
-    cmp = compare_samples(current, baseline, threshold)
+    cmp = compare_samples(current, baseline, threshold, absolute=absolute)
     if cmp.empty:
         return m.iloc[:0]
-    keep = ["case_id", "ratio_total", "total_lo", "total_hi", "ratio_bwd", "bwd_lo", "bwd_hi", "verdict"]
+    keep = ["case_id", "ratio_total", "total_lo", "total_hi", "ratio_bwd", "bwd_lo", "bwd_hi", "rel_total", "rel_lo",
+            "rel_hi", "basis", "verdict"]  # fmt: skip
     m = m.merge(cmp[keep], on="case_id")
     return m.rename(columns={"ratio_total": "ratio_total_s", "ratio_bwd": "ratio_bwd_s"})
 
@@ -648,14 +652,14 @@ def fig_baseline_comparison(comparison: pd.DataFrame, threshold: float = 0.1) ->
     """current / baseline total time per case; points beyond the threshold band are coloured."""
     if comparison is None or comparison.empty:
         return None
-    colors = {"regression": "#d62728", "improvement": "#2ca02c", "same": "#7f7f7f"}
+    colors = {"regression": "#d62728", "improvement": "#2ca02c", "same": "#7f7f7f", "-": "#c7c7c7"}
     comparison = comparison.assign(
         interval_plus=comparison["total_hi"] - comparison["ratio_total_s"],
         interval_minus=comparison["ratio_total_s"] - comparison["total_lo"],
     )
     comparison, facet_kw, rows = _facet_wrap(comparison)
     facet_kw["color_discrete_map"] = colors
-    facet_kw["category_orders"]["verdict"] = ["regression", "improvement", "same"]
+    facet_kw["category_orders"]["verdict"] = ["regression", "improvement", "same", "-"]
     fig = px.scatter(
         comparison,
         error_y="interval_plus",
@@ -673,6 +677,7 @@ def fig_baseline_comparison(comparison: pd.DataFrame, threshold: float = 0.1) ->
             "total_s",
             "total_s_baseline",
             "ratio_bwd_s",
+            "rel_total",
             "ratio_peak_mem_bytes",
         ],
         labels={"ratio_total_s": "total time: this run / baseline"},

@@ -200,15 +200,25 @@ def _section(name: str, body: str) -> str:
 
 
 def _baseline_html(comparison: pd.DataFrame, threshold: float, label: str, n_now: int, n_base: int) -> str:
+    from ..results.ratios import machine_factor
+
     counts = comparison["verdict"].value_counts().to_dict()
+    factor = machine_factor(comparison.rename(columns={"ratio_total_s": "ratio_total"}))
+    drift = (
+        f" The baselines (code GQ does not change) ran {factor:.2f}× as long as in the baseline run: the machine's "
+        "drift, which GQ's verdicts leave out by timing it relative to the baselines beside it."
+        if factor == factor
+        else ""
+    )
     head = (
         f"<p>Compared with <code>{html.escape(label)}</code>: {len(comparison)} cases in both runs "
         f"({n_now - len(comparison)} only in this run, {n_base - len(comparison)} only in the baseline). "
-        f"Threshold ±{threshold:.0%} on the median total time, counted only when the 95% interval lies beyond it: "
+        f"Threshold ±{threshold:.0%} on GQ's median total time relative to its baselines (on the raw time where "
+        f"a GQ case has none), counted only when the 95% interval lies beyond it: "
         f"<b class=bad>{counts.get('regression', 0)} regressions</b>, "
-        f"<b>{counts.get('improvement', 0)} improvements</b>, {counts.get('same', 0)} within the band.</p>"
+        f"<b>{counts.get('improvement', 0)} improvements</b>, {counts.get('same', 0)} within the band.{drift}</p>"
     )
-    moved = comparison[comparison["verdict"] != "same"].sort_values("ratio_total_s", ascending=False)
+    moved = comparison[~comparison["verdict"].isin(["same", "-"])].sort_values("ratio_total_s", ascending=False)
     if moved.empty:
         return head
 
@@ -225,6 +235,7 @@ def _baseline_html(comparison: pd.DataFrame, threshold: float, label: str, n_now
         "total s (baseline → now)",
         "total ratio [95% interval]",
         "backward ratio [95% interval]",
+        "GQ vs baselines [95% interval]",
         "memory ratio",
         "backward IQR/median now",
     )
@@ -261,6 +272,7 @@ def _baseline_row(r) -> str:
         f"{r['total_s_baseline']:.4g} → {r['total_s']:.4g}",
         _ratio_cell(r, "ratio_total_s", "total"),
         _ratio_cell(r, "ratio_bwd_s", "bwd"),
+        _ratio_cell(r, "rel_total", "rel") if r["rel_total"] == r["rel_total"] else "",
         f"{r['ratio_peak_mem_bytes']:.3f}",
         f"{iqr:.0%}",
     ]

@@ -9,8 +9,8 @@ import html
 import numpy as np
 import pandas as pd
 
+from ..define.case import QUAD_METHODS
 from ..results.ratios import paired_speedups
-from .figures import QUAD_METHODS
 
 POINT = ["problem", "width", "rtol", "device", "dtype"]
 # A method's gradient is "within reach" of the tolerance when its error is at most this many times
