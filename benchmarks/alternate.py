@@ -45,7 +45,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gqbench-alternate-") as logs:
         for i, group in enumerate(comparison_groups(list(spec.cases))):
             job = dict(kind="alternate", case=group[0].to_dict(), cases=[c.to_dict() for c in group],
-                       warmup=spec.settings.warmup, repeats=repeats)  # fmt: skip
+                       warmup=spec.settings.warmup, repeats=repeats, rewarm=spec.settings.rewarm)  # fmt: skip
             log = pathlib.Path(logs) / f"group{i}.log"
             reply = run_to_end(job, group[0], log, timeout=spec.settings.timeout * len(group))
             failed = [r for r in reply["rows"] if r["status"] != "ok"]

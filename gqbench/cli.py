@@ -18,6 +18,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="results folder (default: reports/<preset or spec name>)")
     run.add_argument("--repeats", type=int, help="timed repeats per case (overrides the spec)")
     run.add_argument("--warmup", type=int, help="untimed warm-up calls per case (overrides the spec)")
+    run.add_argument(
+        "--rewarm", type=int, help="untimed calls per method before its timed call in each round (default 1)"
+    )
     run.add_argument("--timeout", type=float, help="seconds per case, worker start-up included")
     run.add_argument("--threads", type=int, help="torch/BLAS threads for every case (overrides the spec)")
     run.add_argument("--reference-dir", type=Path, help="share float64 reference gradients (default: OUT/references)")
@@ -136,8 +139,9 @@ def _run(args) -> int:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise GridSpecError(f"--{flag} {value}: must be > 0")
-    if args.warmup is not None and args.warmup < 0:
-        raise GridSpecError(f"--warmup {args.warmup}: must be >= 0")
+    for flag in ("warmup", "rewarm"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            raise GridSpecError(f"--{flag} {getattr(args, flag)}: must be >= 0")
     if args.per_node < 1:
         raise GridSpecError(f"--per-node {args.per_node}: must be >= 1")
     if args.shard is not None:
@@ -152,7 +156,7 @@ def _run(args) -> int:
         spec = parse_spec(
             spec.source, source=args.preset or str(args.grid), default_name=spec.name, threads=args.threads
         )
-    settings = spec.settings.replace(repeats=args.repeats, warmup=args.warmup, timeout=args.timeout)
+    settings = spec.settings.replace(repeats=args.repeats, warmup=args.warmup, rewarm=args.rewarm, timeout=args.timeout)
     out = args.out or Path("reports") / spec.name
     cases = spec.cases
     if args.shard is not None:

@@ -206,7 +206,8 @@ def test_compared_methods_alternate_round_by_round(tmp_path, monkeypatch):
     from gqbench.execute.runner import comparison_groups
 
     assert [len(g) for g in comparison_groups(cases)] == [3, 1]
-    df = run_grid(cases, tmp_path / "out", settings=RunSettings(repeats=3, warmup=1, timeout=60), progress=False)
+    settings = RunSettings(repeats=3, warmup=1, rewarm=0, timeout=60)
+    df = run_grid(cases, tmp_path / "out", settings=settings, progress=False)
     calls = [line.split() for line in trace.read_text().splitlines()]
     assert {env for _, env, _, _ in calls} == {"-"}  # timed (and warm-up) calls never see the allocator setting
     spans = sorted((float(a), float(b)) for _, _, a, b in calls)
@@ -217,6 +218,28 @@ def test_compared_methods_alternate_round_by_round(tmp_path, monkeypatch):
     ok = df[(df["method"] == "stub_ok") & (df["width"] == 3)]
     assert sorted(ok["round"]) == [0, 1, 2] and (ok["repeat"] == ok["round"]).all()
     assert df[df["method"] == "stub_crash"]["status"].tolist() == ["error"]
+
+
+def test_each_timed_call_follows_an_untimed_one_of_its_method(tmp_path, monkeypatch):
+    """rewarm=1 (the default): in every round a method's timed call comes right after its own untimed
+    call, never first after another method's; the runner and the one-process alternation alike."""
+    trace = tmp_path / "trace.txt"
+    monkeypatch.setenv(stubs.TRACE_ENV, str(trace))
+    cases = [stub_case("ok"), stub_case("quad")]
+    df = run_grid(cases, tmp_path / "out", settings=RunSettings(repeats=2, warmup=1, timeout=60), progress=False)
+    calls = [line.split()[0] for line in trace.read_text().splitlines()]
+    # warm-ups; round 0: ok, ok, quad, quad; round 1: quad, quad, ok, ok; then each memory call
+    assert calls == ["stub_ok", "stub_quad"] + ["stub_ok"] * 2 + ["stub_quad"] * 4 + ["stub_ok"] * 3 + ["stub_quad"]
+    assert df.groupby("method")["round"].apply(sorted).tolist() == [[0, 1]] * 2
+    from gqbench.measurement.launch import run_to_end
+
+    trace.unlink()
+    job = dict(kind="alternate", case=cases[0].to_dict(), cases=[c.to_dict() for c in cases], warmup=1, repeats=2,
+               rewarm=1)  # fmt: skip
+    rows = run_to_end(job, cases[0], tmp_path / "alt.log", timeout=60)["rows"]
+    calls = [line.split()[0] for line in trace.read_text().splitlines()]
+    assert calls == ["stub_ok", "stub_quad"] + ["stub_ok"] * 2 + ["stub_quad"] * 4 + ["stub_ok"] * 2
+    assert [r["method"] for r in rows] == ["stub_ok", "stub_quad", "stub_quad", "stub_ok"]
 
 
 def test_worker_env_drops_the_allocator_setting(monkeypatch):

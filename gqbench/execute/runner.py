@@ -162,7 +162,8 @@ def run_group(group: list[Case], out_dir: Path, settings: RunSettings, ref_dir: 
                 yield case, early, {}, 0.0
                 continue
             started[case] = time.perf_counter()
-            job = dict(kind="case", case=case.to_dict(), warmup=settings.warmup, reference_dir=str(ref_dir),
+            job = dict(kind="case", case=case.to_dict(), warmup=settings.warmup, rewarm=settings.rewarm,
+                       reference_dir=str(ref_dir),
                        reference=case.reference_key not in failed_refs)  # fmt: skip
             workers[case] = Worker(job, case, _log(out_dir, case), budget=settings.timeout)
             try:

@@ -22,7 +22,7 @@ STATUSES = ("ok", "nan", "error", "timeout", "oom", "max_steps", "skipped")
 # Bump when what a measurement means changes (timing/memory/NFE/error semantics, warm-up, the
 # reference): asv keys its stored results on it (benchmarks/common.py), so old numbers measured
 # under other rules are not compared with new ones.
-HARNESS_VERSION = "1"
+HARNESS_VERSION = "2"  # 2: the runner's rounds re-warm each method before its timed call
 
 
 class Skip(Exception):
@@ -158,15 +158,19 @@ def time_call(run: AbstractRun) -> dict:
     )
 
 
-def alternate(cases: list[Case], warmup: int = 1, repeats: int = 7) -> list[dict]:
+def alternate(cases: list[Case], warmup: int = 1, repeats: int = 7, rewarm: int = 0) -> list[dict]:
     """Every case of a comparison group prepared in THIS process and timed round by round, the order
-    rotating each round: the in-process check of the runner's ratios (`benchmarks/alternate.py`, one
-    fresh worker per group). -> one row per sample, with its `round`."""
+    rotating each round, each timed call after `rewarm` untimed ones (as the runner's workers): the
+    in-process check of the runner's ratios (`benchmarks/alternate.py`, one fresh worker per group).
+    -> one row per sample, with its `round`."""
     runs = {case: warm_up(case, warmup)[0] for case in cases}
     rows = []
     for r in range(repeats):
         k = r % len(cases)
         for case in cases[k:] + cases[:k]:
+            for _ in range(rewarm):
+                runs[case].forward()
+                runs[case].backward()
             rows.append(dict(case.to_dict(), case_id=case.case_id, label=case.label, round=r, repeat=r,
                              status="ok", **time_call(runs[case])))  # fmt: skip
     return rows

@@ -1,6 +1,6 @@
 """One case (or one reference gradient) in a fresh process: `python -m gqbench.measurement.worker JOB.json FD`.
 
-JOB: {"kind": "case" | "reference", "case": {...}, "warmup", "reference_dir", "reference"}. Messages go
+JOB: {"kind": "case" | "reference", "case": {...}, "warmup", "rewarm", "reference_dir", "reference"}. Messages go
 to the parent as JSON lines on file descriptor FD (stdout and stderr stay free for the user's code
 and go to the case's log). Commands come on stdin, one per line.
 
@@ -9,7 +9,8 @@ kind "profile": `gqbench profile`'s traced steps -> {"profile": phases} (or {"er
 kind "alternate": every case of `cases` (a comparison group) in this one process, timed alternately
   for `repeats` rounds -> {"rows": samples} (`benchmarks/alternate.py`'s check of the runner's ratios).
 kind "case": prepares the case and warms it up, then sends {"ready": true} and serves
-- "time": one timed forward + backward under the default allocator -> {"sample": {...}};
+- "time": `rewarm` untimed calls, then one timed forward + backward under the default allocator
+  -> {"sample": {...}};
 - "finish": one memory call (freed blocks returned to the kernel from here on, so the RSS peak is
   the call's own), the gradient error -> {"rows": [...]} (one row per sample), then exits.
 A training case (`epochs` set) runs whole and sends {"rows": [...], "tables": {...}} at once.
@@ -89,7 +90,8 @@ def serve(job: dict, send, commands) -> None:
         from .measure import alternate
 
         try:
-            send({"rows": alternate([Case.from_dict(c) for c in job["cases"]], job.get("warmup", 1), job["repeats"])})
+            cases = [Case.from_dict(c) for c in job["cases"]]
+            send({"rows": alternate(cases, job.get("warmup", 1), job["repeats"], job.get("rewarm", 0))})
         except BaseException as exc:  # noqa: BLE001 -- reported as the group's first case's error
             fail(exc)
         return
@@ -105,6 +107,9 @@ def serve(job: dict, send, commands) -> None:
     for line in commands:
         try:
             if line.strip() == "time":
+                for _ in range(job.get("rewarm", 0)):
+                    run.forward()
+                    run.backward()
                 samples.append(time_call(run))
                 send({"sample": samples[-1]})
             elif line.strip() == "finish":
