@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESET_NAME = "history"
-PRESET_PATH = ROOT / "gqbench" / "presets" / f"{PRESET_NAME}.toml"
+PRESET_PATH = ROOT / "gqbench" / "define" / "presets" / f"{PRESET_NAME}.toml"
 FULL_ENV = "GQBENCH_ASV_FULL"
 DEVICES_ENV = "GQBENCH_ASV_DEVICES"
 # Bump when this suite's own meaning changes (what a benchmark measures, not the grid);
