@@ -63,9 +63,9 @@ class GridSpecError(ValueError):
 class RunSettings:
     repeats: int = 3
     warmup: int = 1
-    # Untimed calls a method makes in each round just before its timed one: the first call after another
-    # process ran is slower for page-fault-heavy code (torchdiffeq's adjoint, workload L w=2000: 2.99 s
-    # median against 2.70 s back to back), which a training loop, running one method, never pays.
+    # Untimed calls a method makes in each round just before its timed one, so no timed call is the first
+    # after another process ran (a training loop runs one method). That first call was 10% slower for
+    # torchdiffeq's adjoint in one test and not in another (benchmarks/interference.py); one call rules it out.
     rewarm: int = 1
     timeout: float = 120.0  # seconds per case (worker start-up included)
     reference_timeout: float = 600.0  # seconds for one float64 reference gradient
