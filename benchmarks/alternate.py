@@ -8,8 +8,8 @@ that had run other groups first has a grown heap, and direct backprop's large bu
 page faults they pay in a fresh process (g1d w=3000: 0.16 s instead of 0.27 s per backward), which
 is not what a user's training script sees. Timing is gqbench's own `warm_up`/`time_call`; the table
 is the one `gqbench run` prints. `--against RUN_DIR` (a `gqbench run` of the same preset) then prints
-each speed-up from both and their difference, and exits 1 when one differs by more than
-`--tolerance` (default 10%): issue 10's reproducibility check.
+each speed-up from both, their difference and whether the two 95% intervals overlap, and exits 1 when
+one differs by more than `--tolerance` (default 10%): issue 10's reproducibility check.
 """
 
 from __future__ import annotations
@@ -64,20 +64,25 @@ def agreement(alternated: pd.DataFrame, run: pd.DataFrame, tolerance: float) -> 
     """Print run vs alternated speed-ups side by side; 1 when any differs by more than `tolerance`."""
     key = ["problem", "width", "batch", "rtol", "gq", "baseline"]
     both = paired_speedups(run).merge(paired_speedups(alternated), on=key, suffixes=("_run", "_alt"))
-    worst = 0.0
+    worst, within, overlap = 0.0, 0, 0
     print(f"\n{'problem':<11} {'width':>5} {'GQ':<22} {'baseline':<14} {'bwd run':>8} {'bwd alt':>8} {'diff':>6}"
-          f" {'total run':>9} {'total alt':>9} {'diff':>6}")  # fmt: skip
+          f" {'total run':>9} {'total alt':>9} {'diff':>6}  95% intervals")  # fmt: skip
     for _, r in both.iterrows():
-        cells = []
+        cells, apart = [], []
         for name in ("bwd", "total"):
             run_s, alt_s = r[f"speedup_{name}_run"], r[f"speedup_{name}_alt"]
             diff = run_s / alt_s - 1
-            worst = max(worst, abs(diff))
+            worst, within = max(worst, abs(diff)), within + (abs(diff) <= tolerance)
             cells.append(f"{run_s:>8.2f} {alt_s:>8.2f} {diff:>+6.0%}")
-        print(f"{r['problem']:<11} {r['width']:>5} {r['gq']:<22} {r['baseline']:<14} {cells[0]} {cells[1]:>26}")
+            # NaN bounds (too few rounds) compare False: counted as overlapping, no evidence either way
+            disjoint = r[f"{name}_lo_run"] > r[f"{name}_hi_alt"] or r[f"{name}_lo_alt"] > r[f"{name}_hi_run"]
+            overlap += not disjoint
+            apart += [name] if disjoint else []
+        note = f"apart: {', '.join(apart)}" if apart else "overlap"
+        print(f"{r['problem']:<11} {r['width']:>5} {r['gq']:<22} {r['baseline']:<14} {cells[0]} {cells[1]:>26}  {note}")
     ok = not both.empty and worst <= tolerance
-    print(f"{len(both)} speed-ups; largest difference {worst:.1%}: {'agree' if ok else 'DISAGREE'}"
-          f" within {tolerance:.0%}")  # fmt: skip
+    print(f"{2 * len(both)} speed-ups: {within} within {tolerance:.0%} (largest difference {worst:.1%}: "
+          f"{'agree' if ok else 'DISAGREE'}); the two protocols' 95% intervals overlap in {overlap}")  # fmt: skip
     return 0 if ok else 1
 
 

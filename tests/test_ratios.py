@@ -100,6 +100,24 @@ def test_compare_judges_gq_relative_to_the_baselines_timed_beside_it(tmp_path):
     assert main(["compare", str(tmp_path / "gq_slower"), str(tmp_path / "base")]) == 1
 
 
+def test_alternate_against_exits_1_only_beyond_the_tolerance(capsys):
+    """benchmarks/alternate.py --against: speed-up 2.0 in both protocols agrees; 2.0 against 1.6
+    (25% apart, intervals disjoint) does not, and says so."""
+    from benchmarks.alternate import agreement
+
+    noise = [1.0, 1.01, 0.99, 1.0, 1.02, 0.98, 1.0]
+    gq = dict(quadrature="adaptive")
+    run = pd.DataFrame(rows("torch_direct", noise) + rows("torch_gq", [0.5 * t for t in noise], **gq))
+    alt_same = pd.DataFrame(rows("torch_direct", noise[::-1]) + rows("torch_gq", [0.5 * t for t in noise[::-1]], **gq))
+    alt_off = pd.DataFrame(rows("torch_direct", noise) + rows("torch_gq", [0.625 * t for t in noise], **gq))
+    assert agreement(alt_same, run, 0.10) == 0
+    assert "agree);" in capsys.readouterr().out
+    assert agreement(alt_off, run, 0.10) == 1
+    out = capsys.readouterr().out
+    assert "DISAGREE" in out and "apart: bwd, total" in out and "+25%" in out
+    assert agreement(alt_off, run, 0.30) == 0
+
+
 def test_printed_speedups_keep_the_labels(capsys):
     """`gqbench run`'s closing table names the GQ setting (rich would eat "[adaptive]" as markup)."""
     from gqbench.cli import _print_speedups
