@@ -119,24 +119,31 @@ def warm_up(case: Case, warmup: int = 1) -> tuple[AbstractRun, float]:
     t0 = time.perf_counter()
     run = prepare(case)
     setup_s = time.perf_counter() - t0
-    for _ in range(warmup):
+    untimed_calls(run, warmup)
+    return run, setup_s
+
+
+def untimed_calls(run: AbstractRun, n: int) -> None:
+    """`n` forward + backward calls whose time is not taken (warm-up, re-warm)."""
+    for _ in range(n):
         run.forward()
         run.backward()
-    return run, setup_s
 
 
 def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def time_call(run: AbstractRun) -> dict:
-    """One timed forward + backward (each returns after the device is idle): a sample's fields.
+def time_call(run: AbstractRun, rewarm: int = 0) -> dict:
+    """`rewarm` untimed calls, then one timed forward + backward (each returns after the device is
+    idle): a sample's fields.
 
     `*_page_faults`: the process's minor page faults during the call (one getrusage each side,
     ~1 us). Fresh pages the allocator had to map (glibc mmaps blocks >= 32 MiB, and smaller ones
     when its adaptive threshold is low) are a large part of some methods' time on CPU -- torchdiffeq's
     adjoint at workload L w=2000 takes 0.3-0.7 M faults per backward depending on what ran earlier
     in the process -- and they say why a ratio moves between one process and another."""
+    untimed_calls(run, rewarm)
     fa = _minor_faults()
     a = time.perf_counter()
     run.forward()
@@ -168,11 +175,8 @@ def alternate(cases: list[Case], warmup: int = 1, repeats: int = 7, rewarm: int 
     for r in range(repeats):
         k = r % len(cases)
         for case in cases[k:] + cases[:k]:
-            for _ in range(rewarm):
-                runs[case].forward()
-                runs[case].backward()
             rows.append(dict(case.to_dict(), case_id=case.case_id, label=case.label, round=r, repeat=r,
-                             status="ok", **time_call(runs[case])))  # fmt: skip
+                             status="ok", **time_call(runs[case], rewarm)))  # fmt: skip
     return rows
 
 
@@ -274,9 +278,7 @@ def measure(
         run, setup_s = warm_up(case, warmup)
     else:
         setup_s = 0.0
-        for _ in range(warmup):
-            run.forward()
-            run.backward()
+        untimed_calls(run, warmup)
     samples = [time_call(run) for _ in range(repeats)]
     peak = memory_call(run, case.device)
     return finish(case, run, samples, peak_mem_bytes=peak, setup_s=setup_s, warmup=warmup,

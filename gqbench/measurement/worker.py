@@ -107,10 +107,7 @@ def serve(job: dict, send, commands) -> None:
     for line in commands:
         try:
             if line.strip() == "time":
-                for _ in range(job.get("rewarm", 0)):
-                    run.forward()
-                    run.backward()
-                samples.append(time_call(run))
+                samples.append(time_call(run, job.get("rewarm", 0)))
                 send({"sample": samples[-1]})
             elif line.strip() == "finish":
                 if not case.device.startswith("cuda"):

@@ -56,10 +56,9 @@ def paired_speedups(df: pd.DataFrame, gq_methods: tuple[str, ...] = QUAD_METHODS
     ok = df[df["status"] == "ok"].copy()
     if ok.empty:
         return pd.DataFrame(columns=cols)
-    ok["total_s"] = ok["fwd_s"] + ok["bwd_s"]
     # Results from before paired rounds: repeats were not taken side by side, so resample independently.
     paired = "round" in ok and ok["round"].notna().all()
-    ok["round"] = ok["round"] if paired else ok["repeat"]
+    ok = _with_totals(ok)
     is_gq = ok["method"].isin(gq_methods)
     out = []
     key = [c for c in MATCH if c in ok]
@@ -136,6 +135,7 @@ def machine_factor(cmp: pd.DataFrame) -> float:
 
 
 def _with_totals(d: pd.DataFrame) -> pd.DataFrame:
+    """`total_s` (forward + backward), and `round` from `repeat` where rounds were not recorded."""
     d = d.copy()
     d["total_s"] = d["fwd_s"] + d["bwd_s"]
     if "round" not in d or d["round"].isna().any():  # results from before paired rounds
