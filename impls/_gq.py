@@ -295,7 +295,8 @@ def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
             fwd.fill(quad.rhs_batch)
         if fwd is None:
             brhs, state = _BacksolveRHS(rhs), torch.stack([sol[-1], grad_sol[-1]])
-            jump = lambda i, y: torch.stack([y[0], y[1] + grad_sol[i]])  # noqa: E731
+            # z restarts from the forward's own y(t_i) at every observation: backsolving drift stops there.
+            jump = lambda i, y: torch.stack([sol[i], y[1] + grad_sol[i]])  # noqa: E731
         else:
             brhs, state = _InterpRHS(rhs, fwd), grad_sol[-1]
             jump = lambda i, y: y + grad_sol[i]  # noqa: E731
