@@ -23,9 +23,8 @@ from torchdiffeq._impl.odeint import SOLVERS  # pinned torchdiffeq==0.2.5
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 from torchdiffeq._impl.solvers import FixedGridODESolver
 
-from . import _sweep
+from . import _panels, _sweep
 from ._dense import StepRecorder
-from . import _panels
 from ._panels import choose_panels
 from ._quadrature import MAX_QUAD_ORDER, gauss_kronrod, gauss_legendre, quad_order_from_gtol
 from ._rhs import FlatRHS, StepSizes, flatten, unflatten
@@ -206,7 +205,7 @@ class _GQAdjoint(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_sol: torch.Tensor, _grad_event_t: torch.Tensor):
-        prob, cfg = ctx.prob, ctx.prob.config
+        cfg = ctx.prob.config
         if _sweep.supported(SOLVERS[cfg.adjoint_method], cfg.adjoint_options, cfg.adjoint_rtol, cfg.adjoint_atol):
             return _backward_by_sweep(ctx, grad_sol)
         return _backward_per_interval(ctx, grad_sol)
@@ -266,7 +265,7 @@ def _backward_per_interval(ctx, grad_sol: torch.Tensor):
     return (None, a, t_grad, *grads)
 
 
-def _t_grad(ctx, quad: "_Quadrature", grad_sol: torch.Tensor) -> torch.Tensor:
+def _t_grad(ctx, quad: _Quadrature, grad_sol: torch.Tensor) -> torch.Tensor:
     """dL/dt: moving t_i (i >= 1) only moves where y is read; moving t_0 moves the whole path."""
     t, sol = ctx.saved_tensors
     f_obs = quad.rhs_batch(t[1:], sol[1:])
@@ -309,8 +308,10 @@ def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
             break
         except _sweep.SweepFailed as exc:
             if fwd is not None:
-                raise RuntimeError(f"odeint_adjoint_gq: the backward solve of the adjoint failed ({exc}); "
-                                   "loosen adjoint_rtol/adjoint_atol or use another adjoint_method.") from None
+                raise RuntimeError(
+                    f"odeint_adjoint_gq: the backward solve of the adjoint failed ({exc}); "
+                    "loosen adjoint_rtol/adjoint_atol or use another adjoint_method."
+                ) from None
             # Backsolving z is unstable here (an attracting limit cycle, contractive dynamics): keep the
             # forward solution instead -- solve the forward again recording it -- and solve a alone.
             warnings.warn(f"odeint_adjoint_gq: solving z backwards failed ({exc}); re-solving the forward to "
@@ -322,12 +323,15 @@ def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
     orders, panels = [0] * (len(times) - 1), None
     if params or need_t:
         if fwd is None:
+
             def states(s):
                 zs = path.dense(s)
                 return zs[:, 0], zs[:, 1]
         else:
+
             def states(s):
                 return fwd(s), path.dense(s)
+
         if ctx.orders is not None:
             n = torch.tensor(ctx.orders)
             panels = _panels.Panels(torch.tensor(times[:-1]), torch.tensor(times[1:]), n,

@@ -123,7 +123,8 @@ def choose_panels(
         refinements += 1
         a, b, i = start[~passed], end[~passed], interval[~passed]
         m = _split(a, b, breaks)
-        start, end, interval = torch.stack([a, m], 1).reshape(-1), torch.stack([m, b], 1).reshape(-1), i.repeat_interleave(2)
+        start, end = torch.stack([a, m], 1).reshape(-1), torch.stack([m, b], 1).reshape(-1)
+        interval = i.repeat_interleave(2)
     cols = [torch.cat(c) for c in zip(*done)]
     return Panels(*cols, refinements=refinements, unconverged=unconverged,
                   error=float(err_sq.sqrt()) / total if total else 0.0)  # fmt: skip
@@ -155,13 +156,11 @@ def _split(a: torch.Tensor, b: torch.Tensor, breaks: torch.Tensor) -> torch.Tens
         return mid
     lo, hi = torch.minimum(a, b), torch.maximum(a, b)
     margin = 1e-9 * (hi - lo)
-    i = torch.searchsorted(breaks, mid).clamp(1, len(breaks) - 1) if len(breaks) > 1 else torch.zeros_like(mid, dtype=torch.long)
-    best = mid.clone()
-    dist = torch.full_like(mid, math.inf)
-    for j in (i - 1, i) if len(breaks) > 1 else (i,):
-        c = breaks[j]
-        inside = (c > lo + margin) & (c < hi - margin)
+    right = torch.searchsorted(breaks, mid)
+    best, dist = mid.clone(), torch.full_like(mid, math.inf)
+    for j in (right - 1, right):
+        c = breaks[j.clamp(0, len(breaks) - 1)]
         d = (c - mid).abs()
-        take = inside & (d < dist)
+        take = (c > lo + margin) & (c < hi - margin) & (d < dist)
         best, dist = torch.where(take, c, best), torch.where(take, d, dist)
     return best

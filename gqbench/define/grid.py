@@ -41,7 +41,7 @@ DEFAULT_AXES = dict(
     quadrature=["adaptive"],
     gtol=[0.1],
     backward_state=["backsolve"],
-    warm_start=[False],
+    warm_start=[True],  # odeint_adjoint_gq's default
     solver=["dopri5"],
     device=["cpu"],
     dtype=["float32"],
@@ -231,7 +231,10 @@ def _expand(axes: dict, where: str) -> list[Case]:
         batches = ax.get("batch", [problem.default_batch])
         is_quad = METHODS[method].quadrature
         quad_points = (
-            [(q, g, n, b, ws) for (q, g, n), b, ws in itertools.product(quad, ax["backward_state"], ax["warm_start"])]
+            [
+                (q, g, n, b, ws if METHODS[method].warm_starts else None)
+                for (q, g, n), b, ws in itertools.product(quad, ax["backward_state"], ax["warm_start"])
+            ]
             if is_quad
             else [(None, None, None, None, None)]
         )
