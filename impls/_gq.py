@@ -1,10 +1,11 @@
 """The Gauss-Legendre quadrature (GQ) adjoint for torchdiffeq (Norcliffe & Deisenroth, TMLR 2023).
 
-Forward: an ordinary `torchdiffeq.odeint` under no_grad. Backward, per observation interval
-[t_{i-1}, t_i] walked backwards: solve [z, a] (or only a, reading z from the kept forward solution)
+Forward: an ordinary `torchdiffeq.odeint` under no_grad. Backward: one solve of [z, a] (or only a,
+reading z from the kept forward solution) from t_N to t_0 across all observation times (`_sweep`),
 with dz/dt = f and da/dt = -a^T df/dz -- a VJP with respect to z only, so autograd skips the
-weight-gradient matmuls -- and get dL/dtheta = int a^T df/dtheta dt from an n-point Gauss-Legendre
-rule, all n node VJPs in one batched (vmapped) call.
+weight-gradient matmuls -- then dL/dtheta = int a^T df/dtheta dt from Gauss-Legendre rules on
+panels chosen for the integrand (`_panels`), every interval's nodes in shared batched (vmapped)
+VJP calls.
 """
 
 from __future__ import annotations
@@ -107,15 +108,21 @@ def odeint_adjoint_gq(
     """Solve dy/dt = func(t, y) like `torchdiffeq.odeint`; gradients by the GQ adjoint.
 
     Arguments shared with `torchdiffeq.odeint_adjoint` mean what they mean there (`event_fn`
-    included: then `(event_t, solution)` is returned). The parameter gradient
-    dL/dtheta = int a^T df/dtheta dt is computed by one of three rules (`quadrature`):
+    included: then `(event_t, solution)` is returned). With torchdiffeq's adaptive Runge-Kutta
+    solvers as `adjoint_method` (dopri5, the default, and the others), the backward pass is ONE
+    solve from t_N to t_0: steps end on every observation time, the adjoint jumps there, z restarts
+    from the forward's y(t_i), and the step size carries on. The parameter gradient
+    dL/dtheta = int a^T df/dtheta dt is then computed for all intervals at once, in batched VJPs,
+    by one of three rules (`quadrature`):
 
-    "adaptive" (default): error-controlled. Each interval's backward solve keeps its dense
-        output; every accepted backward step is a panel with the Gauss-Kronrod pair G2/K5 on it,
-        all nodes in batched VJPs. When the estimate |K5 - G2| exceeds
-        quad_atol + quad_rtol * |dL/dtheta| (RMS over all parameters), the interval's panels
-        are bisected and the interval redone. `quad_rtol`/`quad_atol` default to the adjoint
-        tolerances.
+    "adaptive" (default): error-controlled. Each interval starts as one panel; free projections of
+        the integrand (a * dz/dt and a * z, read off the backward solve's dense output, no
+        evaluation of f) are integrated with G1..G8 against G16, and each panel takes the smallest
+        Gauss-Legendre order whose probe error fits its share of a tenth of
+        quad_rtol * |integral| + quad_atol; panels no order fits are split at a solver step.
+        `quad_rtol`/`quad_atol` default to the adjoint tolerances. (Other adjoint solvers --
+        fixed grids, scipy -- solve interval by interval and check a G2/K5 pair on the
+        parameter integrand itself.)
     "gtol": the paper's rule, n = min(ceil(gtol * NFE_forward * |dt_i| / |T|), 64)
         Gauss-Legendre nodes per observation interval (selected by passing `gtol`, 0.1 in the
         paper). No error control: far off on long or oscillating intervals.
@@ -124,13 +131,14 @@ def odeint_adjoint_gq(
 
     backward_state: "backsolve" solves z backwards beside a (the paper's method);
         "interpolate" keeps the forward solution and interpolates z, which stays stable on
-        contractive dynamics where backsolving z diverges.
+        contractive dynamics and attracting limit cycles where backsolving z diverges. When a
+        backsolve fails (step-size underflow, non-finite state), the forward is solved again
+        keeping its dense output and the backward pass is redone with "interpolate", with a
+        RuntimeWarning (`gq_stats().backsolve_fallbacks` counts them).
     quad_batch: most quadrature nodes per batched VJP (default: bounded by the state size).
-    warm_start: start each backward solve (adaptive solvers, same method both ways) with the
-        step size the forward solve took at that time, instead of torchdiffeq's initial-step
-        heuristic and the short steps that follow it: about half the backward evaluations on
-        smooth problems, with gradient errors still of the order of the tolerance. Off by
-        default, so that the backward solve picks its steps as torchdiffeq's adjoint does.
+    warm_start: (default True) the backward solve's first step is the step the forward took at
+        t_N (adaptive solvers, same method both ways), instead of torchdiffeq's initial-step
+        heuristic and the short steps that follow it. False restores the heuristic.
 
     Read NFE, quadrature nodes and the quadrature's error estimate with `impls.gq_stats()`.
     """
