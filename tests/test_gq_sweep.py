@@ -67,11 +67,13 @@ def test_sweep_takes_torchdiffeq_steps_on_one_interval(method, direction):
     # `sweep` walks times[-1] -> times[0]
     path = sweep(ours, y0, span[::-1], lambda i, y: y, solver_cls=SOLVERS[method], rtol=1e-6, atol=1e-7,
                  options={}, first_step=None)  # fmt: skip
-    assert len(theirs.starts) > 5 and path.steps == len(theirs.starts)
+    # landing on the end may save torchdiffeq's last step
+    assert len(theirs.starts) > 5 and path.steps in (len(theirs.starts), len(theirs.starts) - 1)
+    k = path.steps - 1  # the steps before the (possibly shortened) last one
     starts = path.dense.t0.tolist()  # ascending in t
     starts = starts if direction > 0 else starts[::-1]
-    assert [abs(s) for s in starts] == pytest.approx([abs(t0) for t0, _ in theirs.starts], rel=1e-8, abs=1e-12)
-    for s, (_, y) in zip(starts, theirs.starts):
+    assert [abs(s) for s in starts[:k]] == pytest.approx([abs(t0) for t0, _ in theirs.starts[:k]], rel=1e-8, abs=1e-12)
+    for s, (_, y) in zip(starts[:k], theirs.starts[:k]):
         torch.testing.assert_close(path.dense(torch.tensor([s], dtype=DT))[0], y, rtol=1e-8, atol=1e-10)
     exact = torchdiffeq.odeint(f, y0, torch.tensor(span, dtype=DT), rtol=1e-12, atol=1e-12, method="dopri8")[-1]
     # landing on the end is no less accurate than interpolating back to it
