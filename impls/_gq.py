@@ -119,10 +119,11 @@ def odeint_adjoint_gq(
         the integrand (a * dz/dt and a * z, read off the backward solve's dense output, no
         evaluation of f) are integrated with G1..G8 against G16, and each panel takes the smallest
         Gauss-Legendre order whose probe error fits its share of a tenth of
-        quad_rtol * |integral| + quad_atol; panels no order fits are split at a solver step.
-        `quad_rtol`/`quad_atol` default to the adjoint tolerances. (Other adjoint solvers --
-        fixed grids, scipy -- solve interval by interval and check a G2/K5 pair on the
-        parameter integrand itself.)
+        quad_rtol * |probe integral|; panels no order fits are split at a solver step.
+        `quad_rtol` defaults to the adjoint rtol. (Other adjoint solvers -- fixed grids, scipy --
+        solve interval by interval and check a G2/K5 pair on the parameter integrand itself,
+        ||K5 - G2|| <= quad_atol * sqrt(P) + quad_rtol * ||dL/dtheta||; quad_atol, default the
+        adjoint atol, counts there only.)
     "gtol": the paper's rule, n = min(ceil(gtol * NFE_forward * |dt_i| / |T|), 64)
         Gauss-Legendre nodes per observation interval (selected by passing `gtol`, 0.1 in the
         paper). No error control: far off on long or oscillating intervals.
@@ -347,7 +348,6 @@ def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
         else:
             with record_function("gq::choose_panels"):
                 panels = choose_panels(_probe(path.dense, fwd), times, path.dense.breakpoints(), cfg.quad_rtol,
-                                       cfg.quad_atol,
                                        device=sol.device, dtype=sol.dtype)  # fmt: skip
         nodes, weights, owner = panels.nodes_and_weights(sol.dtype, sol.device)
         orders = torch.bincount(owner, minlength=len(times) - 1).tolist()

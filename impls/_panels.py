@@ -10,7 +10,8 @@ the backward solve's dense output (f as dz/dt, its slope), with no evaluation of
 
 So each observation interval starts as one panel; the probes are integrated there with G1..G8 and
 G16 (the reference), and the panel takes the smallest order whose probe error fits its share of the
-budget, `_SAFETY * |panel| / |T| * (quad_rtol * |probe integral| + quad_atol * sqrt(size))`;
+budget, `_SAFETY * |panel| / |T| * quad_rtol * |probe integral|` (relative: the probes' absolute
+scale says nothing about the gradient's units, so quad_atol has no say here);
 panels that no order up to 8 satisfies are bisected. The parameter integral is then taken once, at
 the chosen nodes only.
 """
@@ -80,7 +81,6 @@ def choose_panels(
     times: list[float],
     breaks: torch.Tensor,
     rtol: float,
-    atol: float,
     *,
     device,
     dtype,
@@ -104,7 +104,8 @@ def choose_panels(
         if total is None:
             ref = integrals[:, -1].sum(0)
             total = float(torch.linalg.vector_norm(ref))
-            budget_abs = _SAFETY * (rtol * total + atol * math.sqrt(ref.numel()))
+            # Relative only: the probes' absolute scale says nothing about the gradient's units.
+            budget_abs = _SAFETY * rtol * total
         errs = torch.linalg.vector_norm(integrals[:, :-1] - integrals[:, -1:], dim=-1).to(torch.float64).cpu()
         share = budget_abs * (end - start).abs() / span
         ok = errs <= share.unsqueeze(1)
