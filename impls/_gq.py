@@ -46,6 +46,8 @@ _STEPS_PER_PANEL = 4
 _MAX_REFINEMENTS = 8
 # Solvers without dense output we can follow (scipy_solver): uniform panels per interval to start.
 _PANELS_WITHOUT_DENSE = 4
+# Backsolve evaluations, in forward NFE, after which the backward pass switches to the kept forward.
+_BACKSOLVE_BUDGET = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,11 +311,14 @@ def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
             brhs, state = _InterpRHS(rhs, fwd), grad_sol[-1]
             jump = lambda i, y: y + grad_sol[i]  # noqa: E731
         opts = {k: v for k, v in cfg.adjoint_options.items() if k != "first_step"}
+        # A backsolve that needs many times the forward's evaluations is leaving the forward's path
+        # (an attracting limit cycle run backwards): keeping the forward is cheaper than finishing.
+        budget = None if fwd is not None else _BACKSOLVE_BUDGET * ctx.nfe_forward + 100
         try:
             with record_function("gq::backward_solve"):
                 path = _sweep.sweep(brhs, state, times, jump, solver_cls=SOLVERS[cfg.adjoint_method],
                                     rtol=float(cfg.adjoint_rtol), atol=float(cfg.adjoint_atol), options=opts,
-                                    first_step=first)  # fmt: skip
+                                    first_step=first, max_evals=budget)  # fmt: skip
             break
         except _sweep.SweepFailed as exc:
             if fwd is not None:

@@ -70,11 +70,13 @@ def sweep(
     atol: float,
     options: dict,
     first_step: float | None,
+    max_evals: int | None = None,
 ) -> Sweep:
     """Solve d state/dt = rhs(t, state) from times[-1] down the list to times[0].
 
     At each times[i], 0 < i < len(times) - 1, the state becomes `jump(i, state)` before going on.
     `first_step`: the size of the first step (a warm start); None uses torchdiffeq's heuristic.
+    `max_evals`: give up (SweepFailed) after this many evaluations of `rhs`.
     """
     tab = solver_cls.tableau
     dtype, device = state.dtype, state.device
@@ -98,7 +100,13 @@ def sweep(
     sign = 1.0 if times[0] > times[-1] else -1.0
     shape, n = state.shape, state.numel()
 
+    evals = 0
+
     def f(tau: float, y: torch.Tensor) -> torch.Tensor:
+        nonlocal evals
+        evals += 1
+        if max_evals is not None and evals > max_evals:
+            raise SweepFailed(f"more than {max_evals} evaluations")
         t = torch.tensor(sign * tau, dtype=dtype, device=device)
         return rhs(t, y.view(shape)).reshape(-1) * sign
 
