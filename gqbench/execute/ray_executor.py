@@ -1,6 +1,7 @@
 """`gqbench run --executor ray [--address ADDR] [--per-node N]`: comparison groups as Ray tasks.
 
-Each task runs `gqbench.execute.runner.run_group` on its node: the same fresh worker processes, paired
+Each task runs the runner's `run_group` (`gqbench.execute.runner`, handed in, so this module does not
+import the runner that imports it) on its node: the same fresh worker processes, paired
 rounds, timeouts and failure rows as a local run; only where it runs changes. Ray reserves
 `num_cpus` = the cases' threads and one GPU for a CUDA group, so two timed cases never share a GPU.
 At most `per_node` groups run on a node at a time (by default one: concurrent cases contend for
@@ -13,23 +14,26 @@ the CPUs or GPU for becomes skipped rows at once (Ray would wait for such a node
 Nodes need not share a file system: a task works in a temporary folder on its node, gets the
 reference gradients the driver has through Ray's object store (each moves to a node at most once),
 and sends back its results, the logs of its failed cases and the references it computed, which the
-driver writes into the run folder.
+driver writes into the run folder. User problems ("path/to/file.py:make") resolve against the driver's
+problem root on every node (`gqbench.define.user_problems`).
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..define.case import Case
 from ..define.grid import RunSettings
+from ..measurement.env import machine_name
 from ..measurement.measure import failure_rows, reference_path
 
 REFRESH_S = 30.0  # how often the driver looks for nodes that joined while every task is still running
 
 
-def _run_group_task(cases: list[dict], settings: dict, references: dict) -> dict:
+def _run_group_task(run_group: Callable, cases: list[dict], settings: dict, references: dict, environ: dict) -> dict:
     import shutil
     import tempfile
 
@@ -37,9 +41,9 @@ def _run_group_task(cases: list[dict], settings: dict, references: dict) -> dict
     from rich.console import Console
 
     from ..results.tables import write_atomic
-    from .runner import machine_name, run_group
 
     work = Path(tempfile.mkdtemp(prefix="gqbench-ray-"))
+    os.environ.update(environ)  # the driver's problem root: its workers inherit it
     try:
         ref_dir = work / "references"
         for name, obj in references.items():
@@ -73,6 +77,7 @@ def _fits(group: list[Case], resources: dict) -> bool:
 
 def run_groups(
     groups: list[list[Case]],
+    run_group: Callable,
     *,
     out_dir: Path,
     settings: RunSettings,
@@ -85,8 +90,10 @@ def run_groups(
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     except ImportError:
         raise RuntimeError("--executor ray needs the ray extra: pip install -e '.[ray]'") from None
+    from ..define.user_problems import ROOT_ENV, problem_root
     from ..results.tables import write_atomic
 
+    environ = {ROOT_ENV: str(problem_root())}
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     task = ray.remote(max_retries=1)(_run_group_task)  # Ray reruns a task whose worker or node was lost, once
@@ -113,7 +120,8 @@ def run_groups(
             # soft: Ray's retry of a task whose node was lost may run on another node
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=True),
         )
-        ref = task.options(**opts).remote([c.to_dict() for c in group], vars(settings), references(group))
+        cases = [c.to_dict() for c in group]
+        ref = task.options(**opts).remote(run_group, cases, vars(settings), references(group), environ)
         running[ref] = (node, group)
         busy[node] += 1
 

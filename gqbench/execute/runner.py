@@ -14,27 +14,22 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..define.case import METHOD_FIELDS, Case
-from ..define.grid import RunSettings
+from ..define.case import Case, comparison_groups, group_key  # noqa: F401 (re-exported)
+from ..define.grid import GridSpecError, RunSettings
 from ..define.methods import get_method
-from ..measurement.launch import PACKAGE_ROOT, Worker, WorkerFailed, run_to_end, worker_env  # noqa: F401 (re-exported)
+from ..measurement.env import machine_name
+from ..measurement.launch import (  # noqa: F401 (re-exported)
+    PACKAGE_ROOT,
+    Worker,
+    WorkerFailed,
+    check_user_problems,
+    run_to_end,
+    worker_env,
+)
 from ..measurement.measure import failure_rows, reference_path
 from ..results.tables import rebuild_results, rebuild_tables, write_atomic, write_case, write_table
-
-
-def group_key(case: Case) -> tuple:
-    """Cases with equal keys are timed side by side. Training runs (`epochs`) run alone."""
-    if case.epochs is not None:
-        return ("training", case.case_id)
-    return tuple(v for k, v in case.to_dict().items() if k not in METHOD_FIELDS)
-
-
-def comparison_groups(cases: Sequence[Case]) -> list[list[Case]]:
-    """The cases grouped by `group_key`, in the order their first case appears."""
-    groups: dict[tuple, list[Case]] = {}
-    for case in cases:
-        groups.setdefault(group_key(case), []).append(case)
-    return list(groups.values())
+from .merge import grid_identity
+from .shard import Shard, assign
 
 
 def run_grid(
@@ -77,19 +72,19 @@ def run_grid(
     if per_node < 1:
         raise ValueError(f"--per-node {per_node}: must be >= 1")
     cases = list(dict.fromkeys(cases))
-    from .merge import grid_identity
-
     grid = grid_identity(c.case_id for c in cases)  # the whole grid, before sharding: merge checks it
     if shard is not None:
-        from .shard import Shard, assign
-
         cases = assign(cases, Shard.parse(shard))
     done = finished_ids(out_dir)
     # A comparison group is finished only when every case of it has its file: a group cut short (a kill
     # while its cases' files were being written) runs again whole, so its rounds stay paired.
     todo = [c for g in comparison_groups(cases) if any(c.case_id not in done for c in g) for c in g]
+    user = _user_problems(cases, out_dir, resuming=len(todo) < len(cases))
+    check_user_problems(todo, out_dir / "logs" / "check.log", settings.timeout)  # before any case starts
     env = environment(threads=sorted({c.threads for c in cases}))
     env.update(executor=executor, per_node=per_node, shard=shard, grid=grid)
+    if user:
+        env["user_problems"] = user
     _write_environment(out_dir, env, spec, settings, n_cases=len(cases), n_done=len(cases) - len(todo))
     machine = machine_name()
     console = Console(stderr=True, quiet=not progress)
@@ -111,8 +106,8 @@ def run_grid(
             from .ray_executor import run_groups
 
             bar.update(task, description=f"{len(groups)} groups on Ray")
-            finished = run_groups(groups, out_dir=out_dir, settings=settings, ref_dir=ref_dir, address=address,
-                                  per_node=per_node)  # fmt: skip
+            finished = run_groups(groups, run_group, out_dir=out_dir, settings=settings, ref_dir=ref_dir,
+                                  address=address, per_node=per_node)  # fmt: skip
         else:
             finished = _run_locally(groups, out_dir, settings, ref_dir, failed_refs, console, bar, task)
         for case, rows, tables, worker_s in finished:
@@ -130,13 +125,24 @@ def run_grid(
     return rebuild_results(out_dir)
 
 
-def machine_name() -> str:
-    """This machine in a results row: hostname and CPU model."""
-    import platform
+def _user_problems(cases, out_dir: Path, resuming: bool) -> dict:
+    """{name: {file, sha}} of the user problems among `cases`. A resumed run stops (one line) when a model's
+    file changed since its first cases ran: their rows would mix two models under one name."""
+    from ..define.user_problems import fingerprint, is_user_problem, source_file
 
-    from ..measurement.env import _cpu_model
-
-    return f"{platform.node()} ({_cpu_model()})"
+    user = {c.problem: dict(file=str(source_file(c.problem)), sha=fingerprint(c.problem))
+            for c in cases if is_user_problem(c.problem)}  # fmt: skip
+    path = out_dir / "environment.json"
+    if user and resuming and path.exists():
+        try:
+            before = json.loads(path.read_text()).get("user_problems") or {}
+        except (OSError, ValueError):
+            before = {}
+        for name, now in user.items():
+            if name in before and before[name].get("sha") != now["sha"]:
+                raise GridSpecError(f"{now['file']} changed since {out_dir} ran cases of {name!r}; give a new --out "
+                                    f"(or delete {out_dir / 'cases'}) to measure the edited model")  # fmt: skip
+    return user
 
 
 def _run_locally(groups, out_dir, settings, ref_dir, failed_refs, console, bar, task):
