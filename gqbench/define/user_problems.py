@@ -166,9 +166,10 @@ def _check_signature(name: str, factory) -> None:
 
 def signature_defaults(name: str) -> dict:
     """{"width": ..., "batch": ...} from the factory's own defaults, where it has them."""
+    factory = load_factory(name)
     try:
-        params = inspect.signature(load_factory(name)).parameters
-    except (TypeError, ValueError):
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin or C callable
         return {}
     return {
         k: params[k].default for k in ("width", "batch") if k in params and params[k].default is not params[k].empty
