@@ -286,13 +286,12 @@ def print_advice(table, seconds: float | None = None) -> None:
                 f"{escape(head)}: use [bold]{escape(r['label'])}[/bold] -- {r['total_s'] * 1e3:.3g} ms per forward "
                 f"+ backward, gradient error {r['grad_rel_err']:.2g}, peak memory {r['peak_mem_mib']:.3g} MiB"
             )
-        table_ = Table(
-            title=f"speed-up = that method's forward + backward time / the recommended one's (median over "
-            f"{int(g['rounds'].max()) if g['rounds'].notna().any() else 0} paired rounds, [95% bootstrap "
-            f"interval]); within reach = gradient error <= {REACH:g} x max(rtol, best error reached)",
-            title_justify="left",
-        )
-        for col in ("method", "fwd+bwd ms", "speed-up [95%]", "backward speed-up", "grad error", "within reach",
+        rounds = int(g["rounds"].max()) if g["rounds"].notna().any() else 0
+        console.print(f"  speed-up: that method's time / the recommended one's (forward + backward; backward), median "
+                      f"over {rounds} paired rounds [95% bootstrap interval]")  # fmt: skip
+        console.print(f"  within reach: gradient error <= {REACH:g} x max(rtol, the best error any method reached)")
+        table_ = Table()
+        for col in ("method", "fwd+bwd ms", "speed-up [95%]", "bwd speed-up [95%]", "grad error", "within reach",
                     "peak MiB", "NFE fwd/bwd", "status"):  # fmt: skip
             table_.add_column(col, justify="left" if col in ("method", "status") else "right", no_wrap=True)
         for _, r in g.iterrows():
