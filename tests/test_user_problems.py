@@ -194,3 +194,15 @@ def test_vanderpol_defeats_backsolving_adjoints(tmp_path):
         with pytest.raises(AssertionError, match="underflow in dt") as info:
             measure(base.with_(method=method), repeats=1, warmup=0, reference_dir=tmp_path)
         assert classify(info.value) == "error"
+
+
+def test_user_training_problem_trains_in_a_fresh_worker(in_repo, tmp_path):
+    """`examples/spiral_training.py:experiment` (an ODEExperiment instance) names a training problem the same way."""
+    name = "examples/spiral_training.py:experiment"
+    (case,) = parse_spec({"axes": dict(method=["torch_gq"], problem=[name], epochs=[1], threads=[1])}).cases
+    assert (case.epochs, case.lr, case.width, case.batch) == (1, 1e-2, 16, 16)  # the experiment's defaults
+    df = run_grid([case], tmp_path, settings=FAST, progress=False)
+    row = df.iloc[0]
+    assert row["status"] == "ok" and row["epochs_done"] == 1 and row["nfe_bwd"] > 0, row["error"]
+    with pytest.raises(GridSpecError, match="is a training problem; give it epochs"):
+        check(name, width=4, batch=2, dtype="float32", device="cpu")

@@ -165,7 +165,7 @@ def _expand(axes: dict, where: str) -> list[Case]:
     from ..training import TRAINING_PROBLEMS
     from .methods import METHODS, TrainingOnly
     from .problems import PROBLEMS
-    from .user_problems import UserProblem, UserProblemError, is_user_problem
+    from .user_problems import UserProblem, UserProblemError, is_user_problem, training_problem
 
     for key in axes:
         if key not in AXES + AXIS_OPTIONS:
@@ -178,15 +178,20 @@ def _expand(axes: dict, where: str) -> list[Case]:
         if key not in ax:
             _fail(where, key, f"is missing; add e.g. {key} = [{_example(key)}]")
     _choices(where, "method", ax["method"], list(METHODS))
-    user = {}  # a user's "pkg.module:make" / "file.py:make": imported here, so a bad one stops the spec
+    # A user's "pkg.module:make" / "file.py:make" (or a training problem instance): imported here, so a bad one
+    # stops the spec.
+    user, user_training = {}, {}
     for name in ax["problem"]:
         if is_user_problem(name):
             try:
-                user[name] = UserProblem.named(name)
+                if (trainer := training_problem(name)) is not None:
+                    user_training[name] = trainer
+                else:
+                    user[name] = UserProblem.named(name)
             except UserProblemError as exc:
                 raise GridSpecError(f"{where}: {exc}") from None
     known = list(dict.fromkeys([*PROBLEMS, *TRAINING_PROBLEMS]))
-    _choices(where, "problem", [p for p in ax["problem"] if p not in user], known + ["'pkg.module:make'"])
+    _choices(where, "problem", [p for p in ax["problem"] if not is_user_problem(p)], known + ["'pkg.module:make'"])
     _choices(where, "backward_state", ax["backward_state"], BACKWARD_STATES)
     _choices(where, "quadrature", ax["quadrature"], QUADRATURES)
     for v in ax["warm_start"]:
@@ -219,7 +224,7 @@ def _expand(axes: dict, where: str) -> list[Case]:
     quad += [("fixed", None, n) for n in ax.get("quad_order", []) if "fixed" in rules]
     cases = []
     for method, problem_name in itertools.product(ax["method"], ax["problem"]):
-        training = TRAINING_PROBLEMS.get(problem_name)
+        training = TRAINING_PROBLEMS.get(problem_name) or user_training.get(problem_name)
         if problem_name in PROBLEMS and "epochs" not in ax:
             training = None  # g1d, spheres, sines: one gradient unless the spec asks for training
         if "lr" in ax and (training is None or training.default_lr is None):

@@ -6,6 +6,8 @@ problem's name is accepted (grid specs, `gqbench run/profile/advise`, `gqbench.C
 
 `ys` is the solution at every time in `t` (what `odeint` returns). Gradients are taken with respect to
 every parameter of `func` and to y0. Defaults of `width`/`batch` in the signature are the grid's defaults.
+A name may instead point at a training problem, an instance of `gqbench.training.AbstractTrainingProblem`
+(e.g. of an `ODEExperiment` subclass: data, model, loss, metric): its cases train (`epochs`).
 
 Names resolve against the problem root, `$GQBENCH_PROBLEM_ROOT` or else the working directory: a file
 path relative to it, a module importable from it (as `python -m` would). The runner puts its root into
@@ -116,6 +118,7 @@ class _root_on_path:
 
 @functools.cache
 def _load(name: str, root: str, stamp: tuple):
+    """The object `name` names (imported once per root and file version)."""
     source, attr, is_file = _split(name)
     path = source_file(name)
     try:
@@ -131,21 +134,37 @@ def _load(name: str, root: str, stamp: tuple):
     except Exception as exc:  # noqa: BLE001 -- any import failure is the user's to fix: one line
         what = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
         raise UserProblemError(f"problem {name!r}: importing {path} raised {what}; fix the module") from None
-    factory = getattr(module, attr, None)
-    if factory is None:
+    if not hasattr(module, attr):
         raise UserProblemError(f"problem {name!r}: {path} defines no {attr!r}; define {CONTRACT}")
+    return getattr(module, attr)
+
+
+def load_object(name: str):
+    """What `name` names, imported once per process (again after its file changes)."""
+    path = source_file(name)
+    stat = path.stat()
+    return _load(name, str(problem_root()), (str(path), stat.st_mtime_ns, stat.st_size))
+
+
+def load_factory(name: str):
+    """The gradient problem's factory `name` names, its signature checked against the contract."""
+    factory = load_object(name)
+    if training_problem(name) is not None:
+        raise UserProblemError(f"problem {name!r} is a training problem; give it epochs (e.g. epochs = [10])")
     if not callable(factory):
-        raise UserProblemError(f"problem {name!r}: {attr} is a {type(factory).__name__}, not a function; define "
+        raise UserProblemError(f"problem {name!r}: it is a {type(factory).__name__}, not a function; define "
                                f"{CONTRACT}")  # fmt: skip
     _check_signature(name, factory)
     return factory
 
 
-def load_factory(name: str):
-    """The factory `name` names, imported once per process (again after its file changes)."""
-    path = source_file(name)
-    stat = path.stat()
-    return _load(name, str(problem_root()), (str(path), stat.st_mtime_ns, stat.st_size))
+def training_problem(name: str):
+    """The user's training problem `name` names (an instance of `gqbench.training.AbstractTrainingProblem`, e.g.
+    of an `ODEExperiment` subclass: data, model, loss, metric), or None when it names something else."""
+    from ..training import AbstractTrainingProblem
+
+    obj = load_object(name)
+    return obj if isinstance(obj, AbstractTrainingProblem) else None
 
 
 def _check_signature(name: str, factory) -> None:

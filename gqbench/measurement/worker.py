@@ -147,11 +147,11 @@ def _check_problems(problems: list[dict]) -> list[str]:
 
 
 def _run_training(case, job: dict) -> dict:
-    from ..training import TRAINING_PROBLEMS
+    from ..training import get_training_problem
     from .measure import classify, failure_rows
 
     try:
-        problem = TRAINING_PROBLEMS[case.problem]
+        problem = get_training_problem(case.problem)
         rows, tables = problem.run(case=case, cache_dir=job.get("reference_dir"))
     except BaseException as exc:  # noqa: BLE001 -- every failure of a case becomes a row
         if isinstance(exc, KeyboardInterrupt):
