@@ -145,6 +145,8 @@ def _list(args) -> int:
     print("problems:")
     for name, p in PROBLEMS.items():
         print(f"  {name:16s} batch {p.default_batch:<4d} {p.description}")
+    print("  your own: 'path/to/model.py:make' or 'pkg.module:make', make(*, width, batch, seed, dtype, device) "
+          "-> (func, y0, t, loss); try: gqbench advise examples/spiral.py:make --rtol 1e-4")  # fmt: skip
     from .training import TRAINING_PROBLEMS
 
     print("training problems (cases with epochs):")
