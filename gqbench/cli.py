@@ -273,9 +273,9 @@ def print_advice(table, seconds: float | None = None) -> None:
     from .results.advice import REACH
 
     console = Console(width=200, highlight=False)
-    for (problem, width, batch, rtol, atol, dtype), g in table.groupby(
-        ["problem", "width", "batch", "rtol", "atol", "dtype"], sort=True
-    ):
+    point = ["problem", "width", "batch", "rtol", "atol", "dtype"]
+    table = table.sort_values(["rtol", "atol"], ascending=False, kind="stable")  # loose tolerances first
+    for (problem, width, batch, rtol, atol, dtype), g in table.groupby(point, sort=False):
         head = f"{problem} (width {width}, batch {batch}, {dtype}) at rtol {rtol:g}" + (
             f", atol {atol:g}" if atol != rtol else ""
         )
@@ -288,6 +288,10 @@ def print_advice(table, seconds: float | None = None) -> None:
                 f"{escape(head)}: use [bold]{escape(r['label'])}[/bold] -- {r['total_s'] * 1e3:.3g} ms per forward "
                 f"+ backward, gradient error {r['grad_rel_err']:.2g}, peak memory {r['peak_mem_mib']:.3g} MiB"
             )
+            close = g[g["within_reach"] & ~g["recommended"] & ~g["clearly_slower"].astype(bool)]["label"]
+            if len(close):
+                console.print(f"  not clearly slower (95% interval reaches 1x or below): {escape(', '.join(close))}; "
+                              "more --repeats on a quieter machine may separate them")  # fmt: skip
         rounds = int(g["rounds"].max()) if g["rounds"].notna().any() else 0
         console.print(f"  speed-up: that method's time / the recommended one's (forward + backward; backward), median "
                       f"over {rounds} paired rounds [95% bootstrap interval]")  # fmt: skip

@@ -83,6 +83,7 @@ def test_advice_table_picks_the_fastest_within_reach():
     assert not table.loc["fast", "within_reach"] and table.loc["slow", "within_reach"]
     assert table.loc["slow", "speedup"] == pytest.approx(2.0)  # slow's time / mid's, median over rounds
     assert table.loc["fast", "speedup"] == pytest.approx(0.01 / 0.052)  # below 1: faster, but not within reach
+    assert table.loc["slow", "clearly_slower"] and not table.loc["fast", "clearly_slower"]
     assert table.loc["broke", "error"].startswith("AssertionError") and np.isnan(table.loc["broke", "speedup"])
 
 

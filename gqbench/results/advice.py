@@ -24,9 +24,9 @@ from .ratios import _with_totals, paired_speedups
 
 REACH = 10.0
 COLUMNS = [
-    "label", "method", "status", "recommended", "within_reach", "total_s", "bwd_s", "speedup", "speedup_lo",
-    "speedup_hi", "speedup_bwd", "speedup_bwd_lo", "speedup_bwd_hi", "grad_rel_err", "peak_mem_mib", "nfe_fwd",
-    "nfe_bwd", "rounds", "error",
+    "label", "method", "status", "recommended", "within_reach", "clearly_slower", "total_s", "bwd_s", "speedup",
+    "speedup_lo", "speedup_hi", "speedup_bwd", "speedup_bwd_lo", "speedup_bwd_hi", "grad_rel_err", "peak_mem_mib",
+    "nfe_fwd", "nfe_bwd", "rounds", "error",
 ]  # fmt: skip
 
 
@@ -42,8 +42,8 @@ def advice_table(df: pd.DataFrame) -> pd.DataFrame:
     median forward + backward and backward seconds, gradient error, peak memory, NFE, whether it is within
     reach, which one is `recommended` (the fastest within reach), and the recommended one's speed-up over it
     (its time / the recommended one's, median over paired rounds, 95% bootstrap interval; NaN bounds with
-    fewer than 3 rounds). Training runs are left out. Rows: each point's recommendation first, then the
-    others from fast to slow, then the failed ones."""
+    fewer than 3 rounds; `clearly_slower`: the interval lies above 1). Training runs are left out. Rows: each
+    point's recommendation first, then the others from fast to slow, then the failed ones."""
     if "epochs" in df:
         df = df[df["epochs"].isna()]
     key = [c for c in MATCH if c in df]
@@ -65,6 +65,7 @@ def advice_table(df: pd.DataFrame) -> pd.DataFrame:
             for mine, theirs in pairs.items():
                 rows.loc[sp.index, mine] = sp[theirs].astype(float)
             rows.loc[best, ["speedup", "speedup_lo", "speedup_hi"]] = 1.0
+        rows["clearly_slower"] = rows["speedup_lo"] > 1  # the recommended one's advantage is not noise
         order = np.lexsort((rows["total_s"].fillna(np.inf), ~ok, ~rows["recommended"]))
         rows = rows.iloc[order].reset_index()
         for k, v in reversed(meta.items()):
