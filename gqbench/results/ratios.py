@@ -45,15 +45,12 @@ def ratio_ci(num, den, *, paired: bool, seed: int = 0, min_samples: int = 3) -> 
     return point, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def paired_speedups(
-    df: pd.DataFrame, gq_methods: tuple[str, ...] = QUAD_METHODS, *, labels: tuple[str, ...] | None = None
-) -> pd.DataFrame:
+def paired_speedups(df: pd.DataFrame, gq_methods: tuple[str, ...] = QUAD_METHODS) -> pd.DataFrame:
     """GQ's speed-up over every baseline of its comparison group: baseline time / GQ time, backward
     and whole step (forward + backward), the median over rounds of each round's ratio, with its 95%
     interval (bootstrap over rounds).
     `*_includes_one`: the interval does not exclude "no difference". `gq_methods`: the methods
-    whose speed-up is wanted (every other method of a group is a baseline); `labels` instead: the method
-    settings (e.g. "torch_gq[gtol=0.1]") whose speed-up over every other setting is wanted (`gqbench advise`)."""
+    whose speed-up is wanted (every other method of a group is a baseline)."""
     cols = [*MATCH, "gq", "baseline", "rounds", "speedup_bwd", "bwd_lo", "bwd_hi", "speedup_total", "total_lo",
             "total_hi", "bwd_includes_one", "total_includes_one"]  # fmt: skip
     ok = df[df["status"] == "ok"].copy()
@@ -62,7 +59,7 @@ def paired_speedups(
     # Results from before paired rounds: repeats were not taken side by side, so resample independently.
     paired = "round" in ok and ok["round"].notna().all()
     ok = _with_totals(ok)
-    is_gq = ok["label"].isin(labels) if labels is not None else ok["method"].isin(gq_methods)
+    is_gq = ok["method"].isin(gq_methods)
     out = []
     key = [c for c in MATCH if c in ok]
     for _, grp in ok.groupby(key, dropna=False, sort=True):
