@@ -130,8 +130,8 @@ def _user_problems(cases, out_dir: Path, resuming: bool) -> dict:
     file changed since its first cases ran: their rows would mix two models under one name."""
     from ..define.user_problems import fingerprint, is_user_problem, source_file
 
-    user = {c.problem: dict(file=str(source_file(c.problem)), sha=fingerprint(c.problem))
-            for c in cases if is_user_problem(c.problem)}  # fmt: skip
+    names = dict.fromkeys(c.problem for c in cases if is_user_problem(c.problem))
+    user = {name: dict(file=str(source_file(name)), sha=fingerprint(name)) for name in names}
     path = out_dir / "environment.json"
     if user and resuming and path.exists():
         try:

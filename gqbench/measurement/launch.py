@@ -162,6 +162,7 @@ def check_user_problems(cases, log: Path, timeout: float) -> None:
         raise UserProblemError(f"checking {case.problem}: {exc} (log: {log})") from None
     if reply.get("errors"):
         raise UserProblemError(reply["errors"][0])
+    log.unlink(missing_ok=True)  # logs are kept for failures only
 
 
 def run_to_end(job: dict, case: Case, log: Path, timeout: float, module: str = "gqbench.measurement.worker") -> dict:
