@@ -78,7 +78,7 @@ def advise(
     recommended one first (`recommended`), with its speed-up over each other (`speedup`, `speedup_lo`,
     `speedup_hi`), gradient errors, peak memory and what failed and why. `table.attrs` has "out" (the
     results folder) and "report" (its index.html, when `report`). Bad input raises `GridSpecError`."""
-    from .define.grid import parse_spec
+    from .define.grid import GridSpecError, parse_spec
     from .execute.runner import run_grid
     from .results.advice import advice_table
 
@@ -87,6 +87,9 @@ def advise(
                        solver=solver, device=device, threads=threads, seed=seed, repeats=repeats,
                        timeout=timeout)  # fmt: skip
     grid = parse_spec(spec, source="gqbench advise")
+    if any(c.epochs is not None for c in grid.cases):
+        raise GridSpecError(f"gqbench advise {problem}: a training problem; advise compares one gradient: give a "
+                            "factory make(...) -> (func, y0, t, loss), or train with gqbench run --grid")  # fmt: skip
     out = Path(out) if out is not None else default_out(problem)
     df = run_grid(grid.cases, out, settings=grid.settings, spec=spec, progress=progress)
     table = advice_table(df)
