@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Sequence
 
 # Columns a case contributes to every results row, in this order.
 CASE_FIELDS = (
@@ -109,18 +108,3 @@ class Case:
 
     def with_(self, **changes) -> Case:
         return dataclasses.replace(self, **changes)
-
-
-def group_key(case: Case) -> tuple:
-    """Cases with equal keys form a comparison group, timed side by side. Training runs (`epochs`) run alone."""
-    if case.epochs is not None:
-        return ("training", case.case_id)
-    return tuple(v for k, v in case.to_dict().items() if k not in METHOD_FIELDS)
-
-
-def comparison_groups(cases: Sequence[Case]) -> list[list[Case]]:
-    """The cases grouped by `group_key`, in the order their first case appears."""
-    groups: dict[tuple, list[Case]] = {}
-    for case in cases:
-        groups.setdefault(group_key(case), []).append(case)
-    return list(groups.values())

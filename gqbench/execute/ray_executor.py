@@ -1,7 +1,6 @@
 """`gqbench run --executor ray [--address ADDR] [--per-node N]`: comparison groups as Ray tasks.
 
-Each task runs the runner's `run_group` (`gqbench.execute.runner`, handed in, so this module does not
-import the runner that imports it) on its node: the same fresh worker processes, paired
+Each task runs `gqbench.execute.runner.run_group` on its node: the same fresh worker processes, paired
 rounds, timeouts and failure rows as a local run; only where it runs changes. Ray reserves
 `num_cpus` = the cases' threads and one GPU for a CUDA group, so two timed cases never share a GPU.
 At most `per_node` groups run on a node at a time (by default one: concurrent cases contend for
@@ -22,18 +21,17 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..define.case import Case
 from ..define.grid import RunSettings
-from ..measurement.env import machine_name
 from ..measurement.measure import failure_rows, reference_path
 
 REFRESH_S = 30.0  # how often the driver looks for nodes that joined while every task is still running
 
 
-def _run_group_task(run_group: Callable, cases: list[dict], settings: dict, references: dict, environ: dict) -> dict:
+def _run_group_task(cases: list[dict], settings: dict, references: dict, environ: dict) -> dict:
     import shutil
     import tempfile
 
@@ -41,9 +39,10 @@ def _run_group_task(run_group: Callable, cases: list[dict], settings: dict, refe
     from rich.console import Console
 
     from ..results.tables import write_atomic
+    from .runner import machine_name, run_group
 
     work = Path(tempfile.mkdtemp(prefix="gqbench-ray-"))
-    os.environ.update(environ)  # the driver's problem root: its workers inherit it
+    os.environ.update(environ)  # the driver's problem root: the workers started here inherit it
     try:
         ref_dir = work / "references"
         for name, obj in references.items():
@@ -77,7 +76,6 @@ def _fits(group: list[Case], resources: dict) -> bool:
 
 def run_groups(
     groups: list[list[Case]],
-    run_group: Callable,
     *,
     out_dir: Path,
     settings: RunSettings,
@@ -120,8 +118,7 @@ def run_groups(
             # soft: Ray's retry of a task whose node was lost may run on another node
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=True),
         )
-        cases = [c.to_dict() for c in group]
-        ref = task.options(**opts).remote(run_group, cases, vars(settings), references(group), environ)
+        ref = task.options(**opts).remote([c.to_dict() for c in group], vars(settings), references(group), environ)
         running[ref] = (node, group)
         busy[node] += 1
 

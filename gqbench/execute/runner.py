@@ -14,22 +14,27 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..define.case import Case, comparison_groups, group_key  # noqa: F401 (re-exported)
+from ..define.case import METHOD_FIELDS, Case
 from ..define.grid import GridSpecError, RunSettings
 from ..define.methods import get_method
-from ..measurement.env import machine_name
-from ..measurement.launch import (  # noqa: F401 (re-exported)
-    PACKAGE_ROOT,
-    Worker,
-    WorkerFailed,
-    check_user_problems,
-    run_to_end,
-    worker_env,
-)
+from ..measurement.launch import PACKAGE_ROOT, Worker, WorkerFailed, check_user_problems, run_to_end, worker_env  # noqa: F401 (re-exported)
 from ..measurement.measure import failure_rows, reference_path
 from ..results.tables import rebuild_results, rebuild_tables, write_atomic, write_case, write_table
-from .merge import grid_identity
-from .shard import Shard, assign
+
+
+def group_key(case: Case) -> tuple:
+    """Cases with equal keys are timed side by side. Training runs (`epochs`) run alone."""
+    if case.epochs is not None:
+        return ("training", case.case_id)
+    return tuple(v for k, v in case.to_dict().items() if k not in METHOD_FIELDS)
+
+
+def comparison_groups(cases: Sequence[Case]) -> list[list[Case]]:
+    """The cases grouped by `group_key`, in the order their first case appears."""
+    groups: dict[tuple, list[Case]] = {}
+    for case in cases:
+        groups.setdefault(group_key(case), []).append(case)
+    return list(groups.values())
 
 
 def run_grid(
@@ -72,8 +77,12 @@ def run_grid(
     if per_node < 1:
         raise ValueError(f"--per-node {per_node}: must be >= 1")
     cases = list(dict.fromkeys(cases))
+    from .merge import grid_identity
+
     grid = grid_identity(c.case_id for c in cases)  # the whole grid, before sharding: merge checks it
     if shard is not None:
+        from .shard import Shard, assign
+
         cases = assign(cases, Shard.parse(shard))
     done = finished_ids(out_dir)
     # A comparison group is finished only when every case of it has its file: a group cut short (a kill
@@ -106,8 +115,8 @@ def run_grid(
             from .ray_executor import run_groups
 
             bar.update(task, description=f"{len(groups)} groups on Ray")
-            finished = run_groups(groups, run_group, out_dir=out_dir, settings=settings, ref_dir=ref_dir,
-                                  address=address, per_node=per_node)  # fmt: skip
+            finished = run_groups(groups, out_dir=out_dir, settings=settings, ref_dir=ref_dir, address=address,
+                                  per_node=per_node)  # fmt: skip
         else:
             finished = _run_locally(groups, out_dir, settings, ref_dir, failed_refs, console, bar, task)
         for case, rows, tables, worker_s in finished:
@@ -123,6 +132,15 @@ def run_grid(
             bar.advance(task)
             rebuild_results(out_dir)
     return rebuild_results(out_dir)
+
+
+def machine_name() -> str:
+    """This machine in a results row: hostname and CPU model."""
+    import platform
+
+    from ..measurement.env import _cpu_model
+
+    return f"{platform.node()} ({_cpu_model()})"
 
 
 def _user_problems(cases, out_dir: Path, resuming: bool) -> dict:

@@ -1,6 +1,6 @@
 """`--shard K/N`: a deterministic, cost-balanced part of a grid.
 
-Comparison groups (cases that differ only in the method, see `gqbench.define.case.group_key`) stay
+Comparison groups (cases that differ only in the method, see `gqbench.execute.runner.group_key`) stay
 whole, so every ratio is still taken side by side on one machine. Groups go, most expensive first,
 to the shard with the least estimated cost so far (ties: the lower shard): every case lands in
 exactly one shard, the same one on every machine that expands the same grid.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from ..define.case import Case, comparison_groups
+from ..define.case import Case
 
 # Rough relative cost of one gradient by method (the adjoint carries a parameter-sized state).
 _METHOD_COST = {"torch_adjoint": 4.0, "torch_seminorm": 3.0, "jax_backsolve": 3.0}
@@ -49,6 +49,8 @@ def _log10(x: float) -> float:
 
 def assign(cases: list[Case], shard: Shard) -> list[Case]:
     """The cases of `shard`, in grid order."""
+    from .runner import comparison_groups
+
     groups = comparison_groups(cases)
     order = sorted(range(len(groups)), key=lambda i: (-sum(case_cost(c) for c in groups[i]), groups[i][0].case_id))
     load = [0.0] * shard.count

@@ -34,11 +34,6 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_name() -> str:
-    """This machine in a results row: hostname and CPU model."""
-    return f"{platform.node()} ({_cpu_model()})"
-
-
 def _gpus() -> list[dict]:
     """From nvidia-smi, so the runner process need not import torch (or initialise CUDA)."""
     try:
