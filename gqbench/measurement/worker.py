@@ -141,8 +141,8 @@ def _check_problems(problems: list[dict]) -> list[str]:
             check(**p)
         except UserProblemError as exc:
             errors.append(str(exc))
-        except Exception as exc:  # noqa: BLE001 -- anything else the user's code raised
-            errors.append(f"{p['name']}: {_one_line(exc)}")
+        except Exception as exc:  # noqa: BLE001 -- anything else the user's code raised: one line
+            errors.append(f"{p['name']}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
     return errors
 
 
