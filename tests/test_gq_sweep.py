@@ -171,3 +171,13 @@ def test_backsolve_failure_falls_back_to_the_forward_solution():
                                                         backward_state="interpolate"), f, y0, t)  # fmt: skip
     assert direct_interp.backsolve_fallbacks == 0
     torch.testing.assert_close(g2, g, rtol=1e-10, atol=1e-12)
+
+
+def test_environment_records_the_gq_defaults_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from gqbench.measurement.env import environment; e = environment(); "
+            "assert 'torch' not in sys.modules; print(e['gq_defaults'])")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "'warm_start': True" in out and "'quadrature': 'adaptive'" in out
