@@ -347,12 +347,11 @@ def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
                 return fwd(s), path.dense(s)
 
         if ctx.orders is not None:
-            n = torch.tensor(ctx.orders)
-            panels = _panels.Panels(torch.tensor(times[:-1]), torch.tensor(times[1:]), n,
-                                    torch.arange(len(n)), 0, 0, float("nan"))  # fmt: skip
+            n, edges = torch.tensor(ctx.orders), torch.tensor(times, dtype=torch.float64)
+            panels = _panels.Panels(edges[:-1], edges[1:], n, torch.arange(len(n)), 0, 0, float("nan"))
         else:
             with record_function("gq::choose_panels"):
-                panels = choose_panels(_probe(path.dense, fwd), times, path.dense.breakpoints(), cfg.quad_rtol,
+                panels = choose_panels(_probe(path.dense, fwd), times, path.dense.breakpoints().cpu(), cfg.quad_rtol,
                                        device=sol.device, dtype=sol.dtype)  # fmt: skip
         nodes, weights, owner = panels.nodes_and_weights(sol.dtype, sol.device)
         orders = torch.bincount(owner, minlength=len(times) - 1).tolist()
