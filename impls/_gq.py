@@ -48,6 +48,8 @@ _MAX_REFINEMENTS = 8
 _PANELS_WITHOUT_DENSE = 4
 # Backsolve evaluations, in forward NFE, after which the backward pass switches to the kept forward.
 _BACKSOLVE_BUDGET = 5
+# ... or once |z| exceeds this multiple of the largest |y| the forward solution took.
+_Z_BOUND = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,11 +316,18 @@ def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
         # A backsolve that needs many times the forward's evaluations is leaving the forward's path
         # (an attracting limit cycle run backwards): keeping the forward is cheaper than finishing.
         budget = None if fwd is not None else _BACKSOLVE_BUDGET * ctx.nfe_forward + 100
+        # Likewise a backsolved z far outside the range the forward solution ever took.
+        z_bound = (
+            None
+            if fwd is not None
+            else _Z_BOUND
+            * (float(sol.abs().max()) + float(cfg.atol if not torch.is_tensor(cfg.atol) else cfg.atol.max()))
+        )
         try:
             with record_function("gq::backward_solve"):
                 path = _sweep.sweep(brhs, state, times, jump, solver_cls=SOLVERS[cfg.adjoint_method],
                                     rtol=float(cfg.adjoint_rtol), atol=float(cfg.adjoint_atol), options=opts,
-                                    first_step=first, max_evals=budget)  # fmt: skip
+                                    first_step=first, max_evals=budget, z_bound=z_bound)  # fmt: skip
             break
         except _sweep.SweepFailed as exc:
             if fwd is not None:

@@ -71,12 +71,14 @@ def sweep(
     options: dict,
     first_step: float | None,
     max_evals: int | None = None,
+    z_bound: float | None = None,
 ) -> Sweep:
     """Solve d state/dt = rhs(t, state) from times[-1] down the list to times[0].
 
     At each times[i], 0 < i < len(times) - 1, the state becomes `jump(i, state)` before going on.
     `first_step`: the size of the first step (a warm start); None uses torchdiffeq's heuristic.
     `max_evals`: give up (SweepFailed) after this many evaluations of `rhs`.
+    `z_bound`: give up when |state[0]| (backsolved z) exceeds it anywhere: z has left the forward's path.
     """
     tab = solver_cls.tableau
     dtype, device = state.dtype, state.device
@@ -145,10 +147,17 @@ def sweep(
             err = torch.mv(k.T, c_err) * h
             if default_norm:
                 scale = torch.maximum(y.abs(), y1.abs()).mul_(rtol).add_(atol)
-                ratio = float(torch.linalg.vector_norm(err / scale) / math.sqrt(n))  # the step's one host read
+                ratio = torch.linalg.vector_norm(err / scale) / math.sqrt(n)
             else:
                 scale = torch.maximum(y.abs(), y1.abs()) * rtol + atol
-                ratio = float(norm((err / scale).view(shape)))
+                ratio = norm((err / scale).view(shape))
+            if z_bound is None:
+                ratio = float(ratio)  # the step's one host read
+            else:
+                ratio, z_max = torch.stack([ratio, y1.view(shape)[0].abs().max()]).tolist()
+                if z_max > z_bound:  # NaN compares False: left to the non-finite check below
+                    raise SweepFailed(f"backsolved z reached {z_max:.3g} at t = {sign * tau1:.6g}, "
+                                      f"beyond {z_bound:.3g} (10x the forward's largest |y|)")  # fmt: skip
             if not math.isfinite(ratio):
                 nonfinite += 1
                 rejected += 1
