@@ -16,7 +16,13 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--preset", help="a shipped grid (see `gqbench list`)")
     src.add_argument("--grid", type=Path, help="a grid spec TOML file")
     run.add_argument("--out", type=Path, help="results folder (default: reports/<preset or spec name>)")
-    run.add_argument("--repeats", type=int, help="timed repeats per case (overrides the spec)")
+    run.add_argument("--repeats", type=int, help="timed rounds per process of a case (overrides the spec)")
+    run.add_argument(
+        "--processes",
+        type=int,
+        help="fresh worker processes per case, each warmed up and timed "
+        "(overrides the spec); intervals are taken over processes",
+    )
     run.add_argument("--warmup", type=int, help="untimed warm-up calls per case (overrides the spec)")
     run.add_argument(
         "--rewarm", type=int, help="untimed calls per method before its timed call in each round (default 1)"
@@ -135,7 +141,7 @@ def _list(args) -> int:
 def _run(args) -> int:
     from .define.grid import GridSpecError, load_preset, load_spec, parse_spec
 
-    for flag in ("repeats", "timeout", "threads"):
+    for flag in ("repeats", "processes", "timeout", "threads"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise GridSpecError(f"--{flag} {value}: must be > 0")
@@ -156,7 +162,9 @@ def _run(args) -> int:
         spec = parse_spec(
             spec.source, source=args.preset or str(args.grid), default_name=spec.name, threads=args.threads
         )
-    settings = spec.settings.replace(repeats=args.repeats, warmup=args.warmup, rewarm=args.rewarm, timeout=args.timeout)
+    settings = spec.settings.replace(
+        repeats=args.repeats, processes=args.processes, warmup=args.warmup, rewarm=args.rewarm, timeout=args.timeout
+    )
     out = args.out or Path("reports") / spec.name
     cases = spec.cases
     if args.shard is not None:

@@ -150,62 +150,100 @@ def _run_locally(groups, out_dir, settings, ref_dir, failed_refs, console, bar, 
 
 
 def run_group(group: list[Case], out_dir: Path, settings: RunSettings, ref_dir: Path, failed_refs: dict, console):
-    """Run one comparison group; yields (case, rows, tables, worker seconds) as each case finishes."""
-    workers: dict[Case, Worker] = {}
+    """Run one comparison group; yields (case, rows, tables, worker seconds) as each case finishes.
+
+    Timing cases run in `settings.processes` fresh workers each, one set of workers after another:
+    each set warms up and takes its paired rounds as below, and a row records its `process` and its
+    `round` (numbered on across processes). Only the first process measures peak memory (the others
+    repeat its figure). A case that fails in any process becomes its failure rows and leaves."""
     started: dict[Case, float] = {}
+    rows: dict[Case, list[dict]] = {}
+    live: list[Case] = []
+    for case in group:
+        early = _precheck(case, out_dir, settings, ref_dir, failed_refs, console)
+        if early is not None:
+            yield case, early, {}, 0.0
+        else:
+            live.append(case)
+            rows[case] = []
+    processes = 1 if any(c.epochs is not None for c in live) else settings.processes
+    for p in range(processes):
+        done = yield from _one_process(live, p, p == processes - 1, out_dir, settings, ref_dir, failed_refs, rows,
+                                       started)  # fmt: skip
+        live = [c for c in live if c not in done]
+
+
+def _one_process(live: list[Case], p: int, last: bool, out_dir, settings, ref_dir, failed_refs, rows, started):
+    """One fresh worker per live case: warm-up, `settings.repeats` paired rounds, finish. Yields the
+    cases that end here (failures, training runs; in the `last` process every case, with all its
+    processes' rows); returns them as a set."""
+    workers: dict[Case, Worker] = {}
+    ended: set[Case] = set()
+    r0 = p * settings.repeats
+
+    def end(case, case_rows, tables=None):
+        worker = workers.pop(case, None)
+        if worker is not None:
+            worker.close()
+            if case_rows and case_rows[0].get("status") == "ok":
+                worker.log.unlink(missing_ok=True)  # keep logs of failures only
+        ended.add(case)
+        return case, case_rows, tables or {}, time.perf_counter() - started[case]
+
     try:
         # One worker at a time sets up and warms up (set-up and JAX compile times are columns too, so
         # not side by side with another's); a training case sends its result here.
-        for case in group:
-            early = _precheck(case, out_dir, settings, ref_dir, failed_refs, console)
-            if early is not None:
-                yield case, early, {}, 0.0
-                continue
-            started[case] = time.perf_counter()
+        for case in live:
             job = dict(kind="case", case=case.to_dict(), warmup=settings.warmup, rewarm=settings.rewarm,
-                       reference_dir=str(ref_dir),
-                       reference=case.reference_key not in failed_refs)  # fmt: skip
+                       reference_dir=str(ref_dir), reference=case.reference_key not in failed_refs,
+                       memory=p == 0)  # fmt: skip
+            started.setdefault(case, time.perf_counter())
             workers[case] = Worker(job, case, _log(out_dir, case), budget=settings.timeout)
             try:
                 msg = workers[case].request()
             except WorkerFailed as exc:
-                yield _finished(case, workers, started, failure_rows(case, exc.status, str(exc)), out_dir)
+                yield end(case, failure_rows(case, exc.status, str(exc)))
                 continue
             if "rows" in msg:
-                yield _finished(case, workers, started, msg["rows"], out_dir, msg.get("tables", {}))
+                yield end(case, msg["rows"], msg.get("tables", {}))
         # Paired rounds: one timed call per method per round, the order rotating.
         for r in range(settings.repeats):
             alive = list(workers)
             if not alive:
                 break
-            k = r % len(alive)
+            k = (r0 + r) % len(alive)
             for case in alive[k:] + alive[:k]:
                 try:
                     msg = workers[case].request("time")
                 except WorkerFailed as exc:
-                    yield _finished(case, workers, started, failure_rows(case, exc.status, str(exc)), out_dir)
+                    yield end(case, failure_rows(case, exc.status, str(exc)))
                     continue
                 if "rows" in msg:  # the call raised: failure rows
-                    yield _finished(case, workers, started, msg["rows"], out_dir)
+                    yield end(case, msg["rows"])
         # Memory (allocator set to return freed blocks) and gradient error, one worker at a time.
         for case in list(workers):
             try:
-                rows = workers[case].request("finish")["rows"]
+                got = workers[case].request("finish")["rows"]
             except WorkerFailed as exc:
-                rows = failure_rows(case, exc.status, str(exc))
-            yield _finished(case, workers, started, rows, out_dir)
+                yield end(case, failure_rows(case, exc.status, str(exc)))
+                continue
+            for row in got:
+                row.update(process=p, round=row.get("round", 0) + r0, repeat=row["repeat"] + r0)
+            if got and got[0].get("status") != "ok":
+                yield end(case, got)
+                continue
+            rows[case] += got
+            if last:
+                peak = rows[case][0]["peak_mem_bytes"]  # measured in the first process only
+                yield end(case, [dict(r, peak_mem_bytes=peak) for r in rows[case]])
+            else:
+                worker = workers.pop(case)
+                worker.close()
+                worker.log.unlink(missing_ok=True)
     finally:
         for worker in workers.values():
             worker.close()
-
-
-def _finished(case, workers, started, rows, out_dir, tables=None):
-    worker = workers.pop(case, None)
-    if worker is not None:
-        worker.close()
-        if rows and rows[0].get("status") == "ok":
-            worker.log.unlink(missing_ok=True)  # keep logs of failures only
-    return case, rows, tables or {}, time.perf_counter() - started.get(case, time.perf_counter())
+    return ended
 
 
 def _log(out_dir: Path, case: Case) -> Path:

@@ -1,7 +1,7 @@
 """One case (or one reference gradient) in a fresh process: `python -m gqbench.measurement.worker JOB.json FD`.
 
-JOB: {"kind": "case" | "reference", "case": {...}, "warmup", "rewarm", "reference_dir", "reference"}. Messages go
-to the parent as JSON lines on file descriptor FD (stdout and stderr stay free for the user's code
+JOB: {"kind": "case" | "reference", "case": {...}, "warmup", "rewarm", "reference_dir", "reference", "memory"}.
+Messages go to the parent as JSON lines on file descriptor FD (stdout and stderr stay free for the user's code
 and go to the case's log). Commands come on stdin, one per line.
 
 kind "reference": computes and caches the float64 reference gradient, then sends {"rows": []}.
@@ -11,8 +11,9 @@ kind "alternate": every case of `cases` (a comparison group) in this one process
 kind "case": prepares the case and warms it up, then sends {"ready": true} and serves
 - "time": `rewarm` untimed calls, then one timed forward + backward under the default allocator
   -> {"sample": {...}};
-- "finish": one memory call (freed blocks returned to the kernel from here on, so the RSS peak is
-  the call's own), the gradient error -> {"rows": [...]} (one row per sample), then exits.
+- "finish": one memory call unless the job says "memory": false (freed blocks returned to the kernel
+  from here on, so the RSS peak is the call's own), the gradient error -> {"rows": [...]} (one row per
+  sample), then exits.
 A training case (`epochs` set) runs whole and sends {"rows": [...], "tables": {...}} at once.
 Any exception becomes {"rows": failure rows}; a hard crash or a timeout is recorded by the runner.
 Imports stay lean: no pandas, no plotly, and no jax unless the method's own build imports it.
@@ -110,9 +111,11 @@ def serve(job: dict, send, commands) -> None:
                 samples.append(time_call(run, job.get("rewarm", 0)))
                 send({"sample": samples[-1]})
             elif line.strip() == "finish":
-                if not case.device.startswith("cuda"):
-                    return_freed_memory()
-                peak = memory_call(run, case.device)
+                peak = float("nan")
+                if job.get("memory", True):  # the runner's later processes of a case skip it
+                    if not case.device.startswith("cuda"):
+                        return_freed_memory()
+                    peak = memory_call(run, case.device)
                 rows = finish(case, run, samples, peak_mem_bytes=peak, setup_s=setup_s, warmup=job.get("warmup", 1),
                               reference_dir=job.get("reference_dir"), reference=job.get("reference", True))  # fmt: skip
                 send({"rows": rows})
