@@ -251,3 +251,20 @@ def test_training_ratios_are_over_seeds_when_there_are_several():
     assert r.clusters == 2 and r.per_cluster == pytest.approx((0.5, 0.6 / 1.195))
     one = ratio_ci(gq[:3], base[:3], paired=False, clusters=seeds_gq[:3], clusters_den=seeds_base[:3], matched=True)
     assert one.clusters == 1 and one.point == pytest.approx(0.5)
+
+
+def test_rerun_check_passes_two_runs_of_one_code_and_fails_a_shifted_one(tmp_path, capsys):
+    """benchmarks/rerun.py's pair check: two simulated runs of the same code (processes scattering
+    alike) pass; a second run with GQ 30% slower in every process has disjoint intervals and fails."""
+    from benchmarks.rerun import check_pair
+
+    runs = {"run1": _processes_run(np.random.default_rng(1)), "run2": _processes_run(np.random.default_rng(2)),
+            "slow": _processes_run(np.random.default_rng(2), speedup=2.0 / 1.3)}  # fmt: skip
+    for name, df in runs.items():
+        (tmp_path / name).mkdir()
+        df.to_parquet(tmp_path / name / "results.parquet")
+    assert check_pair(tmp_path / "run1", tmp_path / "run2", min_inside=1)
+    out = capsys.readouterr().out
+    assert "6x4" in out and "PASS" in out and "disjoint pairs 0" in out
+    assert not check_pair(tmp_path / "run1", tmp_path / "slow", min_inside=1)
+    assert "disjoint pairs 1" in capsys.readouterr().out
