@@ -8,7 +8,8 @@ kind "reference": computes and caches the float64 reference gradient, then sends
 kind "profile": `gqbench profile`'s traced steps -> {"profile": phases} (or {"error": ...}).
 kind "alternate": every case of `cases` (a comparison group) in this one process, timed alternately
   for `repeats` rounds -> {"rows": samples} (`benchmarks/alternate.py`'s check of the runner's ratios).
-kind "case": prepares the case and warms it up, then sends {"ready": true} and serves
+kind "case": (with "preload": imports torch, sends {"loaded": true} and waits for "setup") prepares the
+case and warms it up, then sends {"ready": true} and serves
 - "time": `rewarm` untimed calls, then one timed forward + backward under the default allocator
   -> {"sample": {...}};
 - "finish": one memory call unless the job says "memory": false (freed blocks returned to the kernel
@@ -99,6 +100,14 @@ def serve(job: dict, send, commands) -> None:
     if case.epochs is not None:
         send(_run_training(case, job))
         return
+    if job.get("preload"):  # the runner starts a process set's workers together: imports side by side
+        try:
+            import torch  # noqa: F401 -- most of a worker's start-up (problems and methods build on it)
+        except BaseException as exc:  # noqa: BLE001
+            return fail(exc)
+        send({"loaded": True})
+        if next(commands, "").strip() != "setup":  # set-up and warm-up one worker at a time, on command
+            return
     try:
         run, setup_s = warm_up(case, job.get("warmup", 1))
     except BaseException as exc:  # noqa: BLE001 -- every failure of a case becomes a row
