@@ -3,6 +3,7 @@ at one or more warm-up lengths: what the default processes x rounds and warm-up 
 
     python benchmarks/process_spread.py [--preset ratios] [--processes 6] [--repeats 4] [--warmups 1 8]
                                         [--out DIR] [--budget-calls 48]
+    python benchmarks/process_spread.py --trace [--trace-processes 4] [--trace-calls 12] [--out DIR]
 
 For each warm-up W it runs `gqbench run --preset P --processes N --repeats R --warmup W --out DIR/wW`
 (resumable: a finished folder is only read) and prints, per backward speed-up and per method, the
@@ -11,6 +12,10 @@ one-way random effects, moment estimate) and within a process (rounds), the page
 and what each (processes, rounds) with the same number of timed calls would give: the standard error
 of the log speed-up, sqrt(between^2 / P + within^2 / (P R)), and the 95% interval's half-width
 t(P-1) * SE that `gqbench.results.ratios` would report.
+
+`--trace`: the page-fault-heavy cases of the preset (torchdiffeq's adjoint; direct backprop on g1d) each
+alone in fresh processes, many calls in a row: whether the processes' times and page faults draw
+together after a longer warm-up (the calls right after one warm-up call against the last three).
 """
 
 from __future__ import annotations
@@ -76,6 +81,46 @@ def report(df: pd.DataFrame, warmup: int, budget_calls: int, rewarm: int) -> Non
         print(f"  {p:2d} processes x {r:2d} rounds: +-{100 * (np.exp(stats.t.ppf(0.975, p - 1) * se) - 1):5.1f}%")
 
 
+def trace(cases, processes: int, calls: int, short: int, out: pathlib.Path) -> None:
+    """Each case alone in `processes` fresh workers (one method per process, as a training loop runs),
+    `calls` timed calls in a row through gqbench's `time_call`: does a longer warm-up narrow how far
+    the processes' backward times and page faults lie apart? Compares the calls right after a warm-up
+    of `short` calls with the last three."""
+    import tempfile
+
+    from gqbench.measurement.launch import run_to_end
+
+    rows = []
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as logs:
+        for case in cases:
+            for proc in range(processes):
+                job = dict(kind="alternate", case=case.to_dict(), cases=[case.to_dict()], warmup=0, repeats=calls)
+                reply = run_to_end(job, case, pathlib.Path(logs) / "trace.log", timeout=1800)
+                rows += [dict(r, process=proc, call=r["round"] + 1) for r in reply["rows"]]
+    df = pd.DataFrame(rows)
+    df.to_parquet(out / "trace.parquet")
+    print_trace(df, short)
+
+
+def print_trace(df: pd.DataFrame, short: int) -> None:
+    last = df["call"].max()
+    print(f"\n== one method per fresh process, {df['call'].max()} calls in a row: backward time (s) and page faults "
+          f"per call; spread between processes after {short} warm-up call(s) (calls {short + 1}-{short + 3}) and "
+          f"after {last - 3} (calls {last - 2}-{last})")  # fmt: skip
+    for label, g in df.groupby(["problem", "width", "label"], sort=True):
+        print(f"\n{label[0]} w={label[1]} {label[2]}")
+        for proc, gp in g.groupby("process"):
+            cells = " ".join(f"{t:.2f}/{f / 1e3:.0f}k" for t, f in zip(gp["bwd_s"], gp["bwd_page_faults"], strict=True))
+            print(f"  process {proc}: {cells}")
+        for name, calls in (("short", range(short + 1, short + 4)), ("long", range(last - 2, last + 1))):
+            part = g[g["call"].isin(list(calls))]
+            b, w, *_ = components(np.log(part["bwd_s"]), part["process"])
+            faults = part.groupby("process")["bwd_page_faults"].median() / 1e3
+            print(f"  warm-up {name:5s}: between {pct(b)}, within {pct(w)}; page faults by process "
+                  + " ".join(f"{f:.0f}k" for f in faults))  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="ratios")
@@ -84,7 +129,21 @@ def main() -> None:
     p.add_argument("--warmups", type=int, nargs="+", default=[1, 8])
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("reports") / "process-spread")
     p.add_argument("--budget-calls", type=int, default=48, help="calls per method for the processes x rounds table")
+    p.add_argument("--trace", action="store_true", help="instead: the preset's adjoint cases and g1d's direct backprop "
+                   "alone, --trace-calls calls in each of --trace-processes fresh processes")  # fmt: skip
+    p.add_argument("--trace-processes", type=int, default=4)
+    p.add_argument("--trace-calls", type=int, default=12)
     args = p.parse_args()
+    if args.trace:
+        from gqbench import load_preset
+
+        heavy = [c for c in load_preset(args.preset).cases
+                 if c.method == "torch_adjoint" or (c.method == "torch_direct" and c.problem == "g1d")]  # fmt: skip
+        if (args.out / "trace.parquet").exists():
+            print_trace(pd.read_parquet(args.out / "trace.parquet"), 1)
+        else:
+            trace(heavy, args.trace_processes, args.trace_calls, 1, args.out)
+        return
     rewarm = 1
     for w in args.warmups:
         out = args.out / f"w{w}"
