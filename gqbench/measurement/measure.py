@@ -22,7 +22,9 @@ STATUSES = ("ok", "nan", "error", "timeout", "oom", "max_steps", "skipped")
 # Bump when what a measurement means changes (timing/memory/NFE/error semantics, warm-up, the
 # reference): asv keys its stored results on it (benchmarks/common.py), so old numbers measured
 # under other rules are not compared with new ones.
-HARNESS_VERSION = "2"  # 2: the runner's rounds re-warm each method before its timed call
+# 2: the runner's rounds re-warm each method before its timed call; 3: each case in several fresh processes
+# (RunSettings.processes), intervals over them
+HARNESS_VERSION = "3"
 
 
 class Skip(Exception):
