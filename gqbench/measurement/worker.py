@@ -26,7 +26,6 @@ import json
 import os
 import signal
 import sys
-import traceback
 
 
 def _die_with_parent() -> None:
@@ -42,15 +41,6 @@ def _die_with_parent() -> None:
         pass
 
 
-def _one_line(exc: BaseException) -> str:
-    tb = traceback.extract_tb(exc.__traceback__)
-    where = f" (at {os.path.basename(tb[-1].filename)}:{tb[-1].lineno})" if tb else ""
-    text = " ".join(str(exc).split())
-    if len(text) > 500:
-        text = text[:497] + "..."
-    return f"{type(exc).__name__}: {text}{where}"
-
-
 def _json(x):
     return x.item() if hasattr(x, "item") else str(x)
 
@@ -63,6 +53,7 @@ def serve(job: dict, send, commands) -> None:
         failure_rows,
         finish,
         memory_call,
+        one_line,
         reference_gradients,
         return_freed_memory,
         time_call,
@@ -74,7 +65,7 @@ def serve(job: dict, send, commands) -> None:
     def fail(exc: BaseException):
         if isinstance(exc, KeyboardInterrupt):
             raise exc
-        send({"rows": failure_rows(case, classify(exc), _one_line(exc))})
+        send({"rows": failure_rows(case, classify(exc), one_line(exc))})
 
     if job["kind"] == "reference":
         reference_gradients(case, cache_dir=job.get("reference_dir"))
@@ -86,7 +77,7 @@ def serve(job: dict, send, commands) -> None:
         try:
             send({"profile": profile_case(case, job["out_dir"], **job["profile"])})
         except Exception as exc:  # noqa: BLE001 -- reported as the case's error
-            send({"error": _one_line(exc)})
+            send({"error": one_line(exc)})
         return
     if job["kind"] == "alternate":
         from .measure import alternate
@@ -135,7 +126,7 @@ def serve(job: dict, send, commands) -> None:
 
 def _run_training(case, job: dict) -> dict:
     from ..training import TRAINING_PROBLEMS
-    from .measure import classify, failure_rows
+    from .measure import classify, failure_rows, one_line
 
     try:
         problem = TRAINING_PROBLEMS[case.problem]
@@ -143,7 +134,7 @@ def _run_training(case, job: dict) -> dict:
     except BaseException as exc:  # noqa: BLE001 -- every failure of a case becomes a row
         if isinstance(exc, KeyboardInterrupt):
             raise
-        return {"rows": failure_rows(case, classify(exc), _one_line(exc))}
+        return {"rows": failure_rows(case, classify(exc), one_line(exc))}
     return {"rows": rows, "tables": tables}
 
 
