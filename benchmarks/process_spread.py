@@ -104,6 +104,8 @@ def trace(cases, processes: int, calls: int, short: int, out: pathlib.Path) -> N
 
 
 def print_trace(df: pd.DataFrame, short: int) -> None:
+    """The trace per case and process, then the spread between and within processes (page faults are not
+    moved by other jobs on the machine; times are)."""
     last = df["call"].max()
     print(f"\n== one method per fresh process, {df['call'].max()} calls in a row: backward time (s) and page faults "
           f"per call; spread between processes after {short} warm-up call(s) (calls {short + 1}-{short + 3}) and "
@@ -116,9 +118,10 @@ def print_trace(df: pd.DataFrame, short: int) -> None:
         for name, calls in (("short", range(short + 1, short + 4)), ("long", range(last - 2, last + 1))):
             part = g[g["call"].isin(list(calls))]
             b, w, *_ = components(np.log(part["bwd_s"]), part["process"])
+            fb, fw, *_ = components(np.log(part["bwd_page_faults"].clip(lower=1)), part["process"])
             faults = part.groupby("process")["bwd_page_faults"].median() / 1e3
-            print(f"  warm-up {name:5s}: between {pct(b)}, within {pct(w)}; page faults by process "
-                  + " ".join(f"{f:.0f}k" for f in faults))  # fmt: skip
+            print(f"  warm-up {name:5s}: time between {pct(b)}, within {pct(w)}; page faults between {pct(fb)}, "
+                  f"within {pct(fw)}, by process " + " ".join(f"{f:.0f}k" for f in faults))  # fmt: skip
 
 
 def main() -> None:
