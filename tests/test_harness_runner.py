@@ -328,7 +328,7 @@ def test_each_case_is_timed_in_several_fresh_processes(tmp_path, monkeypatch):
     from gqbench.results.ratios import paired_speedups
 
     (r,) = paired_speedups(df, gq_methods=("stub_quad",)).itertuples()
-    assert r.processes == 2 and r.rounds == 2 and r.covers == "2 processes x 1 rounds" and len(r.bwd_per_process) == 2
+    assert r.processes == 2 and r.rounds == 2 and r.covers == "2 processes x 1 round" and len(r.bwd_per_process) == 2
 
 
 def test_a_case_failing_in_one_of_its_processes_is_one_failure_row(tmp_path):

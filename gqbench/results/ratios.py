@@ -119,9 +119,8 @@ def _over_clusters(num, den, cn, cd, *, paired: bool, matched: bool) -> Ratio | 
 
 def covers(processes: int, rounds: int, unit: str = "processes") -> str:
     """What an interval is taken over, in words (the console and the report say it)."""
-    if processes >= 2:
-        return f"{processes} {unit} x {rounds} rounds"
-    return f"{rounds} rounds of one process"
+    r = f"{rounds} round{'s' if rounds != 1 else ''}"
+    return f"{processes} {unit} x {r}" if processes >= 2 else f"{r} of one process"
 
 
 def per_round_speedups(df: pd.DataFrame, gq_methods: tuple[str, ...] = QUAD_METHODS) -> pd.DataFrame:
