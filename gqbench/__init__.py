@@ -41,6 +41,9 @@ _EXPORTS = {
     "COLUMNS": "results.tables",
     "environment": "measurement.env",
     "write_report": "report.html",
+    "advise": "advise",
+    "advice_table": "results.advice",
+    "UserProblemError": "define.user_problems",
 }
 
 __all__ = sorted(_EXPORTS)

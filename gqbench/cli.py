@@ -1,4 +1,4 @@
-"""`gqbench list | run | report | compare | profile` (also `python -m gqbench ...`)."""
+"""`gqbench list | run | report | merge | compare | profile | advise` (also `python -m gqbench ...`)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,28 @@ def _parser() -> argparse.ArgumentParser:
                      help="judge raw times (two machines, or back-to-back runs on a quiet one); default: GQ "
                           "relative to the baselines timed beside it, which absorbs the machine's drift")  # fmt: skip
     _profile_parser(sub)
+    adv = sub.add_parser(
+        "advise",
+        help="which gradient method for YOUR model: a short paired comparison and a recommendation",
+        description="Runs torch_direct, torch_adjoint, torch_seminorm and torch_gq (adaptive and gtol rules, "
+        "backsolve and interpolate) on PROBLEM at each --rtol, then prints the fastest method whose gradient is "
+        "within reach of the tolerance, its speed-up over each other with a 95%% interval, peak memory and what "
+        "failed; writes the results and the HTML report to --out.",
+    )
+    adv.add_argument("problem", help="'pkg.module:make', 'path/to/file.py:make' or a built-in problem's name")
+    adv.add_argument("--rtol", type=float, action="append", help="tolerance (repeatable; default 1e-4)")
+    adv.add_argument("--atol", type=float, action="append", help="absolute tolerance per --rtol (default: = rtol)")
+    adv.add_argument("--width", type=int, help="passed to make(width=...) (default: make's own default)")
+    adv.add_argument("--batch", type=int, help="passed to make(batch=...) (default: make's own default)")
+    adv.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    adv.add_argument("--solver", default="dopri5", help="an adaptive torchdiffeq solver (default dopri5)")
+    adv.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    adv.add_argument("--threads", type=int, default=2, help="torch/BLAS threads per case (default 2)")
+    adv.add_argument("--repeats", type=int, default=7, help="paired timing rounds (default 7)")
+    adv.add_argument("--timeout", type=float, default=120.0, help="seconds per case (default 120)")
+    adv.add_argument("--out", type=Path, help="results folder (default reports/advise/<problem>-<file hash>)")
+    adv.add_argument("--no-report", action="store_true", help="do not write OUT/index.html")
+    adv.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -104,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"list": _list, "run": _run, "report": _report, "compare": _compare, "merge": _merge,
-                    "profile": _profile}  # fmt: skip
+                    "profile": _profile, "advise": _advise}  # fmt: skip
         return commands[args.command](args)
     except GridSpecError as exc:
         print(f"gqbench: {exc}", file=sys.stderr)
@@ -129,6 +151,8 @@ def _list(args) -> int:
     print("problems:")
     for name, p in PROBLEMS.items():
         print(f"  {name:16s} batch {p.default_batch:<4d} {p.description}")
+    print("  your own: 'path/to/model.py:make' or 'pkg.module:make', make(*, width, batch, seed, dtype, device) "
+          "-> (func, y0, t, loss); try: gqbench advise examples/spiral.py:make --rtol 1e-4")  # fmt: skip
     from .training import TRAINING_PROBLEMS
 
     print("training problems (cases with epochs):")
@@ -232,6 +256,89 @@ def _print_speedups(df) -> None:
                  cell(r, "total"), r["covers"])  # fmt: skip
         table.add_row(*map(escape, cells))  # labels like torch_gq[adaptive] are not rich markup
     Console(width=200).print(table)
+
+
+def _advise(args) -> int:
+    import time
+
+    from .advise import advise
+    from .define.grid import GridSpecError
+
+    for flag in ("repeats", "threads", "timeout"):
+        if getattr(args, flag) <= 0:
+            raise GridSpecError(f"--{flag} {getattr(args, flag)}: must be > 0")
+    started = time.perf_counter()
+    table = advise(args.problem, rtol=args.rtol or [1e-4], atol=args.atol, width=args.width, batch=args.batch,
+                   dtype=args.dtype, solver=args.solver, device=args.device, threads=args.threads,
+                   repeats=args.repeats, timeout=args.timeout, out=args.out, report=not args.no_report,
+                   progress=not args.quiet)  # fmt: skip
+    print_advice(table, seconds=time.perf_counter() - started)
+    return 0
+
+
+def print_advice(table, seconds: float | None = None) -> None:
+    """`gqbench advise`'s answer: per tolerance the recommendation, a table of every method setting and the
+    failures with their errors."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .results.advice import REACH
+
+    console = Console(width=200, highlight=False)
+    point = ["problem", "width", "batch", "rtol", "atol", "dtype"]
+    table = table.sort_values(["rtol", "atol"], ascending=False, kind="stable")  # loose tolerances first
+    for (problem, width, batch, rtol, atol, dtype), g in table.groupby(point, sort=False):
+        head = f"{problem} (width {width}, batch {batch}, {dtype}) at rtol {rtol:g}" + (
+            f", atol {atol:g}" if atol != rtol else ""
+        )
+        rec = g[g["recommended"]]
+        if rec.empty:
+            console.print(f"{escape(head)}: no method gave a gradient within reach; see the failures below")
+        else:
+            r = rec.iloc[0]
+            console.print(
+                f"{escape(head)}: use [bold]{escape(r['label'])}[/bold] -- {r['total_s'] * 1e3:.3g} ms per forward "
+                f"+ backward, gradient error {r['grad_rel_err']:.2g}, peak memory {r['peak_mem_mib']:.3g} MiB"
+            )
+            close = g[g["within_reach"] & ~g["recommended"] & ~g["clearly_slower"].astype(bool)]["label"]
+            if len(close):
+                console.print(f"  not clearly slower (95% interval reaches 1x or below): {escape(', '.join(close))}; "
+                              "more --repeats on a quieter machine may separate them")  # fmt: skip
+        rounds = int(g["rounds"].max()) if g["rounds"].notna().any() else 0
+        console.print(f"  speed-up: that method's time / the recommended one's (forward + backward; backward), median "
+                      f"over {rounds} paired rounds [95% bootstrap interval]")  # fmt: skip
+        console.print(f"  within reach: gradient error <= {REACH:g} x max(rtol, the best error any method reached)")
+        table_ = Table()
+        for col in ("method", "fwd+bwd ms", "speed-up [95%]", "bwd speed-up [95%]", "grad error", "within reach",
+                    "peak MiB", "NFE fwd/bwd", "status"):  # fmt: skip
+            table_.add_column(col, justify="left" if col in ("method", "status") else "right", no_wrap=True)
+        for _, r in g.iterrows():
+            ok = r["status"] == "ok"
+
+            def ratio(v, lo, hi):
+                if v != v:
+                    return ""
+                return f"{v:.2f}x [{lo:.2f}, {hi:.2f}]" if lo == lo else f"{v:.2f}x (n<3)"
+
+            table_.add_row(
+                escape(r["label"]) + (" *" if r["recommended"] else ""),
+                f"{r['total_s'] * 1e3:.3g}" if ok else "-",
+                "recommended" if r["recommended"] else ratio(r["speedup"], r["speedup_lo"], r["speedup_hi"]),
+                "" if r["recommended"] else ratio(r["speedup_bwd"], r["speedup_bwd_lo"], r["speedup_bwd_hi"]),
+                f"{r['grad_rel_err']:.2g}" if r["grad_rel_err"] == r["grad_rel_err"] else "-",
+                ("yes" if r["within_reach"] else "no") if ok else "-",
+                f"{r['peak_mem_mib']:.3g}" if r["peak_mem_mib"] == r["peak_mem_mib"] else "-",
+                f"{r['nfe_fwd']:.0f}/{r['nfe_bwd']:.0f}" if ok else "-",
+                escape(str(r["status"])),
+            )
+        console.print(table_)
+        for _, r in g[g["status"] != "ok"].iterrows():
+            console.print(f"  failed: {escape(r['label'])} ({escape(str(r['status']))}): {escape(str(r['error']))}")
+    where = table.attrs.get("report") or table.attrs.get("out")
+    took = f" in {seconds:.0f} s" if seconds is not None else ""
+    if where:
+        console.print(f"results and report: {escape(str(where))}{took}")
 
 
 def _merge(args) -> int:

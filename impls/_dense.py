@@ -134,6 +134,20 @@ class PiecewiseQuartic:
             z = z * x + c[:, j]
         return z[0] if scalar else z
 
+    def derivative(self, s: torch.Tensor) -> torch.Tensor:
+        """d/ds of the dense output at times s (1-D): the quartic's slope, no evaluation of f."""
+        s = s.reshape(-1).to(self.lo.dtype)
+        k = (torch.searchsorted(self.lo, s, right=True) - 1).clamp(0, len(self.lo) - 1)
+        t0, t1 = self.t0.index_select(0, k), self.t1.index_select(0, k)
+        x = ((s - t0) / (t1 - t0)).to(self.coeffs.dtype)
+        c = self.coeffs.index_select(0, k)
+        shape = (-1,) + (1,) * (c.dim() - 2)
+        x = x.reshape(shape)
+        dz = 4 * c[:, 4]
+        for j in (3, 2, 1):
+            dz = dz * x + j * c[:, j]
+        return dz / (t1 - t0).to(self.coeffs.dtype).reshape(shape)
+
 
 class CubicHermite:
     """Cubic Hermite interpolation of (y, f) between fixed-grid points."""

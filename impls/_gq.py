@@ -1,10 +1,11 @@
 """The Gauss-Legendre quadrature (GQ) adjoint for torchdiffeq (Norcliffe & Deisenroth, TMLR 2023).
 
-Forward: an ordinary `torchdiffeq.odeint` under no_grad. Backward, per observation interval
-[t_{i-1}, t_i] walked backwards: solve [z, a] (or only a, reading z from the kept forward solution)
+Forward: an ordinary `torchdiffeq.odeint` under no_grad. Backward: one solve of [z, a] (or only a,
+reading z from the kept forward solution) from t_N to t_0 across all observation times (`_sweep`),
 with dz/dt = f and da/dt = -a^T df/dz -- a VJP with respect to z only, so autograd skips the
-weight-gradient matmuls -- and get dL/dtheta = int a^T df/dtheta dt from an n-point Gauss-Legendre
-rule, all n node VJPs in one batched (vmapped) call.
+weight-gradient matmuls -- then dL/dtheta = int a^T df/dtheta dt from Gauss-Legendre rules on
+panels chosen for the integrand (`_panels`), every interval's nodes in shared batched (vmapped)
+VJP calls.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from torchdiffeq._impl.odeint import SOLVERS  # pinned torchdiffeq==0.2.5
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 from torchdiffeq._impl.solvers import FixedGridODESolver
 
+from . import _panels, _sweep
 from ._dense import StepRecorder
+from ._panels import choose_panels
 from ._quadrature import MAX_QUAD_ORDER, gauss_kronrod, gauss_legendre, quad_order_from_gtol
 from ._rhs import FlatRHS, StepSizes, flatten, unflatten
 from ._stats import GQStats, current_stats
@@ -43,6 +46,8 @@ _STEPS_PER_PANEL = 4
 _MAX_REFINEMENTS = 8
 # Solvers without dense output we can follow (scipy_solver): uniform panels per interval to start.
 _PANELS_WITHOUT_DENSE = 4
+# Backsolve evaluations, in forward NFE, after which the backward pass switches to the kept forward.
+_BACKSOLVE_BUDGET = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,20 +105,27 @@ def odeint_adjoint_gq(
     adjoint_params: Sequence[torch.Tensor] | None = None,
     backward_state: str = "backsolve",
     quad_batch: int | None = None,
-    warm_start: bool = False,
+    warm_start: bool = True,
 ):
     """Solve dy/dt = func(t, y) like `torchdiffeq.odeint`; gradients by the GQ adjoint.
 
     Arguments shared with `torchdiffeq.odeint_adjoint` mean what they mean there (`event_fn`
-    included: then `(event_t, solution)` is returned). The parameter gradient
-    dL/dtheta = int a^T df/dtheta dt is computed by one of three rules (`quadrature`):
+    included: then `(event_t, solution)` is returned). With torchdiffeq's adaptive Runge-Kutta
+    solvers as `adjoint_method` (dopri5, the default, and the others), the backward pass is ONE
+    solve from t_N to t_0: steps end on every observation time, the adjoint jumps there, z restarts
+    from the forward's y(t_i), and the step size carries on. The parameter gradient
+    dL/dtheta = int a^T df/dtheta dt is then computed for all intervals at once, in batched VJPs,
+    by one of three rules (`quadrature`):
 
-    "adaptive" (default): error-controlled. Each interval's backward solve keeps its dense
-        output; every accepted backward step is a panel with the Gauss-Kronrod pair G2/K5 on it,
-        all nodes in batched VJPs. When the estimate |K5 - G2| exceeds
-        quad_atol + quad_rtol * |dL/dtheta| (RMS over all parameters), the interval's panels
-        are bisected and the interval redone. `quad_rtol`/`quad_atol` default to the adjoint
-        tolerances.
+    "adaptive" (default): error-controlled. Each interval starts as one panel; free projections of
+        the integrand (a * dz/dt and a * z, read off the backward solve's dense output, no
+        evaluation of f) are integrated with G1..G8 against G16, and each panel takes the smallest
+        Gauss-Legendre order whose probe error fits its share of a tenth of
+        quad_rtol * |probe integral|; panels no order fits are split at a solver step.
+        `quad_rtol` defaults to the adjoint rtol. (Other adjoint solvers -- fixed grids, scipy --
+        solve interval by interval and check a G2/K5 pair on the parameter integrand itself,
+        ||K5 - G2|| <= quad_atol * sqrt(P) + quad_rtol * ||dL/dtheta||; quad_atol, default the
+        adjoint atol, counts there only.)
     "gtol": the paper's rule, n = min(ceil(gtol * NFE_forward * |dt_i| / |T|), 64)
         Gauss-Legendre nodes per observation interval (selected by passing `gtol`, 0.1 in the
         paper). No error control: far off on long or oscillating intervals.
@@ -122,13 +134,14 @@ def odeint_adjoint_gq(
 
     backward_state: "backsolve" solves z backwards beside a (the paper's method);
         "interpolate" keeps the forward solution and interpolates z, which stays stable on
-        contractive dynamics where backsolving z diverges.
+        contractive dynamics and attracting limit cycles where backsolving z diverges. When a
+        backsolve fails (step-size underflow, non-finite state), the forward is solved again
+        keeping its dense output and the backward pass is redone with "interpolate", with a
+        RuntimeWarning (`gq_stats().backsolve_fallbacks` counts them).
     quad_batch: most quadrature nodes per batched VJP (default: bounded by the state size).
-    warm_start: start each backward solve (adaptive solvers, same method both ways) with the
-        step size the forward solve took at that time, instead of torchdiffeq's initial-step
-        heuristic and the short steps that follow it: about half the backward evaluations on
-        smooth problems, with gradient errors still of the order of the tolerance. Off by
-        default, so that the backward solve picks its steps as torchdiffeq's adjoint does.
+    warm_start: (default True) the backward solve's first step is the step the forward took at
+        t_N (adaptive solvers, same method both ways), instead of torchdiffeq's initial-step
+        heuristic and the short steps that follow it. False restores the heuristic.
 
     Read NFE, quadrature nodes and the quadrature's error estimate with `impls.gq_stats()`.
     """
@@ -185,7 +198,7 @@ class _GQAdjoint(torch.autograd.Function):
             orders = [quad_order_from_gtol(cfg.gtol, nfe, b - a, span) for a, b in zip(t_host, t_host[1:])]
         else:
             orders = None
-        ctx.prob, ctx.orders, ctx.nfe_forward, ctx.n_t = prob, orders, nfe, len(t)
+        ctx.prob, ctx.orders, ctx.nfe_forward, ctx.n_t, ctx.t_host = prob, orders, nfe, len(t), t_host
         # Backward solve i starts at t_i with the step the forward took there (warm_start).
         ctx.first_steps = prob.steps.at(t_host) if prob.steps is not None else None
         prob.steps = None
@@ -203,63 +216,194 @@ class _GQAdjoint(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_sol: torch.Tensor, _grad_event_t: torch.Tensor):
-        prob, cfg, rhs = ctx.prob, ctx.prob.config, ctx.prob.rhs
-        t, sol = ctx.saved_tensors
-        params = prob.params
-        need_t = ctx.needs_input_grad[2]
-        nfe_start = rhs.nfe
-        grads = [torch.zeros_like(p) for p in params]
-        quad = _Quadrature(prob, grads, need_t)
+        cfg = ctx.prob.config
+        if _sweep.supported(SOLVERS[cfg.adjoint_method], cfg.adjoint_options, cfg.adjoint_rtol, cfg.adjoint_atol):
+            return _backward_by_sweep(ctx, grad_sol)
+        return _backward_per_interval(ctx, grad_sol)
 
-        dense, ctx.dense = ctx.dense, None
-        if dense is not None and dense.evals_needed:
-            rhs.nfe += dense.evals_needed
-            dense.fill(quad.rhs_batch)
 
-        brhs = _BacksolveRHS(rhs) if dense is None else _InterpRHS(rhs, dense)
-        a = grad_sol[-1].clone()
-        orders = []
-        for i in range(len(t) - 1, 0, -1):
-            t_hi, t_lo = t[i], t[i - 1]
-            opts = dict(cfg.adjoint_options)
-            if ctx.first_steps is not None:
-                opts["first_step"] = ctx.first_steps[i]
-            state = torch.stack([sol[i], a]) if dense is None else a
+def _backward_per_interval(ctx, grad_sol: torch.Tensor):
+    """Solvers the sweep does not drive (fixed grids, scipy, special options): one torchdiffeq solve per
+    interval, G2/K5 panels on each with the interval's own error test."""
+    prob, cfg, rhs = ctx.prob, ctx.prob.config, ctx.prob.rhs
+    t, sol = ctx.saved_tensors
+    params = prob.params
+    need_t = ctx.needs_input_grad[2]
+    nfe_start = rhs.nfe
+    grads = [torch.zeros_like(p) for p in params]
+    quad = _Quadrature(prob, grads, need_t)
+
+    dense, ctx.dense = ctx.dense, None
+    if dense is not None and dense.evals_needed:
+        rhs.nfe += dense.evals_needed
+        dense.fill(quad.rhs_batch)
+
+    brhs = _BacksolveRHS(rhs) if dense is None else _InterpRHS(rhs, dense)
+    a = grad_sol[-1].clone()
+    orders = []
+    for i in range(len(t) - 1, 0, -1):
+        t_hi, t_lo = t[i], t[i - 1]
+        opts = dict(cfg.adjoint_options)
+        if ctx.first_steps is not None:
+            opts["first_step"] = ctx.first_steps[i]
+        state = torch.stack([sol[i], a]) if dense is None else a
+        with record_function("gq::backward_solve"):
+            path = _BackwardPath(brhs, state, t_hi, t_lo, cfg, opts)
+        if ctx.orders is not None:
+            x, w = gauss_legendre(ctx.orders[i - 1], dtype=t.dtype, device=t.device)
+            orders.append(quad.integrate_rule(path, dense, t_lo, t_hi, x, w))
+        elif params or need_t:
+            orders.append(quad.integrate_adaptive(path, dense, t_lo, t_hi))
+        else:
+            orders.append(0)
+        end = path.end
+        a = (end if dense is not None else end[1]) + grad_sol[i - 1]
+
+    t_grad = _t_grad(ctx, quad, grad_sol) if need_t else None
+
+    if prob.stats is not None:
+        s = prob.stats
+        s.nfe_backward += rhs.nfe - nfe_start
+        s.quad_nodes += quad.nodes
+        s.quad_calls += quad.calls
+        s.quad_orders = orders[::-1]
+        s.quad_panels += quad.panels
+        s.quad_refinements += quad.refinements
+        s.quad_unconverged += quad.unconverged
+        if quad.err_sq is not None:
+            s.quad_error = float(quad.err_sq.sqrt() / _norm(grads))
+        s.vmap_fallback = s.vmap_fallback or not prob.vmap_ok
+    return (None, a, t_grad, *grads)
+
+
+def _t_grad(ctx, quad: _Quadrature, grad_sol: torch.Tensor) -> torch.Tensor:
+    """dL/dt: moving t_i (i >= 1) only moves where y is read; moving t_0 moves the whole path."""
+    t, sol = ctx.saved_tensors
+    f_obs = quad.rhs_batch(t[1:], sol[1:])
+    ctx.prob.rhs.nfe += len(t) - 1
+    dl_dt = (f_obs * grad_sol[1:]).reshape(len(t) - 1, -1).sum(-1)
+    t_grad = torch.cat([(quad.t_integral - dl_dt.sum()).reshape(1), dl_dt]).to(t.dtype)
+    if len(t_grad) != ctx.n_t:  # event mode: t was (t0, dummy); the event time is not t[1]
+        t_grad = torch.cat([t_grad[:1], t_grad.new_zeros(ctx.n_t - 1)])
+    return t_grad
+
+
+def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
+    """One backward solve across all observation times (`_sweep`), then one batched quadrature over
+    every interval's panels -- the adaptive rule's panels chosen from free probes (`_panels`)."""
+    prob, cfg, rhs = ctx.prob, ctx.prob.config, ctx.prob.rhs
+    t, sol = ctx.saved_tensors
+    params, need_t, times = prob.params, ctx.needs_input_grad[2], ctx.t_host
+    nfe_start = rhs.nfe
+    quad = _Quadrature(prob, [], need_t)
+    fwd, ctx.dense = ctx.dense, None
+    first = ctx.first_steps[-1] if ctx.first_steps is not None else cfg.adjoint_options.get("first_step")
+    fallback = False
+    while True:
+        if fwd is not None and fwd.evals_needed:
+            rhs.nfe += fwd.evals_needed
+            fwd.fill(quad.rhs_batch)
+        if fwd is None:
+            brhs, state = _BacksolveRHS(rhs), torch.stack([sol[-1], grad_sol[-1]])
+            # z restarts from the forward's own y(t_i) at every observation: backsolving drift stops there.
+            jump = lambda i, y: torch.stack([sol[i], y[1] + grad_sol[i]])  # noqa: E731
+        else:
+            brhs, state = _InterpRHS(rhs, fwd), grad_sol[-1]
+            jump = lambda i, y: y + grad_sol[i]  # noqa: E731
+        opts = {k: v for k, v in cfg.adjoint_options.items() if k != "first_step"}
+        # A backsolve that needs many times the forward's evaluations is leaving the forward's path
+        # (an attracting limit cycle run backwards): keeping the forward is cheaper than finishing.
+        budget = None if fwd is not None else _BACKSOLVE_BUDGET * ctx.nfe_forward + 100
+        try:
             with record_function("gq::backward_solve"):
-                path = _BackwardPath(brhs, state, t_hi, t_lo, cfg, opts)
-            if ctx.orders is not None:
-                x, w = gauss_legendre(ctx.orders[i - 1], dtype=t.dtype, device=t.device)
-                orders.append(quad.integrate_rule(path, dense, t_lo, t_hi, x, w))
-            elif params or need_t:
-                orders.append(quad.integrate_adaptive(path, dense, t_lo, t_hi))
-            else:
-                orders.append(0)
-            end = path.end
-            a = (end if dense is not None else end[1]) + grad_sol[i - 1]
+                path = _sweep.sweep(brhs, state, times, jump, solver_cls=SOLVERS[cfg.adjoint_method],
+                                    rtol=float(cfg.adjoint_rtol), atol=float(cfg.adjoint_atol), options=opts,
+                                    first_step=first, max_evals=budget)  # fmt: skip
+            break
+        except _sweep.SweepFailed as exc:
+            if fwd is not None:
+                raise RuntimeError(
+                    f"odeint_adjoint_gq: the backward solve of the adjoint failed ({exc}); "
+                    "loosen adjoint_rtol/adjoint_atol or use another adjoint_method."
+                ) from None
+            # Backsolving z is unstable here (an attracting limit cycle, contractive dynamics): keep the
+            # forward solution instead -- solve the forward again recording it -- and solve a alone.
+            warnings.warn(f"odeint_adjoint_gq: solving z backwards failed ({exc}); re-solving the forward to "
+                          "interpolate z. Pass backward_state='interpolate' to skip the failed attempt.",
+                          RuntimeWarning, stacklevel=3)  # fmt: skip
+            fwd, fallback = _forward_dense(prob, sol[0], t), True
+    a = (path.end[1] if fwd is None else path.end) + grad_sol[0]
 
-        t_grad = None
-        if need_t:
-            # Moving t_i (i >= 1) only moves where y is read; moving t_0 moves the whole path.
-            f_obs = quad.rhs_batch(t[1:], sol[1:])
-            rhs.nfe += len(t) - 1
-            dl_dt = (f_obs * grad_sol[1:]).reshape(len(t) - 1, -1).sum(-1)
-            t_grad = torch.cat([(quad.t_integral - dl_dt.sum()).reshape(1), dl_dt]).to(t.dtype)
-            if len(t_grad) != ctx.n_t:  # event mode: t was (t0, dummy); the event time is not t[1]
-                t_grad = torch.cat([t_grad[:1], t_grad.new_zeros(ctx.n_t - 1)])
+    orders, panels = [0] * (len(times) - 1), None
+    if params or need_t:
+        if fwd is None:
 
-        if prob.stats is not None:
-            s = prob.stats
-            s.nfe_backward += rhs.nfe - nfe_start
-            s.quad_nodes += quad.nodes
-            s.quad_calls += quad.calls
-            s.quad_orders = orders[::-1]
-            s.quad_panels += quad.panels
-            s.quad_refinements += quad.refinements
-            s.quad_unconverged += quad.unconverged
-            if quad.err_sq is not None:
-                s.quad_error = float(quad.err_sq.sqrt() / _norm(grads))
-            s.vmap_fallback = s.vmap_fallback or not prob.vmap_ok
-        return (None, a, t_grad, *grads)
+            def states(s):
+                zs = path.dense(s)
+                return zs[:, 0], zs[:, 1]
+        else:
+
+            def states(s):
+                return fwd(s), path.dense(s)
+
+        if ctx.orders is not None:
+            n = torch.tensor(ctx.orders)
+            panels = _panels.Panels(torch.tensor(times[:-1]), torch.tensor(times[1:]), n,
+                                    torch.arange(len(n)), 0, 0, float("nan"))  # fmt: skip
+        else:
+            with record_function("gq::choose_panels"):
+                panels = choose_panels(_probe(path.dense, fwd), times, path.dense.breakpoints(), cfg.quad_rtol,
+                                       device=sol.device, dtype=sol.dtype)  # fmt: skip
+        nodes, weights, owner = panels.nodes_and_weights(sol.dtype, sol.device)
+        orders = torch.bincount(owner, minlength=len(times) - 1).tolist()
+        z, a_n = states(nodes)
+        part, _, quad.t_integral = quad._sum(nodes.to(t.dtype), z, a_n, weights)
+        quad.nodes, quad.panels = len(nodes), len(panels.order)
+        quad.refinements, quad.unconverged = panels.refinements, panels.unconverged
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, part)]
+    else:
+        grads = []
+    t_grad = _t_grad(ctx, quad, grad_sol) if need_t else None
+    if prob.stats is not None:
+        s = prob.stats
+        s.nfe_backward += rhs.nfe - nfe_start
+        s.quad_nodes += quad.nodes
+        s.quad_calls += quad.calls
+        s.quad_orders = orders
+        s.quad_panels += quad.panels
+        s.quad_refinements += quad.refinements
+        s.quad_unconverged += quad.unconverged
+        s.quad_error = panels.error if panels is not None else float("nan")
+        s.backsolve_fallbacks += fallback
+        s.vmap_fallback = s.vmap_fallback or not prob.vmap_ok
+    return (None, a, t_grad, *grads)
+
+
+def _probe(dense, fwd) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Free projections of the integrand at times s: a * dz/dt and a * z, elementwise (see `_panels`)."""
+
+    def probe(s):
+        if fwd is None:
+            za, slope = dense(s), dense.derivative(s)[:, 0]
+            z, a = za[:, 0], za[:, 1]
+        else:
+            z, a, slope = fwd(s), dense(s), fwd.derivative(s)
+        m = len(s)
+        return torch.cat([(a * slope).reshape(m, -1), (a * z).reshape(m, -1)], dim=1)
+
+    return probe
+
+
+def _forward_dense(prob: _Problem, y0: torch.Tensor, t: torch.Tensor):
+    """The forward solve again, keeping its dense output (what backward_state='interpolate' keeps)."""
+    cfg, rhs = prob.config, prob.rhs
+    recorder = StepRecorder(SOLVERS[cfg.method], reverse=bool(t[0] > t[1]))
+    watched = FlatRHS(rhs.func, rhs.shapes, recorder=recorder)
+    with torch.no_grad():
+        out = torchdiffeq.odeint(watched, y0, t, rtol=cfg.rtol, atol=cfg.atol, method=cfg.method,
+                                 options=dict(cfg.options))  # fmt: skip
+    rhs.nfe += watched.nfe
+    return recorder.finish(t[-1], out[-1])
 
 
 class _BackwardPath:

@@ -30,6 +30,8 @@ class GQStats:
     quad_error: float = float("nan")
     knots: int = 0  # forward checkpoints kept for backward_state="interpolate"
     vmap_fallback: bool = False
+    # backward passes that switched to the kept forward solution because backsolving z failed
+    backsolve_fallbacks: int = 0
 
     def reset(self) -> None:
         for f in dataclasses.fields(self):

@@ -150,3 +150,19 @@ def test_ray_driver_killed_and_rerun_resumes(cluster, tmp_path):
     df = pd.read_parquet(out / "results.parquet")
     assert df["case_id"].nunique() == 4 and len(df) == 4 * FAST.repeats and set(df["status"]) == {"ok"}
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cases").glob("*.json") if p.name in first} == first
+
+
+def test_ray_runs_a_user_problem_from_the_drivers_folder(cluster, tmp_path, monkeypatch):
+    """A user's "model.py:make" relative to the driver's working directory: Ray's workers run elsewhere, the
+    problem root travels with the task, and the reference computed on the node comes back under the file's hash."""
+    import shutil
+
+    shutil.copy(Path(__file__).resolve().parent.parent / "examples" / "spiral.py", tmp_path / "model.py")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GQBENCH_PROBLEM_ROOT", raising=False)
+    cases = [Case(m, "model.py:make", 4, 2, rtol=1e-3, atol=1e-3, threads=1) for m in ("torch_direct", "torch_gq")]
+    df = run_grid(cases, tmp_path / "out", settings=FAST, progress=False, executor="ray")
+    assert set(df["status"]) == {"ok"}, df["error"].unique()
+    assert (df["grad_rel_err"] < 0.05).all()
+    refs = [p.name for p in (tmp_path / "out" / "references").glob("*.npz")]
+    assert len(refs) == 1 and refs[0].startswith("user-model.py_make-")

@@ -45,10 +45,13 @@ def test_warm_start_axis_applies_to_gq_only():
     assert {c.warm_start for c in s.cases if c.method == "torch_direct"} == {None}
     gq = [c for c in s.cases if c.method == "torch_gq"]
     assert sorted(c.warm_start for c in gq) == [False, False, True, True]
-    assert {c.label for c in gq} == {"torch_gq[gtol=0.1]", "torch_gq[gtol=0.1,warm]"}
-    cold = next(c for c in gq if not c.warm_start)
-    assert cold.case_id == cold.with_(warm_start=None).case_id  # unset and off hash alike (stable ids)
+    assert {c.label for c in gq} == {"torch_gq[gtol=0.1]", "torch_gq[gtol=0.1,cold]"}  # warm is the default
+    cold = next(c for c in gq if c.warm_start is False)
+    # Unset means the implementation's default (warm): off must not share its id.
+    assert cold.case_id != cold.with_(warm_start=None).case_id
     assert cold.case_id != cold.with_(warm_start=True).case_id
+    default = parse_spec(spec(gtol=[0.1], quadrature=["gtol"])).cases
+    assert list(default) == [c for c in s.cases if c.warm_start is not False]
 
 
 def test_quad_order_alone_drops_default_gtol():

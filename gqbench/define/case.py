@@ -78,7 +78,8 @@ class Case:
         canon = {k: (float(v) if isinstance(v, float) else v) for k, v in self.to_dict().items()}
         # Fields added after the first release hash only when set, so earlier ids stay valid.
         for late in ("warm_start", "quadrature", "epochs", "ncosines", "lr"):
-            if not canon[late]:
+            # warm_start=False (cold, no longer the default) hashes; None hashes like before.
+            if canon[late] is None or (not canon[late] and late != "warm_start"):
                 del canon[late]
         blob = json.dumps(canon, sort_keys=True, separators=(",", ":"))
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
@@ -95,8 +96,8 @@ class Case:
             opts.append(f"gtol={self.gtol:g}")
         if self.backward_state not in (None, "backsolve"):
             opts.append(self.backward_state)
-        if self.warm_start:
-            opts.append("warm")
+        if self.warm_start is False:  # warm starts are the default
+            opts.append("cold")
         if self.ncosines is not None:
             opts.append(f"nc={self.ncosines}")
         return f"{self.method}[{','.join(opts)}]" if opts else self.method

@@ -15,6 +15,9 @@ Rules:
   one case per gtol value), "fixed" (one case per quad_order value). Without a `quadrature` axis, a
   spec that names `gtol` or `quad_order` runs those rules beside "adaptive".
 - `batch` omitted: each problem's default batch; `width` omitted: each problem's default width.
+- `problem` also takes a user's factory, "pkg.module:make" or "path/to/file.py:make"
+  (`gqbench.define.user_problems`): it is imported here, so a bad path stops the spec; its signature's
+  defaults of width and batch are the defaults.
 - Training problems (`gqbench.training`, e.g. sde_ou, images): every case trains for `epochs` (default: the
   problem's) with Adam at `lr` (default: the problem's, on problems that take it from the case);
   `ncosines` (Wong–Zakai noise terms) applies to torch_gq on SDE problems only. All three are None on
@@ -42,7 +45,7 @@ DEFAULT_AXES = dict(
     quadrature=["adaptive"],
     gtol=[0.1],
     backward_state=["backsolve"],
-    warm_start=[False],
+    warm_start=[True],  # odeint_adjoint_gq's default
     solver=["dopri5"],
     device=["cpu"],
     dtype=["float32"],
@@ -165,6 +168,7 @@ def _expand(axes: dict, where: str) -> list[Case]:
     from ..training import TRAINING_PROBLEMS
     from .methods import METHODS, TrainingOnly
     from .problems import PROBLEMS
+    from .user_problems import UserProblem, UserProblemError, is_user_problem, training_problem
 
     for key in axes:
         if key not in AXES + AXIS_OPTIONS:
@@ -177,7 +181,20 @@ def _expand(axes: dict, where: str) -> list[Case]:
         if key not in ax:
             _fail(where, key, f"is missing; add e.g. {key} = [{_example(key)}]")
     _choices(where, "method", ax["method"], list(METHODS))
-    _choices(where, "problem", ax["problem"], list(dict.fromkeys([*PROBLEMS, *TRAINING_PROBLEMS])))
+    # A user's "pkg.module:make" / "file.py:make" (or a training problem instance): imported here, so a bad one
+    # stops the spec.
+    user, user_training = {}, {}
+    for name in ax["problem"]:
+        if is_user_problem(name):
+            try:
+                if (trainer := training_problem(name)) is not None:
+                    user_training[name] = trainer
+                else:
+                    user[name] = UserProblem.named(name)
+            except UserProblemError as exc:
+                raise GridSpecError(f"{where}: {exc}") from None
+    known = list(dict.fromkeys([*PROBLEMS, *TRAINING_PROBLEMS]))
+    _choices(where, "problem", [p for p in ax["problem"] if not is_user_problem(p)], known + ["'pkg.module:make'"])
     _choices(where, "backward_state", ax["backward_state"], BACKWARD_STATES)
     _choices(where, "quadrature", ax["quadrature"], QUADRATURES)
     for v in ax["warm_start"]:
@@ -210,7 +227,7 @@ def _expand(axes: dict, where: str) -> list[Case]:
     quad += [("fixed", None, n) for n in ax.get("quad_order", []) if "fixed" in rules]
     cases = []
     for method, problem_name in itertools.product(ax["method"], ax["problem"]):
-        training = TRAINING_PROBLEMS.get(problem_name)
+        training = TRAINING_PROBLEMS.get(problem_name) or user_training.get(problem_name)
         if problem_name in PROBLEMS and "epochs" not in ax:
             training = None  # g1d, spheres, sines: one gradient unless the spec asks for training
         if "lr" in ax and (training is None or training.default_lr is None):
@@ -220,7 +237,7 @@ def _expand(axes: dict, where: str) -> list[Case]:
                 f"does not apply to {problem_name!r}; give lr only to training problems that take it"
                 f" ({', '.join(p for p, t in TRAINING_PROBLEMS.items() if t.default_lr is not None)})",
             )
-        problem = training or PROBLEMS[problem_name]
+        problem = training or user.get(problem_name) or PROBLEMS[problem_name]
         if training is not None and training.unsupported(method):
             _fail(where, "method", f"{method!r}: {training.unsupported(method)}; give it its own [[grid]]")
         if training is None and isinstance(METHODS[method], TrainingOnly):
@@ -232,9 +249,16 @@ def _expand(axes: dict, where: str) -> list[Case]:
         lrs = ax.get("lr", [training.default_lr]) if training is not None else [None]
         widths = ax.get("width", [problem.default_width])
         batches = ax.get("batch", [problem.default_batch])
+        for key, values in (("width", widths), ("batch", batches)):
+            if None in values:  # a user's factory without a default for it
+                _fail(where, key, f"is missing for {problem_name!r}, whose make() has no default {key}; add "
+                      f"{key} = [...] or give make a default ({key}: int = ...)")  # fmt: skip
         is_quad = METHODS[method].quadrature
         quad_points = (
-            [(q, g, n, b, ws) for (q, g, n), b, ws in itertools.product(quad, ax["backward_state"], ax["warm_start"])]
+            [
+                (q, g, n, b, ws if METHODS[method].warm_starts else None)
+                for (q, g, n), b, ws in itertools.product(quad, ax["backward_state"], ax["warm_start"])
+            ]
             if is_quad
             else [(None, None, None, None, None)]
         )

@@ -54,6 +54,8 @@ class _JaxMethod(AbstractMethod):
             return "jax/diffrax are not installed; pip install 'gqbench[jax]'"
         if case.solver not in _SOLVERS:
             return f"solver {case.solver!r} has no diffrax counterpart here (have {', '.join(_SOLVERS)})"
+        if ":" in case.problem:
+            return f"{case.problem} is a user problem: the torch methods run it (a JAX twin is not supported yet)"
         if case.problem not in _LOSS_PROBLEMS:
             return f"problem {case.problem!r} has no JAX loss in gqbench.define.jax_methods"
         if case.device.startswith("cuda") and not any(

@@ -56,6 +56,7 @@ class AbstractMethod(abc.ABC):
     description: str
     backend: ClassVar[str] = "torch"
     quadrature: ClassVar[bool] = False
+    warm_starts: ClassVar[bool] = False  # the warm_start axis applies (torch_gq only)
     needs_reference: ClassVar[bool] = True  # False: no gradient error column (test stubs)
 
     def unsupported(self, case: Case) -> str | None:
@@ -158,12 +159,15 @@ class TorchBaseline(AbstractMethod):
 @dataclasses.dataclass(frozen=True)
 class TorchGQ(AbstractMethod):
     quadrature: ClassVar[bool] = True
+    warm_starts: ClassVar[bool] = True
 
     def solver(self, case: Case):
         """`solve(func, y0, t)`: GQ with the case's quadrature settings (also what training runs call)."""
         import impls
 
-        kw = dict(_tols(case), backward_state=case.backward_state or "backsolve", warm_start=bool(case.warm_start))
+        kw = dict(_tols(case), backward_state=case.backward_state or "backsolve")
+        if case.warm_start is not None:  # None: the implementation's default (on)
+            kw["warm_start"] = bool(case.warm_start)
         if case.quadrature == "fixed" or (case.quadrature is None and case.quad_order is not None):
             kw["quad_order"] = case.quad_order
         elif case.quadrature == "gtol" or (case.quadrature is None and case.gtol is not None):

@@ -264,6 +264,36 @@ class _ForcedField(nn.Module):
         return self.mlp(t, torch.cat([y, torch.ones_like(y[..., :1]) * torch.sin(self.frequency * t)], dim=-1))
 
 
+@dataclasses.dataclass(frozen=True)
+class VanDerPol(AbstractProblem):
+    """Van der Pol, dx/dt = v, dv/dt = mu (1 - x^2) v - x, mu = 5 the parameter (width unused), observed at
+    4 times on [0, 12], loss sum of y^2 at all of them. Its limit cycle attracts, so solving the state
+    backwards from the end leaves it and blows up: torchdiffeq's adjoint and seminorm adjoint, and GQ
+    backsolving z, stop with "underflow in dt"; GQ with backward_state="interpolate" and direct backprop do
+    not (`gqbench advise vanderpol --rtol 1e-6 --dtype float64`: 2.9e-5 and 1.7e-5 off the reference)."""
+
+    mu: float = 5.0
+    span: float = 12.0
+    n_obs: int = 4
+
+    def _make(self, *, width, batch, gen):
+        func = _VanDerPolField(self.mu)
+        x0 = 1.0 + torch.rand(batch, 1, generator=gen)
+        y0 = torch.cat([x0, torch.zeros(batch, 1)], dim=1)
+        t = torch.linspace(0.0, self.span, self.n_obs)
+        return func, y0, t, _fixed(lambda ys: ys.pow(2).sum() / ys.shape[1])
+
+
+class _VanDerPolField(nn.Module):
+    def __init__(self, mu: float):
+        super().__init__()
+        self.mu = nn.Parameter(torch.tensor(mu))
+
+    def forward(self, t, y):
+        x, v = y[..., :1], y[..., 1:]
+        return torch.cat([v, self.mu * (1 - x**2) * v - x], dim=-1)
+
+
 class _LinearField(nn.Module):
     def __init__(self, width: int):
         super().__init__()
@@ -283,12 +313,28 @@ PROBLEMS: dict[str, AbstractProblem] = {
         Linear("linear", "dy/dt = A y (closed form; width = state size) for validation", 0, 10, 8),
         CubicOscillator("oscillator", "hard: (y^3) A + small MLP, 10 times on [0, 25] (long, oscillating)", 2, 16),
         ForcedMLP("forced_mlp", "hard: MLP(y, sin 8t), 3 times on [0, 6] (long intervals, oscillating)", 2, 16),
+        VanDerPol(
+            "vanderpol",
+            "hard for adjoints: Van der Pol mu = 5 (the parameter; width unused), 4 times on [0, 12]",
+            2,
+            4,
+            1,
+        ),
     )
 }
 
 
 def get_problem(name: str) -> AbstractProblem:
+    """A built-in problem by name, or a user's factory named "pkg.module:make" / "path/to/file.py:make"
+    (`gqbench.define.user_problems`)."""
+    from .user_problems import UserProblem, is_user_problem
+
+    if is_user_problem(name):
+        return UserProblem.named(name)
     try:
         return PROBLEMS[name]
     except KeyError:
-        raise KeyError(f"unknown problem {name!r}; known problems: {', '.join(PROBLEMS)}") from None
+        raise KeyError(
+            f"unknown problem {name!r}; known problems: {', '.join(PROBLEMS)}, or your own as 'pkg.module:make' "
+            "or 'path/to/file.py:make'"
+        ) from None

@@ -13,11 +13,13 @@ the CPUs or GPU for becomes skipped rows at once (Ray would wait for such a node
 Nodes need not share a file system: a task works in a temporary folder on its node, gets the
 reference gradients the driver has through Ray's object store (each moves to a node at most once),
 and sends back its results, the logs of its failed cases and the references it computed, which the
-driver writes into the run folder.
+driver writes into the run folder. User problems ("path/to/file.py:make") resolve against the driver's
+problem root on every node (`gqbench.define.user_problems`).
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +31,7 @@ from ..measurement.measure import failure_rows, reference_path
 REFRESH_S = 30.0  # how often the driver looks for nodes that joined while every task is still running
 
 
-def _run_group_task(cases: list[dict], settings: dict, references: dict) -> dict:
+def _run_group_task(cases: list[dict], settings: dict, references: dict, environ: dict) -> dict:
     import shutil
     import tempfile
 
@@ -40,6 +42,7 @@ def _run_group_task(cases: list[dict], settings: dict, references: dict) -> dict
     from .group import machine_name, run_group
 
     work = Path(tempfile.mkdtemp(prefix="gqbench-ray-"))
+    os.environ.update(environ)  # the driver's problem root: the workers started here inherit it
     try:
         ref_dir = work / "references"
         for name, obj in references.items():
@@ -85,8 +88,10 @@ def run_groups(
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     except ImportError:
         raise RuntimeError("--executor ray needs the ray extra: pip install -e '.[ray]'") from None
+    from ..define.user_problems import ROOT_ENV, problem_root
     from ..results.tables import write_atomic
 
+    environ = {ROOT_ENV: str(problem_root())}
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     task = ray.remote(max_retries=1)(_run_group_task)  # Ray reruns a task whose worker or node was lost, once
@@ -113,7 +118,7 @@ def run_groups(
             # soft: Ray's retry of a task whose node was lost may run on another node
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=True),
         )
-        ref = task.options(**opts).remote([c.to_dict() for c in group], vars(settings), references(group))
+        ref = task.options(**opts).remote([c.to_dict() for c in group], vars(settings), references(group), environ)
         running[ref] = (node, group)
         busy[node] += 1
 

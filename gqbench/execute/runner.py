@@ -14,8 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..define.case import Case
-from ..define.grid import RunSettings
-from ..measurement.launch import PACKAGE_ROOT, Worker, WorkerFailed, run_to_end, worker_env  # noqa: F401 (re-exported)
+from ..define.grid import GridSpecError, RunSettings
+from ..measurement.launch import (  # noqa: F401 (re-exported)
+    PACKAGE_ROOT,
+    Worker,
+    WorkerFailed,
+    check_user_problems,
+    run_to_end,
+    worker_env,
+)
 from ..results.tables import rebuild_results, rebuild_tables, write_atomic, write_case, write_table
 from .group import comparison_groups, group_key, machine_name, run_group  # noqa: F401 (re-exported)
 
@@ -71,8 +78,12 @@ def run_grid(
     # A comparison group is finished only when every case of it has its file: a group cut short (a kill
     # while its cases' files were being written) runs again whole, so its rounds stay paired.
     todo = [c for g in comparison_groups(cases) if any(c.case_id not in done for c in g) for c in g]
+    user = _user_problems(cases, out_dir, resuming=len(todo) < len(cases))
+    check_user_problems(todo, out_dir / "logs" / "check.log", settings.timeout)  # before any case starts
     env = environment(threads=sorted({c.threads for c in cases}))
     env.update(executor=executor, per_node=per_node, shard=shard, grid=grid)
+    if user:
+        env["user_problems"] = user
     _write_environment(out_dir, env, spec, settings, n_cases=len(cases), n_done=len(cases) - len(todo))
     machine = machine_name()
     console = Console(stderr=True, quiet=not progress)
@@ -111,6 +122,26 @@ def run_grid(
             bar.advance(task)
             rebuild_results(out_dir)
     return rebuild_results(out_dir)
+
+
+def _user_problems(cases, out_dir: Path, resuming: bool) -> dict:
+    """{name: {file, sha}} of the user problems among `cases`. A resumed run stops (one line) when a model's
+    file changed since its first cases ran: their rows would mix two models under one name."""
+    from ..define.user_problems import fingerprint, is_user_problem, source_file
+
+    names = dict.fromkeys(c.problem for c in cases if is_user_problem(c.problem))
+    user = {name: dict(file=str(source_file(name)), sha=fingerprint(name)) for name in names}
+    path = out_dir / "environment.json"
+    if user and resuming and path.exists():
+        try:
+            before = json.loads(path.read_text()).get("user_problems") or {}
+        except (OSError, ValueError):
+            before = {}
+        for name, now in user.items():
+            if name in before and before[name].get("sha") != now["sha"]:
+                raise GridSpecError(f"{now['file']} changed since {out_dir} ran cases of {name!r}; give a new --out "
+                                    f"(or delete {out_dir / 'cases'}) to measure the edited model")  # fmt: skip
+    return user
 
 
 def _run_locally(groups, out_dir, settings, ref_dir, failed_refs, console, bar, task):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import datetime
+import importlib.util
 import os
 import platform
 import subprocess
@@ -72,4 +74,29 @@ def environment(threads: int | None = None) -> dict:
         threads=threads,
         gpus=_gpus(),
         versions=versions,
+        gq_defaults=gq_defaults(),
     )
+
+
+# odeint_adjoint_gq's keyword defaults that decide what "torch_gq" with unset options means.
+_GQ_KEYS = ("quadrature", "gtol", "quad_order", "quad_rtol", "quad_atol", "backward_state", "warm_start", "quad_batch")
+
+
+def gq_defaults() -> dict:
+    """The defaults of `impls.odeint_adjoint_gq` as written in its source (read with `ast`: no torch import)."""
+    spec = importlib.util.find_spec("impls")
+    if spec is None or spec.origin is None:
+        return {}
+    src = Path(spec.origin).with_name("_gq.py")
+    try:
+        tree = ast.parse(src.read_text())
+    except (OSError, SyntaxError):
+        return {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == "odeint_adjoint_gq":
+            args = node.args.kwonlyargs
+            vals = {a.arg: d for a, d in zip(args, node.args.kw_defaults) if d is not None}
+            out = {k: ast.literal_eval(vals[k]) for k in _GQ_KEYS if k in vals}
+            out["quadrature"] = out.get("quadrature") or "adaptive"  # None picks the adaptive rule
+            return {k: v for k, v in out.items() if v is not None}
+    return {}

@@ -36,6 +36,10 @@ def worker_env(case: Case) -> dict:
         PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")])),
     )
     env.pop("MALLOC_MMAP_THRESHOLD_", None)  # an inherited setting would slow every timed call
+    if ":" in case.problem:  # a user's problem: its relative path resolves against the same folder here
+        from ..define.user_problems import ROOT_ENV, problem_root
+
+        env[ROOT_ENV] = str(problem_root())
     return env
 
 
@@ -135,6 +139,30 @@ class Worker:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def check_user_problems(cases, log: Path, timeout: float) -> None:
+    """Build every user problem of `cases` ("pkg.module:make", "file.py:make") in a fresh worker, as their
+    cases' workers will (each width, batch, dtype and device, and float64 for the reference), and test the
+    contract. Raises `UserProblemError` (one line naming the fix) before any case starts."""
+    from ..define.user_problems import UserProblemError
+
+    combos = {}
+    for c in cases:
+        if ":" in c.problem and c.epochs is None:
+            for dtype, device in ((c.dtype, c.device), ("float64", "cpu")):
+                p = dict(name=c.problem, width=c.width, batch=c.batch, dtype=dtype, device=device, seed=c.seed)
+                combos[tuple(p.values())] = p
+    if not combos:
+        return
+    case = next(c for c in cases if ":" in c.problem)
+    try:
+        reply = run_to_end(dict(kind="check", case=case.to_dict(), problems=list(combos.values())), case, log, timeout)
+    except WorkerFailed as exc:
+        raise UserProblemError(f"checking {case.problem}: {exc} (log: {log})") from None
+    if reply.get("errors"):
+        raise UserProblemError(reply["errors"][0])
+    log.unlink(missing_ok=True)  # logs are kept for failures only
 
 
 def run_to_end(job: dict, case: Case, log: Path, timeout: float, module: str = "gqbench.measurement.worker") -> dict:

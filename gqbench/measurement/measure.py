@@ -307,8 +307,14 @@ def reference_dir(cache_dir: str | Path | None = None) -> Path:
 
 
 def reference_path(case: Case, cache_dir: str | Path | None = None) -> Path:
+    """A user problem's file name carries a hash of its source file: an edited model gets a new reference."""
     problem, width, batch, seed = case.reference_key
-    return reference_dir(cache_dir) / f"{problem}-w{width}-b{batch}-s{seed}.npz"
+    stem = problem
+    if ":" in problem:  # "pkg.module:make" / "file.py:make" (imported only then: it loads torch)
+        from ..define.user_problems import cache_name
+
+        stem = cache_name(problem)
+    return reference_dir(cache_dir) / f"{stem}-w{width}-b{batch}-s{seed}.npz"
 
 
 def reference_gradients(case: Case, *, cache_dir: str | Path | None = None) -> list[np.ndarray]:

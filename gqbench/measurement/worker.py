@@ -5,6 +5,8 @@ Messages go to the parent as JSON lines on file descriptor FD (stdout and stderr
 and go to the case's log). Commands come on stdin, one per line.
 
 kind "reference": computes and caches the float64 reference gradient, then sends {"rows": []}.
+kind "check": builds each of `problems` (user problems: name, width, batch, dtype, device, seed) and tests its
+  contract -> {"errors": [one line each]}; the runner does this before any case starts.
 kind "profile": `gqbench profile`'s traced steps -> {"profile": phases} (or {"error": ...}).
 kind "alternate": every case of `cases` (a comparison group) in this one process, timed alternately
   for `repeats` rounds -> {"rows": samples} (`benchmarks/alternate.py`'s check of the runner's ratios).
@@ -71,6 +73,9 @@ def serve(job: dict, send, commands) -> None:
         reference_gradients(case, cache_dir=job.get("reference_dir"))
         send({"rows": []})
         return
+    if job["kind"] == "check":
+        send({"errors": _check_problems(job["problems"])})
+        return
     if job["kind"] == "profile":
         from .profile import profile_case
 
@@ -124,12 +129,32 @@ def serve(job: dict, send, commands) -> None:
             return fail(exc)
 
 
+def _check_problems(problems: list[dict]) -> list[str]:
+    """The user problems' contract, each as a case's worker will build it: a one-line error for each that fails."""
+    from ..define.user_problems import UserProblemError, check
+
+    errors = []
+    for p in problems:
+        if p["device"].startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                continue  # its cases are skipped rows on this machine
+        try:
+            check(**p)
+        except UserProblemError as exc:
+            errors.append(str(exc))
+        except Exception as exc:  # noqa: BLE001 -- anything else the user's code raised: one line
+            errors.append(f"{p['name']}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+    return errors
+
+
 def _run_training(case, job: dict) -> dict:
-    from ..training import TRAINING_PROBLEMS
+    from ..training import get_training_problem
     from .measure import classify, failure_rows, one_line
 
     try:
-        problem = TRAINING_PROBLEMS[case.problem]
+        problem = get_training_problem(case.problem)
         rows, tables = problem.run(case=case, cache_dir=job.get("reference_dir"))
     except BaseException as exc:  # noqa: BLE001 -- every failure of a case becomes a row
         if isinstance(exc, KeyboardInterrupt):

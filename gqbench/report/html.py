@@ -149,6 +149,9 @@ def _env_rows(env: dict) -> list[tuple[str, str]]:
         ("python / platform", f"{env.get('python', '?')} / {env.get('platform', '?')}"),
         ("libraries", ", ".join(f"{k} {v}" for k, v in versions.items() if v)),
     ]
+    gq = env.get("gq_defaults")
+    if gq:  # what torch_gq with unset options ran: defaults change between versions
+        rows.append(("odeint_adjoint_gq defaults", ", ".join(f"{k}={v}" for k, v in gq.items())))
     settings = env.get("settings")
     if settings:
         rows.append(("run settings", ", ".join(f"{k}={v}" for k, v in settings.items())))

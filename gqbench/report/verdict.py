@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 
 from ..define.case import QUAD_METHODS
+from ..results.advice import REACH, reach
 from ..results.ratios import paired_speedups
 
 POINT = ["problem", "width", "rtol", "device", "dtype"]
-# A method's gradient is "within reach" of the tolerance when its error is at most this many times
-# the larger of rtol and the best error any method reached at that point.
-REACH = 10.0
+# A method's gradient is "within reach" of the tolerance when its error is at most REACH times the larger of
+# rtol and the best error reached at that point (gqbench.results.advice says why; `gqbench advise` uses it too).
 
 
 def preferred_gq(labels) -> str | None:
@@ -35,9 +35,7 @@ def verdict_table(df: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
     for key, g in summary.groupby(POINT, sort=True):
         point = dict(zip(POINT, key))
         err = g["grad_rel_err"]
-        best = np.nanmin(err.to_numpy()) if err.notna().any() else np.nan
-        reach = REACH * max(point["rtol"], best) if best == best else np.inf
-        ok = g[(err <= reach) | err.isna()]
+        ok = g[(err <= reach(point["rtol"], err)) | err.isna()]
         fastest = ok.loc[ok["total_s"].idxmin()] if not ok.empty else None
         gq_label = preferred_gq(g.loc[g["method"].isin(QUAD_METHODS), "label"])
         row = dict(point)

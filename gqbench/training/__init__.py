@@ -6,7 +6,8 @@ and its per-epoch rows in `epochs.parquet` (plus any further tables, e.g. `sde_b
 
 To add a training problem: subclass `AbstractTrainingProblem` (or, for a neural ODE trained on a data set,
 `gqbench.training.experiments.ODEExperiment`, which needs only data, model, loss and metric) and add it to
-`TRAINING_PROBLEMS` with `register_training_problem`.
+`TRAINING_PROBLEMS` with `register_training_problem`, or name an instance of it in your own module in a grid
+spec ("pkg.module:problem", "path/to/file.py:problem"; `get_training_problem`).
 """
 
 from __future__ import annotations
@@ -82,6 +83,19 @@ def register_training_problem(problem: AbstractTrainingProblem, *, replace: bool
         raise ValueError(f"training problem {problem.name!r} is already registered; pass replace=True to override it")
     TRAINING_PROBLEMS[problem.name] = problem
     return problem
+
+
+def get_training_problem(name: str) -> AbstractTrainingProblem:
+    """A registered training problem, or a user's named "pkg.module:problem" / "path/to/file.py:problem" (an
+    instance of an `AbstractTrainingProblem` subclass in that module)."""
+    if ":" in name:
+        from ..define.user_problems import UserProblemError, training_problem
+
+        problem = training_problem(name)
+        if problem is None:
+            raise UserProblemError(f"problem {name!r} is not an AbstractTrainingProblem; it cannot train (drop epochs)")
+        return problem
+    return TRAINING_PROBLEMS[name]
 
 
 _SDE = dict(module="gqbench.training.sde_ou", methods=("torch_gq", "sde_direct", "sde_adjoint"), noise_axis=True,

@@ -300,7 +300,9 @@ def settings_for(case, problem) -> OUSettings:
     """A case (and its training problem's options) -> OUSettings; GQ's options pass through as keywords."""
     gq = {}
     if case.method == "torch_gq":
-        gq = dict(backward_state=case.backward_state or "backsolve", warm_start=bool(case.warm_start))
+        gq = dict(backward_state=case.backward_state or "backsolve")
+        if case.warm_start is not None:
+            gq["warm_start"] = bool(case.warm_start)
         if case.quad_order is not None:
             gq["quad_order"] = case.quad_order
         elif case.gtol is not None:

@@ -1,0 +1,185 @@
+"""One backward solve across all observation times, for torchdiffeq's adaptive Runge-Kutta tableaus.
+
+torchdiffeq's `odeint` per observation interval restarts the solver at every t_i: an initial-step
+heuristic (one more evaluation), a few short steps growing back to a size already found, and its
+own set-up, callbacks and dense-output bookkeeping -- on problems with many observation times that
+overhead, not arithmetic, is what the backward pass costs. Here one loop walks t_N -> t_0: steps
+end exactly on every t_i, the adjoint jumps there (a += dL/dy(t_i)), f is evaluated once at the
+new state and the step size carries on. Every accepted step keeps torchdiffeq's own quartic dense
+output (its `_interp_fit` on the tableau's `mid`), so the quadrature reads [z, a] anywhere.
+
+The stepping follows torchdiffeq's `RKAdaptiveStepsizeODESolver` (same tableau, error ratio,
+controller and options), so at the same tolerances the backward solve is as accurate as the one
+`odeint` would take. A step whose state is not finite is rejected and retried smaller; when the
+step size underflows, the state stays non-finite or `max_num_steps` runs out, `SweepFailed` says
+why (the caller may then switch to the kept forward solution).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+from torchdiffeq._impl.interp import _interp_fit  # pinned torchdiffeq==0.2.5
+from torchdiffeq._impl.misc import _rms_norm, _select_initial_step
+from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
+
+from ._dense import PiecewiseQuartic
+
+# Adjoint options this loop honours; any other (step_t, jump_t, perturb, ...) keeps torchdiffeq's
+# own per-interval solves.
+OPTIONS = frozenset({"first_step", "safety", "ifactor", "dfactor", "max_num_steps", "min_step", "max_step",
+                     "norm", "dtype"})  # fmt: skip
+# Non-finite trial steps in a row (each retried 5x shorter) before the solve is declared diverged.
+_MAX_NONFINITE = 12
+
+
+class SweepFailed(RuntimeError):
+    """The backward solve could not continue (step-size underflow, non-finite state, max steps)."""
+
+
+def supported(solver_cls: type, options: dict, rtol, atol) -> bool:
+    return (
+        issubclass(solver_cls, RKAdaptiveStepsizeODESolver)
+        and set(options) <= OPTIONS
+        and not torch.is_tensor(rtol)
+        and not torch.is_tensor(atol)
+    )
+
+
+@dataclasses.dataclass
+class Sweep:
+    """The backward path: dense output over all steps, where each interval's steps are, the end state."""
+
+    dense: PiecewiseQuartic
+    end: torch.Tensor  # the state at t_0 (before dL/dy(t_0) is added)
+    steps: int
+    rejected: int
+
+
+def sweep(
+    rhs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    state: torch.Tensor,
+    times: list[float],
+    jump: Callable[[int, torch.Tensor], torch.Tensor],
+    *,
+    solver_cls: type,
+    rtol: float,
+    atol: float,
+    options: dict,
+    first_step: float | None,
+    max_evals: int | None = None,
+) -> Sweep:
+    """Solve d state/dt = rhs(t, state) from times[-1] down the list to times[0].
+
+    At each times[i], 0 < i < len(times) - 1, the state becomes `jump(i, state)` before going on.
+    `first_step`: the size of the first step (a warm start); None uses torchdiffeq's heuristic.
+    `max_evals`: give up (SweepFailed) after this many evaluations of `rhs`.
+    """
+    tab = solver_cls.tableau
+    dtype, device = state.dtype, state.device
+    alpha = tab.alpha.tolist()
+    beta = [b.to(dtype=dtype, device=device) for b in tab.beta]
+    c_sol = tab.c_sol.to(dtype=dtype, device=device)
+    c_err = tab.c_error.to(dtype=dtype, device=device)
+    mid = solver_cls.mid.to(dtype=dtype, device=device)
+    fsal = bool(tab.c_sol[-1] == 0 and (tab.c_sol[:-1] == tab.beta[-1]).all())
+    order = solver_cls.order
+    safety = float(options.get("safety", 0.9))
+    ifactor = float(options.get("ifactor", 10.0))
+    dfactor = float(options.get("dfactor", 0.2))
+    max_steps = int(options.get("max_num_steps", 2**31 - 1))
+    min_step = float(options.get("min_step", 0.0))
+    max_step = float(options.get("max_step", math.inf))
+    norm = options.get("norm", _rms_norm)
+    default_norm = norm is _rms_norm
+
+    # tau = sign * t increases along the solve; the solver works in tau as torchdiffeq's does.
+    sign = 1.0 if times[0] > times[-1] else -1.0
+    shape, n = state.shape, state.numel()
+
+    evals = 0
+
+    def f(tau: float, y: torch.Tensor) -> torch.Tensor:
+        nonlocal evals
+        evals += 1
+        if max_evals is not None and evals > max_evals:
+            raise SweepFailed(f"more than {max_evals} evaluations")
+        t = torch.tensor(sign * tau, dtype=dtype, device=device)
+        return rhs(t, y.view(shape)).reshape(-1) * sign
+
+    y = state.reshape(-1).clone()
+    tau = sign * times[-1]
+    fy = f(tau, y)
+    if first_step is None:
+        tau_t = torch.tensor(tau, dtype=torch.float64, device=device)
+
+        def f_t(t_, y_):
+            return f(float(t_), y_)
+
+        dt = float(_select_initial_step(f_t, tau_t, y, order - 1, rtol, atol, norm, f0=fy))
+    else:
+        dt = abs(float(first_step))
+    k = torch.empty(len(alpha) + 1, n, dtype=dtype, device=device)
+    t0s, t1s, coeffs = [], [], []
+    steps = rejected = nonfinite = 0
+    for i in range(len(times) - 1, 0, -1):
+        target = sign * times[i - 1]
+        while tau < target:
+            if steps + rejected >= max_steps:
+                raise SweepFailed(f"max_num_steps exceeded ({max_steps})")
+            h = min(max(dt, min_step), max_step)
+            clipped = tau + h >= target
+            tau1 = target if clipped else tau + h
+            h = tau1 - tau
+            if not (h > 0 and tau + h > tau) or (h < 1e-14 * max(1.0, abs(tau)) and not clipped):
+                raise SweepFailed(f"underflow in dt {h:.3g} at t = {sign * tau:.6g}")
+            k[0] = fy
+            for s, (a_s, b_s) in enumerate(zip(alpha, beta)):
+                t_s = tau1 if a_s == 1.0 else tau + a_s * h
+                y_s = torch.addmv(y, k[: s + 1].T, b_s, alpha=h)
+                k[s + 1] = f(t_s, y_s)
+            y1 = y_s if fsal else torch.addmv(y, k.T, c_sol, alpha=h)
+            err = torch.mv(k.T, c_err) * h
+            if default_norm:
+                scale = torch.maximum(y.abs(), y1.abs()).mul_(rtol).add_(atol)
+                ratio = float(torch.linalg.vector_norm(err / scale) / math.sqrt(n))  # the step's one host read
+            else:
+                scale = torch.maximum(y.abs(), y1.abs()) * rtol + atol
+                ratio = float(norm((err / scale).view(shape)))
+            if not math.isfinite(ratio):
+                nonfinite += 1
+                rejected += 1
+                if nonfinite > _MAX_NONFINITE:
+                    raise SweepFailed(f"non-finite values in the backward state at t = {sign * tau:.6g}")
+                dt = h * dfactor
+                continue
+            nonfinite = 0
+            accept = ratio <= 1 or h <= min_step
+            if accept:
+                y_mid = torch.addmv(y, k.T, mid, alpha=h)
+                coeffs.append(torch.stack(_interp_fit(y, y1, y_mid, k[0], k[-1], h)))
+                t0s.append(sign * tau)
+                t1s.append(sign * tau1)
+                y, fy, tau = y1, k[-1].clone(), tau1
+                steps += 1
+            else:
+                rejected += 1
+            # torchdiffeq's controller (_optimal_step_size); a step shortened to land on t_i does
+            # not shrink the next one.
+            if ratio == 0:
+                factor = ifactor
+            else:
+                factor = min(ifactor, max(safety / ratio ** (1.0 / order), 1.0 if ratio < 1 else dfactor))
+            dt = max(h * factor, dt) if (accept and clipped) else h * factor
+        if i > 1:
+            y = jump(i - 1, y.view(shape)).reshape(-1)
+            fy = f(tau, y)
+    dense = PiecewiseQuartic(
+        torch.tensor(t0s, dtype=torch.float64),
+        torch.tensor(t1s, dtype=torch.float64),
+        torch.stack(coeffs).view(len(coeffs), 5, *shape),
+    )
+    return Sweep(dense=dense, end=y.view(shape), steps=steps, rejected=rejected)

@@ -1,0 +1,183 @@
+"""The backward pass as one solve across observation times, and one batched quadrature over all
+intervals: the same steps as torchdiffeq on one interval, the same gradient as interval-by-interval
+solves, batched calls that do not change the sums, and the recovery when backsolving z fails."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torchdiffeq
+from torchdiffeq._impl.odeint import SOLVERS
+
+from impls import gq_stats, odeint_adjoint_gq
+from impls._sweep import SweepFailed, sweep
+
+DT = torch.float64
+
+
+class Field(torch.nn.Module):
+    """A small MLP of (t, y): smooth, oscillating enough that the steps vary along the path."""
+
+    def __init__(self, dim: int = 3, width: int = 16, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w1 = torch.nn.Parameter(torch.randn(dim + 1, width, generator=g, dtype=DT) * 0.8)
+        self.w2 = torch.nn.Parameter(torch.randn(width, dim, generator=g, dtype=DT) * 0.5)
+        self.b = torch.nn.Parameter(torch.zeros(dim, dtype=DT))
+
+    def forward(self, t, y):
+        ty = torch.cat([y, torch.ones_like(y[..., :1]) * torch.sin(2 * t)], -1)
+        return torch.tanh(ty @ self.w1) @ self.w2 + self.b
+
+
+class Counting:
+    def __init__(self, f):
+        self.f, self.n = f, 0
+
+    def __call__(self, t, y):
+        self.n += 1
+        with torch.no_grad():
+            return self.f(t, y)
+
+
+class Accepting(Counting):
+    """Also records torchdiffeq's accepted steps (its solver callback)."""
+
+    def __init__(self, f):
+        super().__init__(f)
+        self.starts = []
+
+    def callback_accept_step(self, t0, y0, dt):
+        self.starts.append((float(t0), y0.clone()))
+
+
+@pytest.mark.parametrize("method", ["dopri5", "bosh3", "dopri8", "adaptive_heun"])
+@pytest.mark.parametrize("direction", [1.0, -1.0])
+def test_sweep_takes_torchdiffeq_steps_on_one_interval(method, direction):
+    """Cold start, one interval: torchdiffeq's accepted steps (to rounding: 1e-8), except that the last one is
+    shortened to end on the interval's end (torchdiffeq steps past it and interpolates back)."""
+    f = Field()
+    y0 = torch.randn(4, 3, dtype=DT, generator=torch.Generator().manual_seed(1))
+    span = [0.0, 3.0 * direction]
+    ours, theirs = Counting(f), Accepting(f)
+    out = torchdiffeq.odeint(theirs, y0, torch.tensor(span, dtype=DT), rtol=1e-6, atol=1e-7, method=method)[-1]
+    # `sweep` walks times[-1] -> times[0]
+    path = sweep(ours, y0, span[::-1], lambda i, y: y, solver_cls=SOLVERS[method], rtol=1e-6, atol=1e-7,
+                 options={}, first_step=None)  # fmt: skip
+    # landing on the end may save torchdiffeq's last step
+    assert len(theirs.starts) > 5 and path.steps in (len(theirs.starts), len(theirs.starts) - 1)
+    k = path.steps - 1  # the steps before the (possibly shortened) last one
+    starts = path.dense.t0.tolist()  # ascending in t
+    starts = starts if direction > 0 else starts[::-1]
+    assert [abs(s) for s in starts[:k]] == pytest.approx([abs(t0) for t0, _ in theirs.starts[:k]], rel=1e-8, abs=1e-12)
+    for s, (_, y) in zip(starts[:k], theirs.starts[:k]):
+        torch.testing.assert_close(path.dense(torch.tensor([s], dtype=DT))[0], y, rtol=1e-8, atol=1e-10)
+    exact = torchdiffeq.odeint(f, y0, torch.tensor(span, dtype=DT), rtol=1e-12, atol=1e-12, method="dopri8")[-1]
+    # landing on the end is no less accurate than interpolating back to it
+    assert (path.end - exact).norm() <= max(2 * (out - exact).norm(), 1e-7 * exact.norm())
+    assert ours.n <= theirs.n + 1
+
+
+def _grads(run, f, y0, t):
+    f.zero_grad()
+    y0 = y0.clone().requires_grad_(True)
+    ys = run(f, y0, t)
+    (ys**2).sum().backward()
+    return torch.cat([p.grad.reshape(-1) for p in f.parameters()] + [y0.grad.reshape(-1)])
+
+
+def _chained(f, y0, t, **kw):
+    """Interval by interval: one GQ call (its own backward solve, started afresh) per interval."""
+    ys, y = [y0], y0
+    for i in range(1, len(t)):
+        y = odeint_adjoint_gq(f, y, t[i - 1 : i + 1], **kw)[-1]
+        ys.append(y)
+    return torch.stack(ys)
+
+
+@pytest.mark.parametrize("backward_state", ["backsolve", "interpolate"])
+def test_carried_step_size_gives_the_gradient_of_interval_by_interval_solves(backward_state):
+    f = Field()
+    y0 = torch.randn(5, 3, dtype=DT, generator=torch.Generator().manual_seed(2))
+    t = torch.cat([torch.zeros(1, dtype=DT), torch.sort(torch.rand(11, dtype=DT) * 6).values])
+    kw = dict(rtol=1e-8, atol=1e-8, backward_state=backward_state)
+    with gq_stats() as one:
+        g_one = _grads(lambda f_, y_, t_: odeint_adjoint_gq(f_, y_, t_, **kw), f, y0, t)
+    with gq_stats() as many:
+        g_many = _grads(lambda f_, y_, t_: _chained(f_, y_, t_, **kw), f, y0, t)
+    ref = _grads(lambda f_, y_, t_: torchdiffeq.odeint(f_, y_, t_, rtol=1e-12, atol=1e-12, method="dopri8"), f, y0, t)
+    assert float((g_one - g_many).norm() / g_many.norm()) < 1e-6
+    assert float((g_one - ref).norm() / ref.norm()) < 1e-6
+    # one solve: no restart per observation time (the warm start, then carried step sizes)
+    assert one.nfe_backward < many.nfe_backward
+
+
+def test_all_intervals_share_batched_quadrature_calls():
+    f = Field()
+    y0 = torch.randn(2, 3, dtype=DT, generator=torch.Generator().manual_seed(3))
+    t = torch.linspace(0.0, 4.0, 21, dtype=DT)
+    with gq_stats() as whole:
+        g_whole = _grads(lambda f_, y_, t_: odeint_adjoint_gq(f_, y_, t_, rtol=1e-7, atol=1e-7), f, y0, t)
+    assert len(whole.quad_orders) == 20 and all(n >= 1 for n in whole.quad_orders)
+    assert whole.quad_calls == 1 and whole.quad_nodes == sum(whole.quad_orders)
+    with gq_stats() as chunked:
+        g_chunked = _grads(
+            lambda f_, y_, t_: odeint_adjoint_gq(f_, y_, t_, rtol=1e-7, atol=1e-7, quad_batch=3), f, y0, t
+        )
+    assert chunked.quad_nodes == whole.quad_nodes and chunked.quad_calls == math.ceil(whole.quad_nodes / 3)
+    torch.testing.assert_close(g_chunked, g_whole, rtol=1e-12, atol=1e-14)
+    # the paper's rule goes through the same batched call
+    with gq_stats() as paper:
+        odeint_adjoint_gq(f, y0, t, rtol=1e-7, atol=1e-7, gtol=0.1).sum().backward()
+    assert paper.quad_calls == 1 and len(paper.quad_orders) == 20
+
+
+class VanDerPol(torch.nn.Module):
+    def __init__(self, mu: float = 5.0):
+        super().__init__()
+        self.mu = torch.nn.Parameter(torch.tensor(mu, dtype=DT))
+
+    def forward(self, t, y):
+        x, v = y[..., 0], y[..., 1]
+        return torch.stack([v, self.mu * (1 - x**2) * v - x], -1)
+
+
+def test_backsolve_failure_falls_back_to_the_forward_solution():
+    """Van der Pol, mu = 5: backsolving z leaves the attracting limit cycle and the step size underflows
+    (torchdiffeq's adjoint stops there); GQ solves the forward again, keeps it and interpolates z."""
+    f = VanDerPol()
+    y0 = torch.tensor([[2.0, 0.0]], dtype=DT)
+    t = torch.linspace(0.0, 12.0, 4, dtype=DT)
+    with pytest.raises(AssertionError, match="underflow in dt"):
+        _grads(lambda f_, y_, t_: torchdiffeq.odeint_adjoint(f_, y_, t_, rtol=1e-6, atol=1e-6), f, y0, t)
+    with pytest.raises(SweepFailed):
+        with torch.no_grad():
+            yT = torchdiffeq.odeint(f, y0, t, rtol=1e-6, atol=1e-6)[-1]
+        sweep(Counting(f), yT, t.tolist(), lambda i, y: y, solver_cls=SOLVERS["dopri5"], rtol=1e-6, atol=1e-6,
+              options={}, first_step=None)  # fmt: skip
+    ref = _grads(lambda f_, y_, t_: torchdiffeq.odeint(f_, y_, t_, rtol=1e-12, atol=1e-12, method="dopri8"), f, y0, t)
+    with gq_stats() as stats, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        g = _grads(lambda f_, y_, t_: odeint_adjoint_gq(f_, y_, t_, rtol=1e-8, atol=1e-8), f, y0, t)
+    assert stats.backsolve_fallbacks == 1
+    assert any("backward_state='interpolate'" in str(w.message) for w in caught)
+    assert float((g - ref).norm() / ref.norm()) < 1e-5
+    with gq_stats() as direct_interp, warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for directly: no failed attempt, no warning
+        g2 = _grads(lambda f_, y_, t_: odeint_adjoint_gq(f_, y_, t_, rtol=1e-8, atol=1e-8,
+                                                        backward_state="interpolate"), f, y0, t)  # fmt: skip
+    assert direct_interp.backsolve_fallbacks == 0
+    torch.testing.assert_close(g2, g, rtol=1e-10, atol=1e-12)
+
+
+def test_environment_records_the_gq_defaults_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from gqbench.measurement.env import environment; e = environment(); "
+            "assert 'torch' not in sys.modules; print(e['gq_defaults'])")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "'warm_start': True" in out and "'quadrature': 'adaptive'" in out
