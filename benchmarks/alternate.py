@@ -1,10 +1,12 @@
 """The same comparison groups as `gqbench run`, but every method of a group prepared in ONE process
 and timed alternately round by round (the check a reader runs to see whether our ratios hold).
 
-    python benchmarks/alternate.py --preset ratios [--repeats 7] [--out alt.parquet] [--against RUN_DIR]
+    python benchmarks/alternate.py --preset ratios [--repeats 3] [--processes 4] [--out alt.parquet] [--against DIR]
 
-Each group gets its own fresh worker (gqbench's one launch path, job kind "alternate"): a process
-that had run other groups first has a grown heap, and direct backprop's large buffers then skip the
+Each group gets its own fresh workers (gqbench's one launch path, job kind "alternate"), `--processes` of
+them one after another (default: the preset's), each timing `--repeats` rounds; intervals are then over
+processes, as `gqbench run`'s (`results.ratios.ratio_ci`). A fresh one per group: a process that had run
+other groups first has a grown heap, and direct backprop's large buffers then skip the
 page faults they pay in a fresh process (g1d w=3000: 0.16 s instead of 0.27 s per backward), which
 is not what a user's training script sees. Timing is gqbench's own `warm_up`/`time_call`; the table
 is the one `gqbench run` prints. `--against RUN_DIR` (a `gqbench run` of the same preset) then prints
@@ -31,7 +33,8 @@ from gqbench.results.ratios import paired_speedups
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="ratios")
-    p.add_argument("--repeats", type=int)
+    p.add_argument("--repeats", type=int, help="rounds per process (default: the preset's)")
+    p.add_argument("--processes", type=int, help="fresh processes per group (default: the preset's)")
     p.add_argument("--out", help="write the samples here (parquet)")
     p.add_argument("--against", type=pathlib.Path, help="a `gqbench run --preset ...` folder to check against")
     p.add_argument("--tolerance", type=float, default=0.10, help="largest relative difference that agrees")
@@ -41,17 +44,19 @@ def main() -> None:
                 f" --out {args.against}` first")  # fmt: skip
     spec = load_preset(args.preset)
     repeats = args.repeats or spec.settings.repeats
+    processes = args.processes or spec.settings.processes
     rows = []
     with tempfile.TemporaryDirectory(prefix="gqbench-alternate-") as logs:
         for i, group in enumerate(comparison_groups(list(spec.cases))):
             job = dict(kind="alternate", case=group[0].to_dict(), cases=[c.to_dict() for c in group],
                        warmup=spec.settings.warmup, repeats=repeats, rewarm=spec.settings.rewarm)  # fmt: skip
-            log = pathlib.Path(logs) / f"group{i}.log"
-            reply = run_to_end(job, group[0], log, timeout=spec.settings.timeout * len(group))
-            failed = [r for r in reply["rows"] if r["status"] != "ok"]
-            if failed:
-                sys.exit(f"group of {group[0].label} ({group[0].problem} w={group[0].width}): {failed[0]['error']}")
-            rows += reply["rows"]
+            for proc in range(processes):
+                log = pathlib.Path(logs) / f"group{i}-{proc}.log"
+                reply = run_to_end(job, group[0], log, timeout=spec.settings.timeout * len(group))
+                failed = [r for r in reply["rows"] if r["status"] != "ok"]
+                if failed:
+                    sys.exit(f"group of {group[0].label} ({group[0].problem} w={group[0].width}): {failed[0]['error']}")
+                rows += [dict(r, process=proc, round=r["round"] + proc * repeats) for r in reply["rows"]]
     df = pd.DataFrame(rows)
     if args.out:
         df.to_parquet(args.out)

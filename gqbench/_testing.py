@@ -33,7 +33,8 @@ LATER_CALL = 3  # the *_later kinds fail on this forward call (warm-up, round 0,
 
 class StubRun(AbstractRun):
     def __init__(self, kind: str, width: int, name: str = "", time_scale: float = 1.0):
-        self.kind, self.width, self.name, self.extra = kind, width, name, {}
+        self.kind, self.width, self.name = kind, width, name
+        self.extra = {"pid": os.getpid()}  # in every sample: which worker process timed it
         self.time_scale, self.calls = time_scale, 0
 
     def forward(self):

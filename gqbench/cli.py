@@ -16,7 +16,13 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--preset", help="a shipped grid (see `gqbench list`)")
     src.add_argument("--grid", type=Path, help="a grid spec TOML file")
     run.add_argument("--out", type=Path, help="results folder (default: reports/<preset or spec name>)")
-    run.add_argument("--repeats", type=int, help="timed repeats per case (overrides the spec)")
+    run.add_argument("--repeats", type=int, help="timed rounds per process of a case (overrides the spec)")
+    run.add_argument(
+        "--processes",
+        type=int,
+        help="fresh worker processes per case, each warmed up and timed "
+        "(overrides the spec); intervals are taken over processes",
+    )
     run.add_argument("--warmup", type=int, help="untimed warm-up calls per case (overrides the spec)")
     run.add_argument(
         "--rewarm", type=int, help="untimed calls per method before its timed call in each round (default 1)"
@@ -159,7 +165,7 @@ def _list(args) -> int:
 def _run(args) -> int:
     from .define.grid import GridSpecError, load_preset, load_spec, parse_spec
 
-    for flag in ("repeats", "timeout", "threads"):
+    for flag in ("repeats", "processes", "timeout", "threads"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise GridSpecError(f"--{flag} {value}: must be > 0")
@@ -180,7 +186,9 @@ def _run(args) -> int:
         spec = parse_spec(
             spec.source, source=args.preset or str(args.grid), default_name=spec.name, threads=args.threads
         )
-    settings = spec.settings.replace(repeats=args.repeats, warmup=args.warmup, rewarm=args.rewarm, timeout=args.timeout)
+    settings = spec.settings.replace(
+        repeats=args.repeats, processes=args.processes, warmup=args.warmup, rewarm=args.rewarm, timeout=args.timeout
+    )
     out = args.out or Path("reports") / spec.name
     cases = spec.cases
     if args.shard is not None:
@@ -215,7 +223,8 @@ def _run(args) -> int:
 
 
 def _print_speedups(df) -> None:
-    """GQ over each baseline of its comparison group, with 95% intervals (paired by round)."""
+    """GQ over each baseline of its comparison group, with 95% intervals (paired by round; over processes
+    when the cases ran in several) and what each interval is over."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -227,9 +236,13 @@ def _print_speedups(df) -> None:
     sp = paired_speedups(df)
     if sp.empty:
         return
-    table = Table(title="GQ speed-up (baseline time / GQ time), median with 95% bootstrap interval over rounds; "
-                  "* = interval includes 1", title_justify="left")  # fmt: skip
-    for col in ("problem", "width", "rtol", "GQ", "baseline", "backward", "fwd + bwd"):
+    several = bool((sp["processes"] > 1).all())
+    how = ("geometric mean of the processes' median ratios, 95% interval over processes (Student's t): what a rerun "
+           "should land in" if several else "median of the rounds' ratios, 95% bootstrap interval over the rounds of "
+           "ONE process (it does not cover a rerun: use --processes)")  # fmt: skip
+    table = Table(title=f"GQ speed-up (baseline time / GQ time): {how}; * = interval includes 1",
+                  title_justify="left")  # fmt: skip
+    for col in ("problem", "width", "rtol", "GQ", "baseline", "backward", "fwd + bwd", "interval over"):
         table.add_column(col, justify="right" if col in ("width", "rtol", "backward", "fwd + bwd") else "left",
                          no_wrap=True)  # fmt: skip
 
@@ -240,7 +253,7 @@ def _print_speedups(df) -> None:
 
     for _, r in sp.iterrows():
         cells = (r["problem"], str(r["width"]), f"{r['rtol']:g}", r["gq"], r["baseline"], cell(r, "bwd"),
-                 cell(r, "total"))  # fmt: skip
+                 cell(r, "total"), r["covers"])  # fmt: skip
         table.add_row(*map(escape, cells))  # labels like torch_gq[adaptive] are not rich markup
     Console(width=200).print(table)
 
@@ -353,11 +366,13 @@ def _compare(args) -> int:
 
     if not args.threshold > 0:
         raise GridSpecError(f"--threshold {args.threshold}: must be > 0, e.g. 0.1 for 10%")
-    cmp = compare_samples(load_results(args.a), load_results(args.b), threshold=args.threshold, absolute=args.absolute)
+    a, b = load_results(args.a), load_results(args.b)
+    cmp = compare_samples(a, b, threshold=args.threshold, absolute=args.absolute)
     if cmp.empty:
         raise GridSpecError(f"gqbench compare: {args.a} and {args.b} share no finished case; compare runs of one grid")
     judged = "fwd + bwd" if args.absolute else "GQ: vs baselines; others: fwd + bwd"
-    table = Table(title=f"{args.a} / {args.b}: median time ratios with 95% intervals (regression: the {judged} "
+    over = "over processes (Welch's t)" if min(_processes(a), _processes(b)) > 1 else "over rounds"
+    table = Table(title=f"{args.a} / {args.b}: time ratios with 95% intervals {over} (regression: the {judged} "
                   f"interval above {1 + args.threshold:g})", title_justify="left")  # fmt: skip
     for col in ("case", "problem", "width", "rtol", "fwd + bwd", "backward", "vs baselines", "verdict"):
         table.add_column(col)
@@ -378,6 +393,13 @@ def _compare(args) -> int:
     n_reg, n_imp = (int((cmp["verdict"] == v).sum()) for v in ("regression", "improvement"))
     print(f"{len(cmp)} cases compared: {n_reg} regressions, {n_imp} improvements")
     return 1 if n_reg else 0
+
+
+def _processes(df) -> int:
+    """The fewest processes a case of these results ran in (1 for results from before processes)."""
+    if "process" not in df or df["process"].isna().all():
+        return 1
+    return int(df.groupby("case_id")["process"].nunique().min())
 
 
 def _report(args) -> int:

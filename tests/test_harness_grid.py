@@ -81,9 +81,11 @@ def test_grids_union_without_duplicates_and_problem_defaults():
 
 
 def test_threads_override_and_run_settings():
-    s = parse_spec(dict(spec(), run={"repeats": 5, "warmup": 0, "timeout": 30}), threads=1)
+    s = parse_spec(dict(spec(), run={"repeats": 5, "processes": 4, "warmup": 0, "timeout": 30}), threads=1)
     assert {c.threads for c in s.cases} == {1}
-    assert (s.settings.repeats, s.settings.warmup, s.settings.timeout) == (5, 0, 30)
+    assert (s.settings.repeats, s.settings.processes, s.settings.warmup, s.settings.timeout) == (5, 4, 0, 30)
+    with pytest.raises(GridSpecError, match="run.processes value 0 must be an integer > 0"):
+        parse_spec(dict(spec(), run={"processes": 0}))
 
 
 def test_case_id_is_stable_and_distinguishes_fields():

@@ -304,3 +304,39 @@ def test_memory_call_counts_blocks_the_timed_calls_freed(tmp_path):
                   progress=False)  # fmt: skip
     peak = df["peak_mem_bytes"].iloc[0]
     assert 0.95 * stubs.ALLOC_BYTES < peak < 1.25 * stubs.ALLOC_BYTES, peak / 2**20
+
+
+def test_each_case_is_timed_in_several_fresh_processes(tmp_path, monkeypatch):
+    """processes=2: each case runs in two workers, one set after the other, never two calls at once; the
+    rotation goes on across processes; rows record their process (and rounds number on); only the first
+    process makes a memory call, and every row carries its peak."""
+    trace = tmp_path / "trace.txt"
+    monkeypatch.setenv(stubs.TRACE_ENV, str(trace))
+    cases = [stub_case("ok"), stub_case("quad")]
+    settings = RunSettings(repeats=1, processes=2, warmup=1, rewarm=0, timeout=60)
+    df = run_grid(cases, tmp_path / "out", settings=settings, progress=False)
+    calls = [line.split() for line in trace.read_text().splitlines()]
+    # process 0: warm-ups, round 0 (ok, quad), memory calls; process 1: warm-ups, round 1 (quad, ok)
+    assert [m for m, *_ in calls] == ["stub_ok", "stub_quad"] * 3 + ["stub_ok", "stub_quad", "stub_quad", "stub_ok"]
+    spans = sorted((float(a), float(b)) for *_, a, b in calls)
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:])), "two calls overlapped"
+    assert len(df) == 4 and (df["status"] == "ok").all()
+    for _, g in df.groupby("method"):
+        assert g.sort_values("round")[["process", "round", "repeat"]].values.tolist() == [[0, 0, 0], [1, 1, 1]]
+        assert g["pid"].nunique() == 2  # two fresh workers
+    assert df["pid"].nunique() == 4 and df["peak_mem_bytes"].notna().all()
+    from gqbench.results.ratios import paired_speedups
+
+    (r,) = paired_speedups(df, gq_methods=("stub_quad",)).itertuples()
+    assert r.processes == 2 and r.rounds == 2 and r.covers == "2 processes x 1 round" and len(r.bwd_per_process) == 2
+
+
+def test_a_case_failing_in_one_of_its_processes_is_one_failure_row(tmp_path):
+    """stub_crash_later fails on its third call in a process (warm-up, round, round): one failure row,
+    no later process for it; the other case keeps all its processes' rounds."""
+    cases = [stub_case("ok"), stub_case("crash_later")]
+    settings = RunSettings(repeats=2, processes=3, warmup=1, rewarm=0, timeout=60)
+    df = run_grid(cases, tmp_path, settings=settings, progress=False)
+    by = {m: g for m, g in df.groupby("method")}
+    assert by["stub_crash_later"]["status"].tolist() == ["error"]
+    assert sorted(by["stub_ok"]["round"]) == [0, 1, 2, 3, 4, 5] and sorted(set(by["stub_ok"]["process"])) == [0, 1, 2]

@@ -31,7 +31,7 @@ def rows(method, times, *, drift=None, width=100, **case_kw):
 def test_ratio_ci_calls_scipy_bootstrap_and_brackets_the_median_ratio():
     rng = np.random.default_rng(0)
     a, b = 2 + 0.05 * rng.standard_normal(9), 1 + 0.02 * rng.standard_normal(9)
-    point, lo, hi = ratio_ci(a, b, paired=True)
+    point, lo, hi, *_ = ratio_ci(a, b, paired=True)
     assert lo < point < hi and 1.85 < lo and hi < 2.15
     assert np.isnan(ratio_ci(a[:2], b[:2], paired=True)[1])  # no interval from two samples
 
@@ -164,3 +164,107 @@ def test_verdict_sentences_and_columns_from_known_speedups():
     cols = list(verdict_table(df, summary).columns)
     assert cols[:5] == ["problem", "width", "rtol", "fastest (within reach)", "GQ"]
     assert cols[5:7] == ["GQ vs torch_direct", "GQ vs torch_adjoint"]  # g1d (no adjoint) sorts first
+
+
+# ----------------------------------------------------------------------------- intervals over processes
+
+
+def _processes_run(rng, *, speedup=2.0, between=0.08, within=0.02, processes=6, rounds=4, **case_kw):
+    """A run whose baseline's times carry a per-process offset (log-normal, SD `between`) that every
+    round of that process shares, plus per-round noise (`within`): what a process's heap history does."""
+    out = []
+    for p in range(processes):
+        offset = np.exp(between * rng.standard_normal())
+        base = offset * np.exp(within * rng.standard_normal(rounds))
+        gq = np.exp(within * rng.standard_normal(rounds)) / speedup
+        for method, t, kw in (("torch_adjoint", base, {}), ("torch_gq", gq, dict(quadrature="adaptive"))):
+            for r in rows(method, list(t), **kw, **case_kw):
+                out.append(dict(r, process=p, round=r["round"] + p * rounds, repeat=r["repeat"] + p * rounds))
+    return pd.DataFrame(out)
+
+
+def test_interval_over_processes_covers_a_rerun_and_one_over_rounds_does_not():
+    """Simulated runs of 6 processes x 4 rounds with a between-process spread 4x the within: the
+    interval over processes covers the true speed-up in ~95% of runs (and the next run's point in
+    most); one over 11 rounds of one process (what the suite printed before) in far fewer."""
+    rng = np.random.default_rng(19)
+    over_proc = over_rounds = caught = 0
+    n = 200
+    prev = None
+    for _ in range(n):
+        df = _processes_run(rng)
+        (r,) = paired_speedups(df).itertuples()
+        assert r.processes == 6 and r.rounds == 24 and r.covers == "6 processes x 4 rounds"
+        over_proc += r.bwd_lo <= 2.0 <= r.bwd_hi
+        (one,) = paired_speedups(_processes_run(rng, processes=1, rounds=11)).itertuples()
+        over_rounds += one.bwd_lo <= 2.0 <= one.bwd_hi
+        if prev is not None:
+            caught += prev[0] <= r.speedup_bwd <= prev[1]
+        prev = (r.bwd_lo, r.bwd_hi)
+    assert 0.90 * n <= over_proc <= 0.99 * n, over_proc
+    assert over_rounds < 0.6 * n, over_rounds
+    assert caught > 0.75 * (n - 1), caught
+
+
+def test_speedup_over_processes_is_the_geometric_mean_of_their_medians():
+    rng = np.random.default_rng(3)
+    df = _processes_run(rng, processes=3, rounds=5)
+    (r,) = paired_speedups(df).itertuples()
+    per = []
+    for _, g in df.groupby("process"):
+        b, q = (g[g.method == m].sort_values("round")["bwd_s"].to_numpy() for m in ("torch_adjoint", "torch_gq"))
+        per.append(np.median(b / q))
+    assert r.bwd_per_process == pytest.approx(tuple(per))
+    assert r.speedup_bwd == pytest.approx(np.exp(np.mean(np.log(per))))
+    assert r.bwd_lo < r.speedup_bwd < r.bwd_hi and r.covers == "3 processes x 5 rounds"
+
+
+def test_results_from_one_process_keep_the_interval_over_rounds():
+    """Old results (no `process` column) and one-process runs: a bootstrap over rounds, said so."""
+    gq = rows("torch_gq", [1.0] * 5, quadrature="adaptive")
+    df = pd.DataFrame(rows("torch_direct", [2.0, 2.1, 1.9, 2.0, 2.05]) + gq)
+    (r,) = paired_speedups(df).itertuples()
+    assert r.processes == 1 and r.covers == "5 rounds of one process" and r.speedup_bwd == pytest.approx(2.0)
+    assert r.bwd_lo < 2.0 < r.bwd_hi
+
+
+def test_compare_over_processes_welch():
+    """Two runs of one commit whose processes scatter alike: `same`; GQ 30% slower in every process of
+    the new run: a regression. The interval is Welch's t over the two runs' processes."""
+    a, b = _processes_run(np.random.default_rng(1)), _processes_run(np.random.default_rng(2))
+    slow = _processes_run(np.random.default_rng(1), speedup=2.0 / 1.3)
+    cmp = compare_samples(a, b)
+    assert cmp.set_index("method")["verdict"].to_dict() == {"torch_adjoint": "-", "torch_gq": "same"}
+    assert compare_samples(slow, b).set_index("method").loc["torch_gq", "verdict"] == "regression"
+    point, lo, hi, clusters, per = ratio_ci(a["bwd_s"], b["bwd_s"], paired=False, clusters=a["process"],
+                                            clusters_den=b["process"])  # fmt: skip
+    assert clusters == 6 and len(per) == 6 and lo < point < hi
+
+
+def test_training_ratios_are_over_seeds_when_there_are_several():
+    """Epoch times of two seeds (GQ 0.5x the baseline in both, the seeds 20% apart): the interval is
+    over the seeds, each seed's ratio of medians; one seed: over its epochs."""
+    gq = np.array([0.5, 0.51, 0.49, 0.6, 0.61, 0.59])
+    base = np.array([1.0, 1.02, 0.98, 1.2, 1.22, 1.18, 1.19])
+    seeds_gq, seeds_base = np.array([0, 0, 0, 1, 1, 1]), np.array([0, 0, 0, 1, 1, 1, 1])
+    r = ratio_ci(gq, base, paired=False, clusters=seeds_gq, clusters_den=seeds_base, matched=True, min_samples=2)
+    assert r.clusters == 2 and r.per_cluster == pytest.approx((0.5, 0.6 / 1.195))
+    one = ratio_ci(gq[:3], base[:3], paired=False, clusters=seeds_gq[:3], clusters_den=seeds_base[:3], matched=True)
+    assert one.clusters == 1 and one.point == pytest.approx(0.5)
+
+
+def test_rerun_check_passes_two_runs_of_one_code_and_fails_a_shifted_one(tmp_path, capsys):
+    """benchmarks/rerun.py's pair check: two simulated runs of the same code (processes scattering
+    alike) pass; a second run with GQ 30% slower in every process has disjoint intervals and fails."""
+    from benchmarks.rerun import check_pair
+
+    runs = {"run1": _processes_run(np.random.default_rng(1)), "run2": _processes_run(np.random.default_rng(2)),
+            "slow": _processes_run(np.random.default_rng(2), speedup=2.0 / 1.3)}  # fmt: skip
+    for name, df in runs.items():
+        (tmp_path / name).mkdir()
+        df.to_parquet(tmp_path / name / "results.parquet")
+    assert check_pair(tmp_path / "run1", tmp_path / "run2", min_inside=1)
+    out = capsys.readouterr().out
+    assert "6x4" in out and "PASS" in out and "disjoint pairs 0" in out
+    assert not check_pair(tmp_path / "run1", tmp_path / "slow", min_inside=1)
+    assert "disjoint pairs 1" in capsys.readouterr().out

@@ -1,6 +1,6 @@
 """Grid specs (TOML) -> frozen `Case`s.
 
-A spec has optional `name`/`description`, a `[run]` table (repeats, warmup, timeout,
+A spec has optional `name`/`description`, a `[run]` table (repeats, processes, warmup, timeout,
 reference_timeout), an `[axes]` table of defaults and any number of `[[grid]]` tables. Each grid
 is `axes` updated by its own keys, expanded as a cross product; the spec is the union of its
 grids (duplicates dropped), so a preset can cross everything at small widths and only a few
@@ -37,7 +37,8 @@ from .case import CASE_FIELDS, Case
 
 AXES = CASE_FIELDS  # every field of a Case is a grid axis
 AXIS_OPTIONS = ("tolerances",)
-RUN_KEYS = ("repeats", "warmup", "rewarm", "timeout", "reference_timeout")
+RUN_KEYS = ("repeats", "processes", "warmup", "rewarm", "timeout", "reference_timeout")
+INTEGER_RUN_KEYS = ("repeats", "processes", "warmup", "rewarm")
 TOP_KEYS = ("name", "description", "run", "axes", "grid")
 DEFAULT_AXES = dict(
     rtol=[1e-6],
@@ -64,7 +65,11 @@ class GridSpecError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
-    repeats: int = 3
+    repeats: int = 3  # timed rounds per process
+    # Fresh worker processes per case, one after another (each with its own warm-up and rounds): a
+    # process's heap history shifts its times by up to ~20% on CPU, so an interval that is to hold on
+    # a rerun (a new process) must see several. Intervals are then taken over processes.
+    processes: int = 1
     warmup: int = 1
     # Untimed calls a method makes in each round just before its timed one, so no timed call is the first
     # after another process ran (a training loop runs one method). That first call was 10% slower for
@@ -126,9 +131,7 @@ def parse_spec(
             _fail(source, f"run.{key}", f"is not a run setting; use {', '.join(RUN_KEYS)}")
     settings = RunSettings(
         **{
-            k: _positive(
-                source, f"run.{k}", v, integer=k in ("repeats", "warmup", "rewarm"), zero_ok=k in ("warmup", "rewarm")
-            )
+            k: _positive(source, f"run.{k}", v, integer=k in INTEGER_RUN_KEYS, zero_ok=k in ("warmup", "rewarm"))
             for k, v in run.items()
         }
     )

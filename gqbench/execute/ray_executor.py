@@ -1,6 +1,6 @@
 """`gqbench run --executor ray [--address ADDR] [--per-node N]`: comparison groups as Ray tasks.
 
-Each task runs `gqbench.execute.runner.run_group` on its node: the same fresh worker processes, paired
+Each task runs `gqbench.execute.group.run_group` on its node: the same fresh worker processes, paired
 rounds, timeouts and failure rows as a local run; only where it runs changes. Ray reserves
 `num_cpus` = the cases' threads and one GPU for a CUDA group, so two timed cases never share a GPU.
 At most `per_node` groups run on a node at a time (by default one: concurrent cases contend for
@@ -39,7 +39,7 @@ def _run_group_task(cases: list[dict], settings: dict, references: dict, environ
     from rich.console import Console
 
     from ..results.tables import write_atomic
-    from .runner import machine_name, run_group
+    from .group import machine_name, run_group
 
     work = Path(tempfile.mkdtemp(prefix="gqbench-ray-"))
     os.environ.update(environ)  # the driver's problem root: the workers started here inherit it

@@ -10,31 +10,21 @@ case's file in DIR/cases/) and runs the rest; nothing is lost or duplicated.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..define.case import METHOD_FIELDS, Case
+from ..define.case import Case
 from ..define.grid import GridSpecError, RunSettings
-from ..define.methods import get_method
-from ..measurement.launch import PACKAGE_ROOT, Worker, WorkerFailed, check_user_problems, run_to_end, worker_env  # noqa: F401 (re-exported)
-from ..measurement.measure import failure_rows, reference_path
+from ..measurement.launch import (  # noqa: F401 (re-exported)
+    PACKAGE_ROOT,
+    Worker,
+    WorkerFailed,
+    check_user_problems,
+    run_to_end,
+    worker_env,
+)
 from ..results.tables import rebuild_results, rebuild_tables, write_atomic, write_case, write_table
-
-
-def group_key(case: Case) -> tuple:
-    """Cases with equal keys are timed side by side. Training runs (`epochs`) run alone."""
-    if case.epochs is not None:
-        return ("training", case.case_id)
-    return tuple(v for k, v in case.to_dict().items() if k not in METHOD_FIELDS)
-
-
-def comparison_groups(cases: Sequence[Case]) -> list[list[Case]]:
-    """The cases grouped by `group_key`, in the order their first case appears."""
-    groups: dict[tuple, list[Case]] = {}
-    for case in cases:
-        groups.setdefault(group_key(case), []).append(case)
-    return list(groups.values())
+from .group import comparison_groups, group_key, machine_name, run_group  # noqa: F401 (re-exported)
 
 
 def run_grid(
@@ -134,15 +124,6 @@ def run_grid(
     return rebuild_results(out_dir)
 
 
-def machine_name() -> str:
-    """This machine in a results row: hostname and CPU model."""
-    import platform
-
-    from ..measurement.env import _cpu_model
-
-    return f"{platform.node()} ({_cpu_model()})"
-
-
 def _user_problems(cases, out_dir: Path, resuming: bool) -> dict:
     """{name: {file, sha}} of the user problems among `cases`. A resumed run stops (one line) when a model's
     file changed since its first cases ran: their rows would mix two models under one name."""
@@ -171,93 +152,6 @@ def _run_locally(groups, out_dir, settings, ref_dir, failed_refs, console, bar, 
         methods = escape(", ".join(x.label for x in group))  # torch_gq[adaptive] is not rich markup
         bar.update(task, description=f"{c.problem} w={c.width} tol={c.rtol:g}: {methods}")
         yield from run_group(group, out_dir, settings, ref_dir, failed_refs, console)
-
-
-def run_group(group: list[Case], out_dir: Path, settings: RunSettings, ref_dir: Path, failed_refs: dict, console):
-    """Run one comparison group; yields (case, rows, tables, worker seconds) as each case finishes."""
-    workers: dict[Case, Worker] = {}
-    started: dict[Case, float] = {}
-    try:
-        # One worker at a time sets up and warms up (set-up and JAX compile times are columns too, so
-        # not side by side with another's); a training case sends its result here.
-        for case in group:
-            early = _precheck(case, out_dir, settings, ref_dir, failed_refs, console)
-            if early is not None:
-                yield case, early, {}, 0.0
-                continue
-            started[case] = time.perf_counter()
-            job = dict(kind="case", case=case.to_dict(), warmup=settings.warmup, rewarm=settings.rewarm,
-                       reference_dir=str(ref_dir),
-                       reference=case.reference_key not in failed_refs)  # fmt: skip
-            workers[case] = Worker(job, case, _log(out_dir, case), budget=settings.timeout)
-            try:
-                msg = workers[case].request()
-            except WorkerFailed as exc:
-                yield _finished(case, workers, started, failure_rows(case, exc.status, str(exc)), out_dir)
-                continue
-            if "rows" in msg:
-                yield _finished(case, workers, started, msg["rows"], out_dir, msg.get("tables", {}))
-        # Paired rounds: one timed call per method per round, the order rotating.
-        for r in range(settings.repeats):
-            alive = list(workers)
-            if not alive:
-                break
-            k = r % len(alive)
-            for case in alive[k:] + alive[:k]:
-                try:
-                    msg = workers[case].request("time")
-                except WorkerFailed as exc:
-                    yield _finished(case, workers, started, failure_rows(case, exc.status, str(exc)), out_dir)
-                    continue
-                if "rows" in msg:  # the call raised: failure rows
-                    yield _finished(case, workers, started, msg["rows"], out_dir)
-        # Memory (allocator set to return freed blocks) and gradient error, one worker at a time.
-        for case in list(workers):
-            try:
-                rows = workers[case].request("finish")["rows"]
-            except WorkerFailed as exc:
-                rows = failure_rows(case, exc.status, str(exc))
-            yield _finished(case, workers, started, rows, out_dir)
-    finally:
-        for worker in workers.values():
-            worker.close()
-
-
-def _finished(case, workers, started, rows, out_dir, tables=None):
-    worker = workers.pop(case, None)
-    if worker is not None:
-        worker.close()
-        if rows and rows[0].get("status") == "ok":
-            worker.log.unlink(missing_ok=True)  # keep logs of failures only
-    return case, rows, tables or {}, time.perf_counter() - started.get(case, time.perf_counter())
-
-
-def _log(out_dir: Path, case: Case) -> Path:
-    return out_dir / "logs" / f"{case.case_id}.log"
-
-
-def _precheck(case: Case, out_dir: Path, settings: RunSettings, ref_dir: Path, failed_refs: dict, console):
-    """Failure rows for a case that cannot run here (or whose method is broken); else None, after
-    making sure the float64 reference gradient exists (its failure only blanks grad_rel_err)."""
-    from rich.markup import escape
-
-    try:
-        method = get_method(case.method)
-        reason = method.unsupported(case)
-    except Exception as exc:  # noqa: BLE001 -- a broken plugin must not stop the grid
-        return failure_rows(case, "error", f"{type(exc).__name__}: {exc}")
-    if reason:
-        return failure_rows(case, "skipped", reason)
-    if method.needs_reference and case.epochs is None and not reference_path(case, ref_dir).exists():
-        key = case.reference_key
-        if key not in failed_refs:
-            job = dict(kind="reference", case=case.with_(dtype="float64").to_dict(), reference_dir=str(ref_dir))
-            try:
-                run_to_end(job, case, out_dir / "logs" / "reference.log", settings.reference_timeout)
-            except WorkerFailed as exc:
-                failed_refs[key] = str(exc)
-                console.print(f"[yellow]reference gradient for {key} failed: {escape(str(exc))}; grad_rel_err is NaN")
-    return None
 
 
 def _write_environment(

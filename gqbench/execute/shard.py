@@ -1,6 +1,6 @@
 """`--shard K/N`: a deterministic, cost-balanced part of a grid.
 
-Comparison groups (cases that differ only in the method, see `gqbench.execute.runner.group_key`) stay
+Comparison groups (cases that differ only in the method, see `gqbench.execute.group.group_key`) stay
 whole, so every ratio is still taken side by side on one machine. Groups go, most expensive first,
 to the shard with the least estimated cost so far (ties: the lower shard): every case lands in
 exactly one shard, the same one on every machine that expands the same grid.
@@ -49,7 +49,7 @@ def _log10(x: float) -> float:
 
 def assign(cases: list[Case], shard: Shard) -> list[Case]:
     """The cases of `shard`, in grid order."""
-    from .runner import comparison_groups
+    from .group import comparison_groups
 
     groups = comparison_groups(cases)
     order = sorted(range(len(groups)), key=lambda i: (-sum(case_cost(c) for c in groups[i]), groups[i][0].case_id))

@@ -7,6 +7,7 @@ import math
 import os
 import resource
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,9 @@ STATUSES = ("ok", "nan", "error", "timeout", "oom", "max_steps", "skipped")
 # Bump when what a measurement means changes (timing/memory/NFE/error semantics, warm-up, the
 # reference): asv keys its stored results on it (benchmarks/common.py), so old numbers measured
 # under other rules are not compared with new ones.
-HARNESS_VERSION = "2"  # 2: the runner's rounds re-warm each method before its timed call
+# 2: the runner's rounds re-warm each method before its timed call; 3: each case in several fresh processes
+# (RunSettings.processes), intervals over them
+HARNESS_VERSION = "3"
 
 
 class Skip(Exception):
@@ -358,6 +361,16 @@ def classify(exc: BaseException) -> str:
     if "max_num_steps" in text:
         return "max_steps"
     return "error"
+
+
+def one_line(exc: BaseException) -> str:
+    """A failure row's `error`: the exception's type and message on one line, and where it was raised."""
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {os.path.basename(tb[-1].filename)}:{tb[-1].lineno})" if tb else ""
+    text = " ".join(str(exc).split())
+    if len(text) > 500:
+        text = text[:497] + "..."
+    return f"{type(exc).__name__}: {text}{where}"
 
 
 def failure_rows(case: Case, status: str, error: str) -> list[dict]:

@@ -1,7 +1,7 @@
 """One case (or one reference gradient) in a fresh process: `python -m gqbench.measurement.worker JOB.json FD`.
 
-JOB: {"kind": "case" | "reference", "case": {...}, "warmup", "rewarm", "reference_dir", "reference"}. Messages go
-to the parent as JSON lines on file descriptor FD (stdout and stderr stay free for the user's code
+JOB: {"kind": "case" | "reference", "case": {...}, "warmup", "rewarm", "reference_dir", "reference", "memory"}.
+Messages go to the parent as JSON lines on file descriptor FD (stdout and stderr stay free for the user's code
 and go to the case's log). Commands come on stdin, one per line.
 
 kind "reference": computes and caches the float64 reference gradient, then sends {"rows": []}.
@@ -10,11 +10,13 @@ kind "check": builds each of `problems` (user problems: name, width, batch, dtyp
 kind "profile": `gqbench profile`'s traced steps -> {"profile": phases} (or {"error": ...}).
 kind "alternate": every case of `cases` (a comparison group) in this one process, timed alternately
   for `repeats` rounds -> {"rows": samples} (`benchmarks/alternate.py`'s check of the runner's ratios).
-kind "case": prepares the case and warms it up, then sends {"ready": true} and serves
+kind "case": (with "preload": imports torch, sends {"loaded": true} and waits for "setup") prepares the
+case and warms it up, then sends {"ready": true} and serves
 - "time": `rewarm` untimed calls, then one timed forward + backward under the default allocator
   -> {"sample": {...}};
-- "finish": one memory call (freed blocks returned to the kernel from here on, so the RSS peak is
-  the call's own), the gradient error -> {"rows": [...]} (one row per sample), then exits.
+- "finish": one memory call unless the job says "memory": false (freed blocks returned to the kernel
+  from here on, so the RSS peak is the call's own), the gradient error -> {"rows": [...]} (one row per
+  sample), then exits.
 A training case (`epochs` set) runs whole and sends {"rows": [...], "tables": {...}} at once.
 Any exception becomes {"rows": failure rows}; a hard crash or a timeout is recorded by the runner.
 Imports stay lean: no pandas, no plotly, and no jax unless the method's own build imports it.
@@ -26,7 +28,6 @@ import json
 import os
 import signal
 import sys
-import traceback
 
 
 def _die_with_parent() -> None:
@@ -42,15 +43,6 @@ def _die_with_parent() -> None:
         pass
 
 
-def _one_line(exc: BaseException) -> str:
-    tb = traceback.extract_tb(exc.__traceback__)
-    where = f" (at {os.path.basename(tb[-1].filename)}:{tb[-1].lineno})" if tb else ""
-    text = " ".join(str(exc).split())
-    if len(text) > 500:
-        text = text[:497] + "..."
-    return f"{type(exc).__name__}: {text}{where}"
-
-
 def _json(x):
     return x.item() if hasattr(x, "item") else str(x)
 
@@ -63,6 +55,7 @@ def serve(job: dict, send, commands) -> None:
         failure_rows,
         finish,
         memory_call,
+        one_line,
         reference_gradients,
         return_freed_memory,
         time_call,
@@ -74,7 +67,7 @@ def serve(job: dict, send, commands) -> None:
     def fail(exc: BaseException):
         if isinstance(exc, KeyboardInterrupt):
             raise exc
-        send({"rows": failure_rows(case, classify(exc), _one_line(exc))})
+        send({"rows": failure_rows(case, classify(exc), one_line(exc))})
 
     if job["kind"] == "reference":
         reference_gradients(case, cache_dir=job.get("reference_dir"))
@@ -89,7 +82,7 @@ def serve(job: dict, send, commands) -> None:
         try:
             send({"profile": profile_case(case, job["out_dir"], **job["profile"])})
         except Exception as exc:  # noqa: BLE001 -- reported as the case's error
-            send({"error": _one_line(exc)})
+            send({"error": one_line(exc)})
         return
     if job["kind"] == "alternate":
         from .measure import alternate
@@ -103,6 +96,14 @@ def serve(job: dict, send, commands) -> None:
     if case.epochs is not None:
         send(_run_training(case, job))
         return
+    if job.get("preload"):  # the runner starts a process set's workers together: imports side by side
+        try:
+            import torch  # noqa: F401 -- most of a worker's start-up (problems and methods build on it)
+        except BaseException as exc:  # noqa: BLE001
+            return fail(exc)
+        send({"loaded": True})
+        if next(commands, "").strip() != "setup":  # set-up and warm-up one worker at a time, on command
+            return
     try:
         run, setup_s = warm_up(case, job.get("warmup", 1))
     except BaseException as exc:  # noqa: BLE001 -- every failure of a case becomes a row
@@ -115,9 +116,11 @@ def serve(job: dict, send, commands) -> None:
                 samples.append(time_call(run, job.get("rewarm", 0)))
                 send({"sample": samples[-1]})
             elif line.strip() == "finish":
-                if not case.device.startswith("cuda"):
-                    return_freed_memory()
-                peak = memory_call(run, case.device)
+                peak = float("nan")
+                if job.get("memory", True):  # the runner's later processes of a case skip it
+                    if not case.device.startswith("cuda"):
+                        return_freed_memory()
+                    peak = memory_call(run, case.device)
                 rows = finish(case, run, samples, peak_mem_bytes=peak, setup_s=setup_s, warmup=job.get("warmup", 1),
                               reference_dir=job.get("reference_dir"), reference=job.get("reference", True))  # fmt: skip
                 send({"rows": rows})
@@ -148,7 +151,7 @@ def _check_problems(problems: list[dict]) -> list[str]:
 
 def _run_training(case, job: dict) -> dict:
     from ..training import get_training_problem
-    from .measure import classify, failure_rows
+    from .measure import classify, failure_rows, one_line
 
     try:
         problem = get_training_problem(case.problem)
@@ -156,7 +159,7 @@ def _run_training(case, job: dict) -> dict:
     except BaseException as exc:  # noqa: BLE001 -- every failure of a case becomes a row
         if isinstance(exc, KeyboardInterrupt):
             raise
-        return {"rows": failure_rows(case, classify(exc), _one_line(exc))}
+        return {"rows": failure_rows(case, classify(exc), one_line(exc))}
     return {"rows": rows, "tables": tables}
 
 

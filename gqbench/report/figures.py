@@ -329,8 +329,9 @@ def _short_tol(rtol: float, atol: float) -> str:
 def _speedup_heatmap(summary: pd.DataFrame, metric: str, what: str, samples: pd.DataFrame | None) -> go.Figure:
     """Columns: baselines; rows: panels (device/problem), each as tall as its rows; in each cell a
     heatmap of width (x) by GQ setting x tolerance (y). Colour: log2 of the speed-up, blue where GQ
-    is faster. With `samples` (the raw rows) every cell carries its 95% interval over paired rounds
-    (`_ratios.paired_speedups`; "~" marks an interval that includes 1)."""
+    is faster. With `samples` (the raw rows) every cell carries its 95% interval, what it is over
+    (processes, or the rounds of one) and each process's median on hover (`results.ratios.paired_speedups`;
+    "~" marks an interval that includes 1)."""
     title = f"Speed-up of the GQ adjoint over each baseline: {what} time (> 1×: GQ faster)"
     name = "bwd" if metric == "speedup_bwd" else "total"
     if samples is not None:
@@ -343,6 +344,7 @@ def _speedup_heatmap(summary: pd.DataFrame, metric: str, what: str, samples: pd.
         sp = speedups(summary)
         sp[f"{name}_lo"] = sp[f"{name}_hi"] = np.nan
         sp[f"{name}_includes_one"] = False
+    sp["hover"] = [_interval_hover(r, name) for _, r in sp.iterrows()]
     sp[metric] = pd.to_numeric(sp[metric], errors="coerce").astype("float64")
     sp = sp[np.isfinite(sp[metric]) & (sp[metric] > 0)]
     if sp.empty:
@@ -375,20 +377,17 @@ def _speedup_heatmap(summary: pd.DataFrame, metric: str, what: str, samples: pd.
                 continue
             widths = sorted(cell["width"].unique())
 
-            def grid(col, cell=cell, ys=ys, widths=widths):
+            def grid(col, cell=cell, ys=ys, widths=widths, dtype=float):
                 g = cell.pivot_table(index="y", columns="width", values=col, aggfunc="first", dropna=False)
-                return g.reindex(index=ys, columns=widths).to_numpy(dtype=float)
+                return g.reindex(index=ys, columns=widths).to_numpy(dtype=dtype)
 
-            v, lo, hi = grid(metric), grid(f"{name}_lo"), grid(f"{name}_hi")
+            v = grid(metric)
             one = grid(f"{name}_includes_one") > 0
             text = [
                 ["" if np.isnan(x) else f"{x:.2f}×" + ("~" if u else "") for x, u in zip(rv, ru, strict=True)]
                 for rv, ru in zip(v, one, strict=True)
             ]
-            ci = [
-                [f"95% interval {a:.3g}–{b:.3g}×" if a == a else "no interval (< 3 rounds)" for a, b in zip(ra, rb)]
-                for ra, rb in zip(lo, hi, strict=True)
-            ]
+            ci = grid("hover", dtype=object)
             fig.add_trace(
                 go.Heatmap(
                     x=[str(w) for w in widths],
@@ -420,6 +419,18 @@ def _speedup_heatmap(summary: pd.DataFrame, metric: str, what: str, samples: pd.
     fig = _style(fig, title)
     fig.update_layout(height=max(300, height))
     return fig
+
+
+def _interval_hover(r, name: str) -> str:
+    """A speed-up cell's hover: its 95% interval, what it is over, each process's median."""
+    lo, hi = r.get(f"{name}_lo", np.nan), r.get(f"{name}_hi", np.nan)
+    if lo != lo:
+        return "no interval (< 3 rounds)"
+    text = f"95% interval {lo:.3g}–{hi:.3g}× over {r['covers']}"
+    per = r.get(f"{name}_per_process")
+    if isinstance(per, tuple) and len(per) > 1:
+        text += "<br>per process: " + ", ".join(f"{x:.3g}×" for x in per)
+    return text
 
 
 def fig_speedup_heatmap(summary: pd.DataFrame, samples: pd.DataFrame | None = None) -> go.Figure:

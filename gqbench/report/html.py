@@ -51,9 +51,11 @@ NOTES = {
     "fig_backward_time": "Median over repeats, error bars from the 25th to the 75th percentile. Columns: tolerances.",
     "fig_total_time": "One training step's cost: forward solve plus gradient.",
     "fig_speedup_heatmap": "Each cell: baseline's backward time / GQ's on the same experiment (problem, width, "
-    "batch, tolerances, solver, device, dtype, seed, threads), timed side by side: the median over rounds of "
-    "each round's ratio. Hover: the 95% bootstrap interval over rounds; ~: the interval includes 1 (no clear "
-    "difference). Blue: GQ faster.",
+    "batch, tolerances, solver, device, dtype, seed, threads), timed side by side, paired by round. With several "
+    "processes per case: the geometric mean of each process's median ratio, and a 95% interval over processes "
+    "(Student's t), which is what a rerun would see; with one: the median of the rounds' ratios and a bootstrap "
+    "interval over its rounds, which cannot see how a new process differs. Hover: the interval, what it is over, "
+    "each process's median; ~: the interval includes 1 (no clear difference). Blue: GQ faster.",
     "fig_speedup_heatmap_total": "As above for forward + backward time.",
     "fig_speedup": "The backward speed-up as lines over width (dashes: GQ setting).",
     "fig_peak_memory": "Peak memory of one forward + backward above what was allocated before it "

@@ -75,6 +75,18 @@ def _constant_note(df: pd.DataFrame) -> str:
     return f" (all cases: {', '.join(same)})" if same else ""
 
 
+def _covers_note(df: pd.DataFrame) -> str:
+    """What the verdict's intervals are over, from the samples."""
+    sp = paired_speedups(df)
+    if sp.empty:
+        return ""
+    over = ", ".join(sorted(set(sp["covers"])))
+    if (sp["processes"] > 1).all():
+        return (f"over processes ({over}: each process's median ratio, Student's t; a rerun, in new processes, "
+                "should land inside)")  # fmt: skip
+    return f"({over}: a bootstrap over rounds; it does not cover how a new process's times differ)"
+
+
 def _ratio_text(s, name: str) -> str:
     v, lo, hi = s[f"speedup_{name}"], s[f"{name}_lo"], s[f"{name}_hi"]
     if lo != lo:
@@ -138,8 +150,8 @@ def verdict_html(df: pd.DataFrame, summary: pd.DataFrame) -> str:
     note = (
         "<p class='note'>Per problem, width and tolerance: the fastest method (forward + backward) among those "
         f"whose gradient error is within {REACH:g}x of max(rtol, the best error reached there); GQ's speed-up "
-        "over each baseline (baseline time / GQ time, whole step), the median over rounds of each round's ratio, "
-        "with its 95% bootstrap interval (~1: the interval includes 1); relative gradient errors; peak memory"
+        "over each baseline (baseline time / GQ time, whole step, paired by round) with its 95% interval "
+        f"{_covers_note(df)} (~1: the interval includes 1); relative gradient errors; peak memory"
         f"{_constant_note(df)}.</p>"
     )
     shown = table.to_html(index=False, border=0, classes="verdict", na_rep="",

@@ -42,8 +42,9 @@ def advice_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per method setting (`label`) at each comparison point of `df` (a results table): its status,
     median forward + backward and backward seconds, gradient error, peak memory, NFE, whether it is within
     reach, which one is `recommended` (the fastest within reach), and the recommended one's speed-up over it
-    (its time / the recommended one's, median over paired rounds, 95% bootstrap interval; NaN bounds with
-    fewer than 3 rounds; `clearly_slower`: the interval lies above 1). Training runs are left out. Rows: each
+    (its time / the recommended one's, with `ratios.paired_speedups`' 95% interval: over processes when the
+    cases ran in several, else a bootstrap over the paired rounds of one, NaN bounds with fewer than 3 rounds;
+    `clearly_slower`: the interval lies above 1). Training runs are left out. Rows: each
     point's recommendation first, then the others from fast to slow, then the failed ones."""
     if "epochs" in df:
         df = df[df["epochs"].isna()]

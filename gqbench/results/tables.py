@@ -14,7 +14,9 @@ import pandas as pd
 
 from ..define.case import CASE_FIELDS
 
-_INTS = ("width", "batch", "quad_order", "seed", "threads", "repeat", "round", "warmup", "epochs", "ncosines")
+_INTS = (
+    "width", "batch", "quad_order", "seed", "threads", "repeat", "round", "process", "warmup", "epochs", "ncosines",
+)  # fmt: skip
 _STRINGS = (
     "machine",
     "case_id", "label", "method", "problem", "quadrature", "backward_state", "solver", "device", "dtype", "status",
@@ -23,6 +25,7 @@ _STRINGS = (
 MEASURES = (
     "repeat",
     "round",  # the round of paired timing the sample was taken in (compared methods alternate per round)
+    "process",  # which of the case's fresh worker processes took the sample (0, 1, ...; intervals are over them)
     "fwd_s",
     "bwd_s",
     "fwd_page_faults",  # minor page faults of the process during the timed forward / backward

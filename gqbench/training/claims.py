@@ -2,9 +2,10 @@
 with its spread, and a verdict computed from the data (never typed by hand).
 
 Verdict rules (per experiment, at its largest width):
-- speed claims: GQ's median time per epoch over the baseline's, 95 % bootstrap interval over the trained epochs
-  of all seeds; "confirmed" when the whole interval is below 1, "not confirmed" otherwise (GQ slower, or no
-  clear difference); "not measurable here" without both methods or without an interval;
+- speed claims: GQ's time per epoch over the baseline's with `ratio_ci`'s 95 % interval over seeds (each seed's
+  median epoch ratio; over the trained epochs with one seed); "confirmed" when the whole interval is below 1,
+  "not confirmed" otherwise (GQ slower, or no clear difference); "not measurable here" without both methods
+  or without an interval;
 - "especially for large models": the GQ/direct ratio at the largest width below the one at the smallest;
 - "same final accuracy": |mean GQ - mean direct| of the last epoch's validation metric within twice the larger
   of their seed-to-seed standard deviations (needs two seeds or more of each);
@@ -28,8 +29,9 @@ COLUMNS = ["claim", "experiment", "measured", "verdict"]
 def _fmt_ratio(r) -> str:
     if not np.isfinite(r["ratio"]):
         return "n/a"
-    ci = f" [{r['low']:.2f}, {r['high']:.2f}]" if np.isfinite(r["low"]) else " (no interval: < 2 epochs)"
-    return f"{r['ratio']:.2f}x{ci}"
+    if not np.isfinite(r["low"]):
+        return f"{r['ratio']:.2f}x (no interval: < 2 epochs)"
+    return f"{r['ratio']:.2f}x [{r['low']:.2f}, {r['high']:.2f}] over {r['over']}"
 
 
 def _speed_verdict(r) -> str:
@@ -165,7 +167,8 @@ def tables_html(epochs: pd.DataFrame | None, toy: pd.DataFrame | None) -> str:
         r = epoch_ratios(epochs)
         if not r.empty:
             r = largest_width(r).assign(**{"GQ / baseline": lambda x: x.apply(_fmt_ratio, axis=1)})
-            out.append("<h3>Time per epoch, GQ over each baseline (largest width; 95 % bootstrap interval)</h3>"
+            out.append("<h3>Time per epoch, GQ over each baseline (largest width; 95 % interval over seeds, or over "
+                       "the epochs of one seed)</h3>"
                        + _table(r[["problem", "width", "gq", "baseline", "GQ / baseline"]]))  # fmt: skip
         fm = final_metrics(epochs)
         fm = largest_width(fm).assign(mean=lambda x: x["mean"].map("{:.4g}".format),

@@ -66,7 +66,9 @@ def per_epoch_summary(epochs: pd.DataFrame) -> pd.DataFrame:
 
 
 def epoch_ratios(epochs: pd.DataFrame) -> pd.DataFrame:
-    """GQ's per-epoch time over each baseline's, per experiment and width (samples: trained epochs x seeds)."""
+    """GQ's per-epoch time over each baseline's, per experiment and width, with `ratio_ci`'s 95% interval:
+    over seeds (each seed's run is its own process; median epoch ratio per seed) with two or more,
+    else over the trained epochs of one run; `over` says which."""
     d = trained(epochs)
     rows = []
     for (problem, width), w in d.groupby(["problem", "width"]):
@@ -76,9 +78,13 @@ def epoch_ratios(epochs: pd.DataFrame) -> pd.DataFrame:
                 b = w.loc[w["method"] == base, "epoch_s"].to_numpy()
                 if len(b) == 0:
                     continue
-                r, lo, hi = ratio_ci(g["epoch_s"].to_numpy(), b, paired=False, min_samples=2)
-                rows.append(dict(problem=problem, width=width, gq=gq_label, baseline=base, ratio=r, low=lo, high=hi))
-    return pd.DataFrame(rows, columns=["problem", "width", "gq", "baseline", "ratio", "low", "high"])
+                seeds = w.loc[w["method"] == base, "seed"].to_numpy()
+                r = ratio_ci(g["epoch_s"].to_numpy(), b, paired=False, clusters=g["seed"].to_numpy(),
+                             clusters_den=seeds, matched=True, min_samples=2)  # fmt: skip
+                over = f"{r.clusters} seeds" if r.clusters > 1 else f"{len(g)} epochs of one seed"
+                rows.append(dict(problem=problem, width=width, gq=gq_label, baseline=base, ratio=r.point, low=r.lo,
+                                 high=r.hi, over=over))  # fmt: skip
+    return pd.DataFrame(rows, columns=["problem", "width", "gq", "baseline", "ratio", "low", "high", "over"])
 
 
 def final_metrics(epochs: pd.DataFrame) -> pd.DataFrame:

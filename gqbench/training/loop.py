@@ -64,8 +64,7 @@ def train(experiment: ODEExperiment, case: Case, data: Dataset, *, on_epoch: Cal
     (the error says which and where); the rows so far are returned either way."""
     import torch
 
-    from ..measurement.measure import PeakMemory, classify
-    from ..measurement.worker import _one_line
+    from ..measurement.measure import PeakMemory, classify, one_line
 
     dtype = getattr(torch, case.dtype)
     data = data.to(case.device, dtype)
@@ -124,7 +123,7 @@ def train(experiment: ODEExperiment, case: Case, data: Dataset, *, on_epoch: Cal
                     row["batches"] += 1
         except Exception as exc:  # noqa: BLE001 -- a failing run keeps its epochs and becomes a failure row
             status = "nan" if isinstance(exc, Diverged) else classify(exc)
-            return rows, (status, _one_line(exc))
+            return rows, (status, one_line(exc))
         row["epoch_s"] = row["fwd_s"] + row["bwd_s"] + row["step_s"]
         wall += row["epoch_s"]
         row["wall_s"] = wall
