@@ -263,19 +263,28 @@ def _backward_per_interval(ctx, grad_sol: torch.Tensor):
 
     t_grad = _t_grad(ctx, quad, grad_sol) if need_t else None
 
-    if prob.stats is not None:
-        s = prob.stats
-        s.nfe_backward += rhs.nfe - nfe_start
-        s.quad_nodes += quad.nodes
-        s.quad_calls += quad.calls
-        s.quad_orders = orders[::-1]
-        s.quad_panels += quad.panels
-        s.quad_refinements += quad.refinements
-        s.quad_unconverged += quad.unconverged
-        if quad.err_sq is not None:
-            s.quad_error = float(quad.err_sq.sqrt() / _norm(grads))
-        s.vmap_fallback = s.vmap_fallback or not prob.vmap_ok
+    error = float(quad.err_sq.sqrt() / _norm(grads)) if quad.err_sq is not None else None
+    _report(prob, rhs.nfe - nfe_start, quad, orders[::-1], error)
     return (None, a, t_grad, *grads)
+
+
+def _report(prob: _Problem, nfe_backward: int, quad: _Quadrature, orders: list[int], error: float | None,
+            fallback: bool = False) -> None:  # fmt: skip
+    """One backward pass's counts into the caller's `gq_stats()`, if any."""
+    s = prob.stats
+    if s is None:
+        return
+    s.nfe_backward += nfe_backward
+    s.quad_nodes += quad.nodes
+    s.quad_calls += quad.calls
+    s.quad_orders = orders
+    s.quad_panels += quad.panels
+    s.quad_refinements += quad.refinements
+    s.quad_unconverged += quad.unconverged
+    if error is not None:
+        s.quad_error = error
+    s.backsolve_fallbacks += fallback
+    s.vmap_fallback = s.vmap_fallback or not prob.vmap_ok
 
 
 def _t_grad(ctx, quad: _Quadrature, grad_sol: torch.Tensor) -> torch.Tensor:
@@ -372,18 +381,7 @@ def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
     else:
         grads = []
     t_grad = _t_grad(ctx, quad, grad_sol) if need_t else None
-    if prob.stats is not None:
-        s = prob.stats
-        s.nfe_backward += rhs.nfe - nfe_start
-        s.quad_nodes += quad.nodes
-        s.quad_calls += quad.calls
-        s.quad_orders = orders
-        s.quad_panels += quad.panels
-        s.quad_refinements += quad.refinements
-        s.quad_unconverged += quad.unconverged
-        s.quad_error = panels.error if panels is not None else float("nan")
-        s.backsolve_fallbacks += fallback
-        s.vmap_fallback = s.vmap_fallback or not prob.vmap_ok
+    _report(prob, rhs.nfe - nfe_start, quad, orders, panels.error if panels is not None else float("nan"), fallback)
     return (None, a, t_grad, *grads)
 
 
