@@ -8,7 +8,17 @@ Backward, per observation interval [t_{i-1}, t_i] walked backwards (a `lax.scan`
 a VJP with respect to z only, so XLA never forms weight-gradient matmuls inside the solver --
 and dL/dtheta += int a^T df/dtheta dt by one of three rules (`quadrature`):
 
-"adaptive" (default), error-controlled. The backward solver is wrapped (`_QuadratureSolver`) so
+"adaptive" (default), error-controlled, panels and orders chosen from free probes (as the torch
+rule, impls/_panels.py). The backward solve saves (z, a) at the nodes of G1..G8 and G16 on 1, 2, 4
+and 8 equal panels of the interval -- interpolations of its dense output, no f evaluation. The
+probes a (a last-layer bias's integrand) and a*z are integrated with every rule; the first panel
+count at which some order <= 8 is within PROBE_SAFETY * quad_rtol * |probe integral| * |panel| /
+|interval| of G16 on every panel gives the panels and the smallest such order (one for all panels),
+and the parameter integral is one vmapped VJP at those nodes only, its width bucketed
+(PROBE_BUCKETS) so that the branches stay few. Where even 8 panels leave the probes unconverged
+(oscillating intervals), the interval is integrated again with the "kronrod" rule.
+
+"kronrod", the former default. The backward solver is wrapped (`_QuadratureSolver`) so
 that every step it takes also integrates over that step with the nested Gauss-Kronrod pair G2/K5,
 z and a read from the step's own dense output: panels = the solver's steps, as in
 SciMLSensitivity's GaussAdjoint. The K5 sum and the estimate E = sum(K5 - G2) ride in the solver
@@ -18,6 +28,12 @@ cotangents batched). When ||E|| > quad_atol * sqrt(#params) + quad_rtol * ||dL/d
 interval is solved again with every panel bisected (2**level panels per step, level <=
 MAX_REFINEMENTS; the solve is deterministic, so the steps are the same). The next interval starts
 at the level this one ended at.
+
+Warm starts (`warm_start=True`, the default with adaptive step-size controllers): the forward
+solver is wrapped (`_StepRecorder`) to keep its last two accepted step sizes; the first backward
+solve starts with the larger (the last one is cut short to land on t1), and each backward solve
+records its own the same way, so the next interval starts with the step size the previous one
+ended with.
 
 "gtol" / "fixed", the paper's rule and a fixed order: one n-point Gauss-Legendre rule per
 interval. With a fixed `quad_order` the rule is static. With the gtol rule
@@ -92,8 +108,10 @@ class GaussLegendreAdjoint(AbstractAdjoint):
     **Arguments:**
 
     - `quadrature`: the rule for dL/dtheta = int a^T df/dtheta dt. "adaptive" (the default):
-        Gauss-Kronrod G2/K5 on every backward solver step, panels bisected until the estimate
-        meets `quad_rtol`/`quad_atol`. "gtol": the paper's rule (implied by `gtol=`). "fixed":
+        panels and Gauss-Legendre orders per interval chosen from free probes of the integrand
+        (held to `quad_rtol`), "kronrod" where they do not converge. "kronrod": Gauss-Kronrod
+        G2/K5 on every backward solver step, panels bisected until the estimate meets
+        `quad_rtol`/`quad_atol`. "gtol": the paper's rule (implied by `gtol=`). "fixed":
         `quad_order` nodes per observation interval (implied by `quad_order=`).
     - `gtol`: the paper's rule, n = min(ceil(gtol * NFE_forward * |dt_i| / |T|), 64) nodes per
         observation interval (0.1 in the paper). No error control: far off on long or
