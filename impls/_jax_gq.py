@@ -8,7 +8,17 @@ Backward, per observation interval [t_{i-1}, t_i] walked backwards (a `lax.scan`
 a VJP with respect to z only, so XLA never forms weight-gradient matmuls inside the solver --
 and dL/dtheta += int a^T df/dtheta dt by one of three rules (`quadrature`):
 
-"adaptive" (default), error-controlled. The backward solver is wrapped (`_QuadratureSolver`) so
+"adaptive" (default), error-controlled, panels and orders chosen from free probes (as the torch
+rule, impls/_panels.py). The backward solve saves (z, a) at the nodes of G1..G8 and G16 on 1, 2, 4
+and 8 equal panels of the interval -- interpolations of its dense output, no f evaluation. The
+probes a (a last-layer bias's integrand) and a*z are integrated with every rule; the first panel
+count at which some order <= 8 is within PROBE_SAFETY * quad_rtol * |probe integral| * |panel| /
+|interval| of G16 on every panel gives the panels and the smallest such order (one for all panels),
+and the parameter integral is one vmapped VJP at those nodes only, its width bucketed
+(PROBE_BUCKETS) so that the branches stay few. Where even 8 panels leave the probes unconverged
+(oscillating intervals), the interval is integrated again with the "kronrod" rule.
+
+"kronrod", the former default. The backward solver is wrapped (`_QuadratureSolver`) so
 that every step it takes also integrates over that step with the nested Gauss-Kronrod pair G2/K5,
 z and a read from the step's own dense output: panels = the solver's steps, as in
 SciMLSensitivity's GaussAdjoint. The K5 sum and the estimate E = sum(K5 - G2) ride in the solver
@@ -18,6 +28,12 @@ cotangents batched). When ||E|| > quad_atol * sqrt(#params) + quad_rtol * ||dL/d
 interval is solved again with every panel bisected (2**level panels per step, level <=
 MAX_REFINEMENTS; the solve is deterministic, so the steps are the same). The next interval starts
 at the level this one ended at.
+
+Warm starts (`warm_start=True`, the default with adaptive step-size controllers): the forward
+solver is wrapped (`_StepRecorder`) to keep its last two accepted step sizes; the first backward
+solve starts with the larger (the last one is cut short to land on t1), and each backward solve
+records its own the same way, so the next interval starts with the step size the previous one
+ended with.
 
 "gtol" / "fixed", the paper's rule and a fixed order: one n-point Gauss-Legendre rule per
 interval. With a fixed `quad_order` the rule is static. With the gtol rule
@@ -68,7 +84,8 @@ from diffrax._term import WrapTerm
 from ._quadrature import _kronrod5
 
 BACKWARD_STATES = ("backsolve", "interpolate")
-QUADRATURES = ("adaptive", "gtol", "fixed")
+QUADRATURES = ("adaptive", "gtol", "fixed", "kronrod")
+ERROR_CONTROLLED = ("adaptive", "kronrod")
 MAX_QUAD_ORDER = 64  # the paper's cap
 MAX_REFINEMENTS = 4  # adaptive rule: at most 2**4 panels per backward step (each level re-solves the interval)
 _BUCKETS = tuple(2**k for k in range(int(math.log2(MAX_QUAD_ORDER)) + 1))  # 1, 2, 4, ..., 64
@@ -91,8 +108,10 @@ class GaussLegendreAdjoint(AbstractAdjoint):
     **Arguments:**
 
     - `quadrature`: the rule for dL/dtheta = int a^T df/dtheta dt. "adaptive" (the default):
-        Gauss-Kronrod G2/K5 on every backward solver step, panels bisected until the estimate
-        meets `quad_rtol`/`quad_atol`. "gtol": the paper's rule (implied by `gtol=`). "fixed":
+        panels and Gauss-Legendre orders per interval chosen from free probes of the integrand
+        (held to `quad_rtol`), "kronrod" where they do not converge. "kronrod": Gauss-Kronrod
+        G2/K5 on every backward solver step, panels bisected until the estimate meets
+        `quad_rtol`/`quad_atol`. "gtol": the paper's rule (implied by `gtol=`). "fixed":
         `quad_order` nodes per observation interval (implied by `quad_order=`).
     - `gtol`: the paper's rule, n = min(ceil(gtol * NFE_forward * |dt_i| / |T|), 64) nodes per
         observation interval (0.1 in the paper). No error control: far off on long or
@@ -107,6 +126,12 @@ class GaussLegendreAdjoint(AbstractAdjoint):
         O(max_steps * stages * state)).
     - `solver`, `stepsize_controller`, `max_steps`: for the backward solves; default: the
         forward's.
+    - `warm_start`: (default True) with an adaptive step-size controller, the first backward
+        solve starts with the step size the forward had at t1 (the larger of its last two
+        accepted steps; the last one is usually cut short to land on t1), and every later one
+        with the step size the previous backward solve ended with -- no initial-step heuristic
+        and no warm-up of short steps per observation interval. False: diffrax's heuristic for
+        every backward solve, as the forward.
     - `report`: called on the host after each backward pass (`jax.debug.callback`) with a
         dict of numpy arrays: "gq_quad_nodes" (f evaluations spent on quadrature, per
         interval), "gq_quad_error" (adaptive: the estimate's norm over all intervals relative
@@ -130,6 +155,7 @@ class GaussLegendreAdjoint(AbstractAdjoint):
     stepsize_controller: AbstractStepSizeController | None = None
     max_steps: int | None = eqx.field(default=None, static=True)
     report: Callable[[dict], Any] | None = eqx.field(default=None, static=True)
+    warm_start: bool = eqx.field(default=True, static=True)
 
     def __check_init__(self):
         g = self.gtol
@@ -153,7 +179,7 @@ class GaussLegendreAdjoint(AbstractAdjoint):
             tol = getattr(self, name)
             if tol is not None and (_bad_number(tol) or tol < 0):
                 _fail(name, tol, f"{name} must be a finite number >= 0, or None for the backward solver's.")
-            if tol is not None and self.rule != "adaptive":
+            if tol is not None and self.rule not in ERROR_CONTROLLED:
                 _fail(name, tol, f"quad_rtol/quad_atol control the adaptive rule only; drop them or "
                       f"{'gtol' if self.rule == 'gtol' else 'quad_order'}.")  # fmt: skip
         if self.backward_state not in BACKWARD_STATES:
@@ -161,6 +187,8 @@ class GaussLegendreAdjoint(AbstractAdjoint):
         m = self.max_steps
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             _fail("max_steps", m, "max_steps must be an int >= 1, or None to reuse the forward's.")
+        if not isinstance(self.warm_start, bool):
+            _fail("warm_start", self.warm_start, "warm_start must be True or False.")
         if self.report is not None and not callable(self.report):
             _fail("report", self.report, "report must be callable as report(stats_dict), or None.")
 
@@ -268,11 +296,24 @@ def _forward(y__args__terms, *, self, solver, stepsize_controller, saveat, t0, t
     del throw
     y, args, terms = y__args__terms
     init_state = eqx.tree_at(lambda s: s.y, init_state, y)
+    warm = _warm(self, stepsize_controller)
+    loop_solver = solver
+    if warm:  # record the forward's last step sizes beside its solver state
+        loop_solver = _StepRecorder(solver)
+        t_dtype = jnp.result_type(init_state.tprev)
+        zero = jnp.zeros((), t_dtype)
+        init_state = eqx.tree_at(lambda s: s.solver_state, init_state, (init_state.solver_state, zero, zero),
+                                 is_leaf=_is_none)  # fmt: skip
     final_state, aux_stats = self._loop(
-        args=args, terms=terms, solver=solver, stepsize_controller=stepsize_controller, event=None,
+        args=args, terms=terms, solver=loop_solver, stepsize_controller=stepsize_controller, event=None,
         saveat=saveat, t0=t0, t1=t1, dt0=dt0, max_steps=max_steps, init_state=init_state,
         inner_while_loop=_lax_loop, outer_while_loop=_lax_loop, progress_meter=progress_meter,
     )  # fmt: skip
+    h_end = None
+    if warm:
+        h_end = _warm_dt(final_state.solver_state)
+        final_state = eqx.tree_at(lambda s: s.solver_state, final_state, final_state.solver_state[0],
+                                  is_leaf=_is_none)  # fmt: skip
     dense = None
     if self.backward_state == "interpolate":
         dense = DenseInterpolation(
@@ -287,10 +328,17 @@ def _forward(y__args__terms, *, self, solver, stepsize_controller, saveat, t0, t
     if self.rule == "gtol" or _countable(solver):
         nfe = _nfe_forward(solver, stepsize_controller, dt0, final_state.num_steps)
         aux_stats["gq_nfe_forward"] = nfe
-    if self.rule != "adaptive":
+    if self.rule not in ERROR_CONTROLLED:
         lo, hi, _ = _intervals(final_state.save_state, saveat, t0, y)
         aux_stats["gq_quad_orders"] = _orders(self, aux_stats.get("gq_nfe_forward"), lo, hi, t0, t1)
-    return final_state, aux_stats, dense
+    return final_state, aux_stats, (dense, h_end)
+
+
+def _warm(adj: GaussLegendreAdjoint, stepsize_controller) -> bool:
+    """Warm starts apply when both directions choose their steps adaptively."""
+    ctrl = adj.stepsize_controller or stepsize_controller
+    adaptive = AbstractAdaptiveStepSizeController
+    return adj.warm_start and isinstance(stepsize_controller, adaptive) and isinstance(ctrl, adaptive)
 
 
 def _countable(solver) -> bool:
@@ -338,8 +386,8 @@ def _gq_loop(y__args__terms, **kwargs):
 @_gq_loop.def_fwd
 def _gq_loop_fwd(perturbed, y__args__terms, **kwargs):
     del perturbed
-    final_state, aux_stats, dense = _forward(y__args__terms, **kwargs)
-    residuals = (final_state.save_state.ts, final_state.save_state.ys, aux_stats, dense)
+    final_state, aux_stats, (dense, h_end) = _forward(y__args__terms, **kwargs)
+    residuals = (final_state.save_state.ts, final_state.save_state.ys, aux_stats, dense, h_end)
     return (final_state, aux_stats), residuals
 
 
@@ -348,7 +396,7 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
                  t0, t1, dt0, max_steps, throw, init_state, progress_meter):  # fmt: skip
     del init_state, progress_meter
     adj: GaussLegendreAdjoint = self
-    ts, ys, aux_stats, dense = residuals
+    ts, ys, aux_stats, dense, h_end = residuals
     grad_ys = grad_out[0].save_state.ys
     grad_ys = jtu.tree_map(lambda y, g: jnp.zeros_like(y) if g is None else g, ys, grad_ys)
     y0, args, terms = y__args__terms
@@ -370,19 +418,32 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
         throw=throw,
         adjoint=_NoAutodiff(),
     )
+    warm = h_end is not None
     nfe_of = None
     if _countable(b_solver):
-        nfe_of = functools.partial(_nfe_forward, b_solver, b_ctrl, backward["dt0"])
+        nfe_of = functools.partial(_nfe_forward, b_solver, b_ctrl, 1.0 if warm else backward["dt0"])
+
+    def start(t_lo, t_hi, h):
+        """(solver, the backward solve's dt0): warm, the carried step size h, recorded again."""
+        if not warm:
+            return b_solver, backward["dt0"]
+        h = jnp.where(h > 0, h, t_hi - t_lo).astype(time_dtype)
+        return _StepRecorder(b_solver, h0=h), -h
+
+    def carried(rec_state, h):
+        return _warm_dt(rec_state).astype(time_dtype) if warm else h
+
     zero_grads = jtu.tree_map(jnp.zeros_like, params)
     zero_stats = dict(nodes=jnp.int32(0), nfe=jnp.int32(0), refinements=jnp.int32(0), level=jnp.int32(0),
                       unconverged=jnp.bool_(False))  # fmt: skip
 
-    if rule == "adaptive":
+    if rule in ERROR_CONTROLLED:
         quad_rtol, quad_atol = _quad_tols(adj, b_ctrl)
         n_params = sum(x.size for x in jtu.tree_leaves(params))
+    if rule in ERROR_CONTROLLED:  # the adaptive rule falls back to kronrod where its probes do not converge
         x_gk, w_k, w_e = (jnp.asarray(v, dtype=time_dtype) for v in _kronrod_numpy())
-        quad_solver = _QuadratureSolver(b_solver, x_gk, w_k, w_e)
         vf = ODETerm(_adaptive_backsolve_vf if adj.backward_state == "backsolve" else _adaptive_interp_vf)
+        probe_tables = _ProbeTables.build(time_dtype)
     else:
         if rule == "fixed":
             table_x, table_w = _padded_rule_table(adj.quad_order, adj.quad_order, time_dtype)
@@ -392,70 +453,171 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
             widths = _BUCKETS
 
     def interval(carry, xs):
-        a, grads, err_sq, level = carry
+        a, grads, err_sq, level, h = carry
         t_lo, t_hi, y_hi, g_lo, n = xs
-        if rule == "adaptive":
+        if rule in ERROR_CONTROLLED:
             # An empty interval (e.g. SaveAt(ts) starting at t0) costs nothing: no solve, no nodes.
-            skip = lambda *_: (a, zero_grads, jnp.zeros((), time_dtype), zero_stats, level)
-            a_lo, dg, e_sq, st, level = lax.cond(t_hi > t_lo, integrate_adaptive, skip, t_lo, t_hi, y_hi, a, grads,
-                                                 level)  # fmt: skip
+            skip = lambda *_: (a, zero_grads, jnp.zeros((3,), time_dtype), zero_stats, level, h)
+            integrate = integrate_adaptive if rule == "kronrod" else integrate_probed
+            a_lo, dg, e_sq, st, level, h = lax.cond(t_hi > t_lo, integrate, skip, t_lo, t_hi, y_hi, a, grads, level,
+                                                    h)  # fmt: skip
             err_sq = err_sq + e_sq
         else:
-            a_lo, dg, st = lax.cond(n > 0, integrate_rule, lambda *_: (a, zero_grads, zero_stats), t_lo, t_hi, y_hi,
-                                    a, n)  # fmt: skip
+            a_lo, dg, st, h = lax.cond(n > 0, integrate_rule, lambda *_: (a, zero_grads, zero_stats, h), t_lo, t_hi,
+                                       y_hi, a, n, h)  # fmt: skip
         grads = jtu.tree_map(jnp.add, grads, dg)
         a = jtu.tree_map(jnp.add, a_lo, g_lo)
-        return (a, grads, err_sq, level), st
+        return (a, grads, err_sq, level, h), st
 
-    def integrate_adaptive(t_lo, t_hi, y_hi, a, grads, start_level):
+    def integrate_adaptive(t_lo, t_hi, y_hi, a, grads, start_level, h):
         """Solve the interval with 2**level panels per step; too coarse: bisect them all and solve again.
         The first level tried is the one the previous (later) interval ended at: neighbouring intervals
         tend to need the same, and every level tried costs a backward solve."""
         state = (y_hi, a) if adj.backward_state == "backsolve" else a
+        step_solver, dt_first = start(t_lo, t_hi, h)
+        quad_solver = _QuadratureSolver(step_solver, x_gk, w_k, w_e)
+        kw = dict(backward, dt0=dt_first)
 
         def attempt(level):
             ctx = _QuadContext(params=params, static=static, dense=dense, level=level)
             sol = self._diffeqsolve(vf, quad_solver, t0=t_hi, t1=t_lo, y0=state, args=ctx,
-                                    saveat=SaveAt(t1=True, solver_state=True), **backward)  # fmt: skip
-            _, k_sum, e_sum = sol.solver_state
+                                    saveat=SaveAt(t1=True, solver_state=True), **kw)  # fmt: skip
+            inner, k_sum, e_sum = sol.solver_state
+            h_out = carried(inner, h)
             end = sol.ys[1] if adj.backward_state == "backsolve" else sol.ys
             steps = sol.stats["num_steps"]
             nfe = 0 if nfe_of is None else nfe_of(steps)
             nodes = steps * len(x_gk) * 2**level if n_params else jnp.zeros_like(steps)
-            return jtu.tree_map(lambda p: p[-1], end), k_sum, e_sum, nodes.astype(jnp.int32), jnp.int32(nfe)
+            return jtu.tree_map(lambda p: p[-1], end), k_sum, e_sum, nodes.astype(jnp.int32), jnp.int32(nfe), h_out
 
         def cond(c):
             return ~c["done"]
 
         def body(c):
             level = c["level"] + 1
-            a_lo, k_sum, e_sum, nodes, nfe = attempt(level)
+            a_lo, k_sum, e_sum, nodes, nfe, h_out = attempt(level)
             total = _tree_norm(jtu.tree_map(jnp.add, grads, k_sum))
             ok = _tree_norm(e_sum) <= quad_atol * math.sqrt(max(n_params, 1)) + quad_rtol * total
             done = ok | (level >= MAX_REFINEMENTS)
             return dict(level=level, a_lo=a_lo, k=k_sum, e=e_sum, done=done, ok=ok,
-                        nodes=c["nodes"] + nodes, nfe=c["nfe"] + nfe)  # fmt: skip
+                        nodes=c["nodes"] + nodes, nfe=c["nfe"] + nfe, h=h_out)  # fmt: skip
 
         init = dict(level=start_level - 1, a_lo=a, k=zero_grads, e=zero_grads, done=jnp.bool_(False),
-                    ok=jnp.bool_(False), nodes=jnp.int32(0), nfe=jnp.int32(0))  # fmt: skip
+                    ok=jnp.bool_(False), nodes=jnp.int32(0), nfe=jnp.int32(0), h=h)  # fmt: skip
         c = lax.while_loop(cond, body, init)
         st = dict(nodes=c["nodes"].astype(jnp.int32), nfe=c["nfe"].astype(jnp.int32),
                   refinements=c["level"] - start_level, level=c["level"], unconverged=~c["ok"])  # fmt: skip
-        return c["a_lo"], c["k"], _tree_norm(c["e"]).astype(time_dtype) ** 2, st, c["level"]
+        e_sq = jnp.stack([_tree_norm(c["e"]).astype(time_dtype) ** 2, jnp.zeros((), time_dtype),
+                          jnp.zeros((), time_dtype)])  # fmt: skip
+        return c["a_lo"], c["k"], e_sq, st, c["level"], c["h"]
 
-    def integrate_rule(t_lo, t_hi, y_hi, a, n):
+    def integrate_probes(t_lo, t_hi, y_hi, a, grads, start_level, h):
+        """One backward solve saves (z, a) at the probe nodes of every level (G1..G8 and G16 on each
+        of 2**level equal panels, levels 0..PROBE_MAX_LEVEL); the first level at which some order
+        <= 8 fits every panel's share of the budget gives the panels, the smallest such order (one
+        for all panels) the nodes; the parameter integral is then evaluated at those nodes only."""
+        del grads, start_level
+        T = probe_tables
+        state = (y_hi, a) if adj.backward_state == "backsolve" else a
+        step_solver, dt_first = start(t_lo, t_hi, h)
+        half_all, mid_all = (t_hi - t_lo) / 2, (t_lo + t_hi) / 2
+        nodes = jnp.clip(mid_all + half_all * T.u_sorted, t_lo, t_hi)  # descending, as the solve meets them
+        save = SaveAt(ts=nodes, t1=True, solver_state=warm)
+        kw = dict(backward, dt0=dt_first)
+        if adj.backward_state == "backsolve":
+            sol = self._diffeqsolve(ODETerm(_backsolve_vf), step_solver, t0=t_hi, t1=t_lo, y0=state,
+                                    args=(args, terms), saveat=save, **kw)  # fmt: skip
+            z_path, a_path = sol.ys
+            z_nodes = jtu.tree_map(lambda p: p[:-1], z_path)
+        else:
+            sol = self._diffeqsolve(ODETerm(_interp_vf), step_solver, t0=t_hi, t1=t_lo, y0=state,
+                                    args=(args, terms, dense), saveat=save, **kw)  # fmt: skip
+            a_path = sol.ys
+            z_nodes = jax.vmap(dense.evaluate)(nodes)
+        a_nodes = jtu.tree_map(lambda p: p[:-1], a_path)
+        a_lo = jtu.tree_map(lambda p: p[-1], a_path)
+        # Probes: a (the integrand of a last-layer bias) and a*z, elementwise: read off the solve, no f evaluation.
+        flat = lambda tree: jnp.concatenate([x.reshape(x.shape[0], -1) for x in jtu.tree_leaves(tree)], 1)
+        fa, fz = flat(a_nodes), flat(z_nodes)
+        probe = jnp.concatenate([fa, fa * fz], 1).astype(time_dtype)  # (nodes, size)
+        fallback = len(PROBE_ORDERS) - 1  # G16
+        found = jnp.bool_(False)
+        level = choice = jnp.int32(PROBE_MAX_LEVEL)
+        e_sq = ref_sq = jnp.zeros((), time_dtype)
+        for lev in range(PROBE_MAX_LEVEL + 1):  # static: cheap sums over saved values
+            panels = 2**lev
+            vals = probe[T.layout[lev, :panels]]  # (panels, block, size)
+            integrals = (half_all / panels) * jnp.einsum("rk,pks->prs", T.w_rules, vals)
+            ref = jnp.sum(integrals[:, -1], 0)
+            ref_norm = jnp.sqrt(jnp.sum(ref**2))
+            errs = jnp.sqrt(jnp.sum((integrals[:, :-1] - integrals[:, -1:]) ** 2, -1))  # (panels, 8)
+            ok = errs <= (PROBE_SAFETY * quad_rtol / panels) * ref_norm
+            passed = ok.any(1).all()
+            first = jnp.where(ok.any(1), jnp.argmax(ok, 1), fallback)
+            ch = jnp.max(first).astype(jnp.int32)  # one order for all panels
+            if lev == PROBE_MAX_LEVEL:
+                ch = jnp.where(passed, ch, fallback)
+            errs_all = jnp.concatenate([errs, jnp.zeros((panels, 1), errs.dtype)], 1)
+            e = jnp.sum(errs_all[:, ch] ** 2)
+            take = ~found & (passed | (lev == PROBE_MAX_LEVEL))
+            level, choice = jnp.where(take, lev, level), jnp.where(take, ch, choice)
+            e_sq, ref_sq = jnp.where(take, e, e_sq), jnp.where(take, ref_norm**2, ref_sq)
+            found = found | passed
+        order = T.orders[choice]
+        panels = jnp.left_shift(1, level)
+        count = panels * order if n_params else jnp.int32(0)
+
+        def width(k):
+            def go():
+                j = jnp.arange(k)
+                panel, node = j // order, j % order
+                slot = T.layout[level, panel, T.offsets[choice] + node]
+                w = jnp.where(j < count, T.w_gl[choice, node] * (half_all / panels), 0)
+                take = lambda tree: jtu.tree_map(lambda p: p[slot], tree)
+                wa = jtu.tree_map(lambda p: p * w.astype(p.dtype).reshape((-1,) + (1,) * (p.ndim - 1)), take(a_nodes))
+                return _node_vjp(params, static, nodes[slot], take(z_nodes), wa)
+
+            return go
+
+        if n_params:
+            bucket = jnp.sum(count > jnp.asarray(PROBE_BUCKETS)).astype(jnp.int32)
+            dg = lax.switch(bucket, [width(k) for k in PROBE_BUCKETS])
+        else:
+            dg = zero_grads
+        nfe = 0 if nfe_of is None else nfe_of(sol.stats["num_steps"])
+        st = dict(nodes=count.astype(jnp.int32), nfe=jnp.int32(nfe), refinements=jnp.int32(0),
+                  level=level.astype(jnp.int32), unconverged=~found)  # fmt: skip
+        h_out = carried(sol.solver_state, h) if warm else h
+        return a_lo, dg, jnp.stack([jnp.zeros((), time_dtype), e_sq, ref_sq]), st, level, h_out, found
+
+    def integrate_probed(t_lo, t_hi, y_hi, a, grads, start_level, h):
+        """The probe rule; where even 2**PROBE_MAX_LEVEL panels leave the probes unconverged (hard,
+        oscillating intervals), the interval is integrated again with the kronrod rule."""
+        a_lo, dg, e_sq, st, level, h_out, found = integrate_probes(t_lo, t_hi, y_hi, a, grads, start_level, h)
+
+        def kronrod():
+            a2, dg2, e2, st2, lev2, h2 = integrate_adaptive(t_lo, t_hi, y_hi, a, grads, start_level, h)
+            st2 = dict(st2, nodes=st2["nodes"] + st["nodes"], nfe=st2["nfe"] + st["nfe"])
+            return a2, dg2, e2, st2, lev2, h2
+
+        keep = lambda: (a_lo, dg, e_sq, dict(st, unconverged=jnp.bool_(False)), start_level, h_out)
+        return lax.cond(found, keep, kronrod)
+
+    def integrate_rule(t_lo, t_hi, y_hi, a, n, h):
         row = n if rule == "gtol" else 0
         x, w = table_x[row], table_w[row]  # nodes in [-1, 1], descending; padding at -1 with w = 0
         half = (t_hi - t_lo) / 2
         nodes = jnp.clip((t_lo + t_hi) / 2 + half * x, t_lo, t_hi)
-        save = SaveAt(ts=nodes, t1=True)
+        save = SaveAt(ts=nodes, t1=True, solver_state=warm)
+        step_solver, dt_first = start(t_lo, t_hi, h)
+        kw = dict(backward, dt0=dt_first)
         if adj.backward_state == "backsolve":
-            sol = self._diffeqsolve(ODETerm(_backsolve_vf), b_solver, t0=t_hi, t1=t_lo, y0=(y_hi, a),
-                                    args=(args, terms), saveat=save, **backward)  # fmt: skip
+            sol = self._diffeqsolve(ODETerm(_backsolve_vf), step_solver, t0=t_hi, t1=t_lo, y0=(y_hi, a),
+                                    args=(args, terms), saveat=save, **kw)  # fmt: skip
             z_nodes, a_path = sol.ys
         else:
-            sol = self._diffeqsolve(ODETerm(_interp_vf), b_solver, t0=t_hi, t1=t_lo, y0=a,
-                                    args=(args, terms, dense), saveat=save, **backward)  # fmt: skip
+            sol = self._diffeqsolve(ODETerm(_interp_vf), step_solver, t0=t_hi, t1=t_lo, y0=a,
+                                    args=(args, terms, dense), saveat=save, **kw)  # fmt: skip
             a_path = sol.ys
             z_nodes = jax.vmap(dense.evaluate)(nodes)
         a_nodes = jtu.tree_map(lambda p: p[:-1], a_path)
@@ -475,16 +637,20 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
             dg = lax.switch(bucket, [width(k) for k in widths])
         nfe = 0 if nfe_of is None else nfe_of(sol.stats["num_steps"])
         st = dict(zero_stats, nodes=n.astype(jnp.int32), nfe=jnp.int32(nfe))
-        return a_lo, dg, st
+        h_out = carried(sol.solver_state, h) if warm else h
+        return a_lo, dg, st, h_out
 
     a_last = jtu.tree_map(lambda g: g[-1], g_pts)
-    ns = aux_stats["gq_quad_orders"] if rule != "adaptive" else jnp.zeros(lo.shape, jnp.int32)
+    ns = aux_stats["gq_quad_orders"] if rule not in ERROR_CONTROLLED else jnp.zeros(lo.shape, jnp.int32)
     xs = (lo, hi, jtu.tree_map(lambda p: p[1:], y_pts), jtu.tree_map(lambda g: g[:-1], g_pts), ns)
-    init = (a_last, zero_grads, jnp.zeros((), time_dtype), jnp.int32(0))
-    (a_y0, grads, err_sq, _), per_interval = lax.scan(interval, init, xs, reverse=True)
+    h_init = h_end.astype(time_dtype) if warm else jnp.zeros((), time_dtype)
+    init = (a_last, zero_grads, jnp.zeros((3,), time_dtype), jnp.int32(0), h_init)
+    (a_y0, grads, err_sq, _, _), per_interval = lax.scan(interval, init, xs, reverse=True)
     if adj.report is not None:
-        if rule == "adaptive":
-            est = jnp.where(err_sq > 0, jnp.sqrt(err_sq) / _tree_norm(grads), 0.0).astype(time_dtype)
+        if rule in ERROR_CONTROLLED:  # kronrod's estimate relative to the gradient, plus the probes' own
+            g_sq = jnp.maximum(_tree_norm(grads) ** 2, jnp.finfo(time_dtype).tiny)
+            rel = err_sq[0] / g_sq + jnp.where(err_sq[2] > 0, err_sq[1] / err_sq[2], 0.0)
+            est = jnp.sqrt(rel).astype(time_dtype)
         else:
             est = jnp.asarray(jnp.nan, time_dtype)
         report = dict(
@@ -566,7 +732,114 @@ def _node_vjp(params, static, nodes, z_nodes, wa_nodes):
     return g
 
 
-# ----------------------------------------------------------------------------- adaptive rule
+class _StepRecorder(AbstractWrappedSolver):
+    """A solver plus the sizes of its last two accepted steps (in its own normalised time), for
+    warm starts. Solver state: (inner, last, before); diffrax keeps a step's solver state only
+    when the step is accepted, so rejected steps leave no trace."""
+
+    solver: AbstractSolver
+    h0: Any = None  # what `last`/`before` start at (a carried step size), else 0
+
+    @property
+    def term_structure(self):
+        return self.solver.term_structure
+
+    @property
+    def interpolation_cls(self):  # pyright: ignore
+        return self.solver.interpolation_cls
+
+    @property
+    def term_compatible_contr_kwargs(self):
+        return self.solver.term_compatible_contr_kwargs
+
+    def order(self, terms):
+        return self.solver.order(terms)
+
+    def strong_order(self, terms):
+        return self.solver.strong_order(terms)
+
+    def error_order(self, terms):
+        return self.solver.error_order(terms)
+
+    def func(self, terms, t0, y0, args):
+        return self.solver.func(terms, t0, y0, args)
+
+    def init(self, terms, t0, t1, y0, args):
+        h = jnp.zeros((), jnp.result_type(t0, t1)) if self.h0 is None else jnp.asarray(self.h0, jnp.result_type(t0))
+        return self.solver.init(terms, t0, t1, y0, args), h, h
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        inner, last, _ = solver_state
+        y1, y_error, dense_info, inner, result = self.solver.step(terms, t0, t1, y0, args, inner, made_jump)
+        return y1, y_error, dense_info, (inner, jnp.abs(t1 - t0).astype(last.dtype), last), result
+
+
+def _warm_dt(recorder_state):
+    """The step size to start the next solve with: the larger of the last two accepted steps (the
+    last one is usually cut short to land on the end point)."""
+    _, last, before = recorder_state
+    return lax.stop_gradient(jnp.maximum(last, before))
+
+
+# ----------------------------------------------------------------------------- adaptive rule (probes)
+
+PROBE_ORDERS = (1, 2, 3, 4, 5, 6, 7, 8, 16)  # candidates, and G16 the reference
+PROBE_MAX_LEVEL = 3  # at most 2**3 panels per observation interval (each level re-solves the interval)
+PROBE_SAFETY = 0.1  # the probes stand in for the integrand: a tenth of quad_rtol, as the torch rule
+PROBE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # evaluation widths (<= 1.5x the nodes)
+
+
+class _ProbeTables(eqx.Module):
+    """Static tables of the probe rule. Level L cuts [-1, 1] into 2**L equal panels, each with a
+    block of 52 probe nodes (those of G1..G8, then G16); the nodes of all levels, sorted descending
+    as the backward solve meets them, are `u_sorted`, and `layout[L, p, k]` is where node k of
+    panel p's block at level L sits in it (panels p >= 2**L: unused)."""
+
+    u_sorted: Any  # (all levels' nodes,)
+    layout: Any  # (levels, max panels, block)
+    w_rules: Any  # (rules, block): each rule's weights on the block, on [-1, 1]
+    w_gl: Any  # (rules, 16): the Gauss-Legendre weights of each candidate order, padded
+    offsets: Any  # (rules,): where each rule's nodes start in the block
+    orders: Any  # (rules,)
+
+    @staticmethod
+    def build(dtype):
+        u, layout, w_rules, w_gl, offsets = _probe_numpy()
+        f = lambda x: jnp.asarray(x, dtype=dtype)
+        i = lambda x: jnp.asarray(x, dtype=jnp.int32)
+        return _ProbeTables(f(u), i(layout), f(w_rules), f(w_gl), i(offsets), i(PROBE_ORDERS))
+
+
+@functools.cache
+def _probe_numpy():
+    rules = [np.polynomial.legendre.leggauss(n) for n in PROBE_ORDERS]
+    block_x = np.concatenate([x for x, _ in rules])
+    block = len(block_x)
+    offsets = np.cumsum([0] + [len(x) for x, _ in rules[:-1]])
+    w_rules = np.zeros((len(rules), block))
+    w_gl = np.zeros((len(rules), max(PROBE_ORDERS)))
+    for r, (x, w) in enumerate(rules):
+        w_rules[r, offsets[r] : offsets[r] + len(x)] = w
+        w_gl[r, : len(x)] = w
+    max_panels = 2**PROBE_MAX_LEVEL
+    us = []
+    for level in range(PROBE_MAX_LEVEL + 1):
+        panels = 2**level
+        # Panel p covers [1 - 2(p+1)/P, 1 - 2p/P]: panel 0 at the top end, where the backward solve starts.
+        us.append(np.stack([1 - (2 * p + 1) / panels + block_x / panels for p in range(panels)]))
+    flat = np.concatenate([u.ravel() for u in us])
+    order = np.argsort(-flat, kind="stable")
+    where = np.empty(flat.size, dtype=np.int64)
+    where[order] = np.arange(flat.size)
+    layout = np.zeros((PROBE_MAX_LEVEL + 1, max_panels, block), dtype=np.int64)
+    at = 0
+    for level, u in enumerate(us):
+        layout[level, : len(u)] = where[at : at + u.size].reshape(u.shape)
+        at += u.size
+    return flat[order], layout, w_rules, w_gl, offsets
+
+
+# ----------------------------------------------------------------------------- kronrod rule (the former default)
 
 
 class _QuadContext(eqx.Module):

@@ -48,8 +48,8 @@ class _JaxMethod(AbstractMethod):
     backend: ClassVar[str] = "jax"
 
     def unsupported(self, case):
-        if case.warm_start:
-            return "warm_start is a torch_gq option; the JAX GQ adjoint starts each backward solve afresh"
+        if case.warm_start and not self.quadrature:
+            return "warm_start is an option of the GQ adjoints (torch_gq, jax_gq)"
         if importlib.util.find_spec("jax") is None or importlib.util.find_spec("diffrax") is None:
             return "jax/diffrax are not installed; pip install 'gqbench[jax]'"
         if case.solver not in _SOLVERS:
@@ -109,6 +109,8 @@ class JaxGQ(_JaxMethod):
         gtol = None if case.gtol is None or math.isnan(case.gtol) else case.gtol
         rule = case.quadrature or ("fixed" if case.quad_order is not None else "gtol" if gtol is not None else None)
         kw = dict(backward_state=case.backward_state or "backsolve", quadrature=rule)
+        if case.warm_start is not None:  # None: the adjoint's default (warm)
+            kw["warm_start"] = bool(case.warm_start)
         if rule == "fixed":
             kw["quad_order"] = case.quad_order
         elif rule == "gtol":
