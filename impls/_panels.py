@@ -134,19 +134,19 @@ def choose_panels(
 def _integrate(probe, start, end, x, w) -> torch.Tensor:
     """Every rule's integral of the probes over every panel: (panels, rules, size)."""
     mid, half = (start + end) / 2, (end - start) / 2
-    out, chunk = [], None
-    p = 0
-    while p < len(start):
-        if chunk is None:  # size the chunks from the first probe evaluation
-            first = probe((mid[:1].unsqueeze(1) + half[:1].unsqueeze(1) * x.cpu()).reshape(-1).to(x.device))
-            chunk = max(1, _PROBE_ELEMENTS // max(first.numel(), 1))
-        sl = slice(p, p + chunk)
-        nodes = (mid[sl].unsqueeze(1) + half[sl].unsqueeze(1) * x.cpu()).reshape(-1).to(x.device)
-        vals = first if p == 0 and chunk == 1 else probe(nodes)
+    xc = x.cpu()
+
+    def rules(sl):
+        nodes = (mid[sl].unsqueeze(1) + half[sl].unsqueeze(1) * xc).reshape(-1).to(x.device)
+        vals = probe(nodes)
         vals = vals.reshape(-1, len(x), vals.shape[-1])
         h = half[sl].to(device=vals.device, dtype=vals.dtype).reshape(-1, 1, 1)
-        out.append(torch.einsum("rk,pks->prs", w, vals) * h)
-        p += chunk
+        return torch.einsum("rk,pks->prs", w, vals) * h
+
+    out = [rules(slice(0, 1))]  # the first panel sizes the chunks of the rest
+    chunk = max(1, _PROBE_ELEMENTS // max(out[0].shape[-1] * len(x), 1))
+    for p in range(1, len(start), chunk):
+        out.append(rules(slice(p, p + chunk)))
     return torch.cat(out)
 
 
