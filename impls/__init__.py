@@ -7,6 +7,7 @@ from ._baselines import (
     odeint_adjoint,
     odeint_direct,
     odeint_mali,
+    odeint_paper_gq,
     odeint_seminorm,
     synchronize,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "odeint_adjoint_gq",
     "odeint_direct",
     "odeint_mali",
+    "odeint_paper_gq",
     "odeint_seminorm",
     "quad_order_from_gtol",
     "sample_sde",

@@ -46,6 +46,23 @@ def odeint_seminorm(func, y0, t, **kwargs):
     return torchdiffeq.odeint_adjoint(func, y0, t, adjoint_options=dict(norm="seminorm"), **kwargs)
 
 
+def odeint_paper_gq(func, y0, t, *, gtol=0.1, **kwargs):
+    """The paper's own GQ adjoint (Norcliffe & Deisenroth's `torch_gq_adjoint`, MIT), unmodified, for
+    measuring ours against it. It is not vendored: clone https://github.com/a-norcliffe/torch_gq_adjoint
+    and put the checkout on PYTHONPATH. Its quadrature sizes itself from `func.nfe`, which it expects
+    `func` to count; `NFECounter` does. Keywords are its `odeint_adjoint_gq`'s (rtol, atol, gtol, method, ...).
+    """
+    try:
+        import torch_gq_adjoint
+    except ImportError:
+        raise ImportError(
+            "odeint_paper_gq needs the paper's torch_gq_adjoint: git clone "
+            "https://github.com/a-norcliffe/torch_gq_adjoint and add the checkout to PYTHONPATH"
+        ) from None
+    counted = func if isinstance(func, NFECounter) else NFECounter(func)
+    return torch_gq_adjoint.odeint_adjoint_gq(counted, y0, t, gtol=gtol, **kwargs)
+
+
 def synchronize(device: torch.device | str) -> None:
     """Wait for queued kernels, so a clock read afterwards times the work (no-op on CPU)."""
     if torch.device(device).type == "cuda":

@@ -370,7 +370,7 @@ def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
         else:
             with record_function("gq::choose_panels"):
                 panels = choose_panels(_probe(path.dense, fwd), times, path.dense.breakpoints().cpu(), cfg.quad_rtol,
-                                       device=sol.device, dtype=sol.dtype)  # fmt: skip
+                                       device=sol.device, dtype=sol.dtype, probe_size=2 * sol[0].numel())  # fmt: skip
         nodes, weights, owner = panels.nodes_and_weights(sol.dtype, sol.device)
         orders = torch.bincount(owner, minlength=len(times) - 1).tolist()
         z, a_n = states(nodes)

@@ -732,13 +732,10 @@ def _node_vjp(params, static, nodes, z_nodes, wa_nodes):
     return g
 
 
-class _StepRecorder(AbstractWrappedSolver):
-    """A solver plus the sizes of its last two accepted steps (in its own normalised time), for
-    warm starts. Solver state: (inner, last, before); diffrax keeps a step's solver state only
-    when the step is accepted, so rejected steps leave no trace."""
+class _Delegating(AbstractWrappedSolver):
+    """A wrapped solver that is its inner solver in every respect but `init` and `step`."""
 
     solver: AbstractSolver
-    h0: Any = None  # what `last`/`before` start at (a carried step size), else 0
 
     @property
     def term_structure(self):
@@ -763,6 +760,14 @@ class _StepRecorder(AbstractWrappedSolver):
 
     def func(self, terms, t0, y0, args):
         return self.solver.func(terms, t0, y0, args)
+
+
+class _StepRecorder(_Delegating):
+    """A solver plus the sizes of its last two accepted steps (in its own normalised time), for
+    warm starts. Solver state: (inner, last, before); diffrax keeps a step's solver state only
+    when the step is accepted, so rejected steps leave no trace."""
+
+    h0: Any = None  # what `last`/`before` start at (a carried step size), else 0
 
     def init(self, terms, t0, t1, y0, args):
         h = jnp.zeros((), jnp.result_type(t0, t1)) if self.h0 is None else jnp.asarray(self.h0, jnp.result_type(t0))
@@ -859,7 +864,7 @@ def _adaptive_interp_vf(t, a, ctx: _QuadContext):
     return _interp_vf(t, a, (*eqx.combine(ctx.params, ctx.static), ctx.dense))
 
 
-class _QuadratureSolver(AbstractWrappedSolver):
+class _QuadratureSolver(_Delegating):
     """The backward solver, plus G2/K5 quadrature of a^T df/dtheta over every step it takes.
 
     The K5 sum and the K5 - G2 estimate are solver state: diffrax keeps a step's solver state
@@ -867,34 +872,9 @@ class _QuadratureSolver(AbstractWrappedSolver):
     (A rejected step's quadrature is computed and dropped.)
     """
 
-    solver: AbstractSolver
     x: Any  # K5 nodes on [-1, 1]
     w_k: Any  # K5 weights
     w_e: Any  # K5 - G2 weights
-
-    @property
-    def term_structure(self):
-        return self.solver.term_structure
-
-    @property
-    def interpolation_cls(self):  # pyright: ignore
-        return self.solver.interpolation_cls
-
-    @property
-    def term_compatible_contr_kwargs(self):
-        return self.solver.term_compatible_contr_kwargs
-
-    def order(self, terms):
-        return self.solver.order(terms)
-
-    def strong_order(self, terms):
-        return self.solver.strong_order(terms)
-
-    def error_order(self, terms):
-        return self.solver.error_order(terms)
-
-    def func(self, terms, t0, y0, args):
-        return self.solver.func(terms, t0, y0, args)
 
     def init(self, terms, t0, t1, y0, args: _QuadContext):
         zeros = jtu.tree_map(jnp.zeros_like, args.params)

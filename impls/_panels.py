@@ -19,6 +19,7 @@ the chosen nodes only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -63,8 +64,10 @@ class Panels:
                 torch.cat(owner))  # fmt: skip
 
 
+@functools.lru_cache(maxsize=16)
 def _rules(dtype, device):
-    """Nodes of G1..G8 and G16 on [-1, 1], concatenated, and each rule's weights over all of them."""
+    """Nodes of G1..G8 and G16 on [-1, 1], concatenated, and each rule's weights over all of them
+    (cached: read-only tables, built once per dtype and device)."""
     orders = [*range(1, MAX_PANEL_ORDER + 1), _REFERENCE_ORDER]
     xs, ws = zip(*(gauss_legendre(n, dtype=torch.float64) for n in orders))
     x = torch.cat(xs)
@@ -84,12 +87,14 @@ def choose_panels(
     *,
     device,
     dtype,
+    probe_size: int | None = None,
 ) -> Panels:
     """Panels and orders for every interval [times[i-1], times[i]], from `probe(nodes) -> (m, size)`.
 
     `breaks`: the backward solver's step boundaries (float64). A panel is split at the boundary
     nearest its middle while it holds one: the dense output is one polynomial per step, so panels
-    of whole steps see no kinks, and Gauss rules converge fast on them.
+    of whole steps see no kinks, and Gauss rules converge fast on them. `probe_size`: the width of
+    a probe row, when known (sizes the batches of probe calls without a trial call).
     """
     x, w = _rules(dtype, device)
     t = torch.tensor(times, dtype=torch.float64)
@@ -100,7 +105,7 @@ def choose_panels(
     total = budget_abs = None
     refinements = unconverged = 0
     for level in range(_MAX_BISECTIONS + 1):
-        integrals = _integrate(probe, start, end, x, w)  # (panels, rules, size)
+        integrals = _integrate(probe, start, end, x, w, probe_size)  # (panels, rules, size)
         if total is None:
             ref = integrals[:, -1].sum(0)
             total = float(torch.linalg.vector_norm(ref))
@@ -131,7 +136,7 @@ def choose_panels(
                   error=float(err_sq.sqrt()) / total if total else 0.0)  # fmt: skip
 
 
-def _integrate(probe, start, end, x, w) -> torch.Tensor:
+def _integrate(probe, start, end, x, w, size: int | None = None) -> torch.Tensor:
     """Every rule's integral of the probes over every panel: (panels, rules, size)."""
     mid, half = (start + end) / 2, (end - start) / 2
     xc = x.cpu()
@@ -143,9 +148,11 @@ def _integrate(probe, start, end, x, w) -> torch.Tensor:
         h = half[sl].to(device=vals.device, dtype=vals.dtype).reshape(-1, 1, 1)
         return torch.einsum("rk,pks->prs", w, vals) * h
 
-    out = [rules(slice(0, 1))]  # the first panel sizes the chunks of the rest
-    chunk = max(1, _PROBE_ELEMENTS // max(out[0].shape[-1] * len(x), 1))
-    for p in range(1, len(start), chunk):
+    out = [] if size is not None else [rules(slice(0, 1))]  # else the first panel sizes the chunks
+    if size is None:
+        size = out[0].shape[-1]
+    chunk = max(1, _PROBE_ELEMENTS // max(size * len(x), 1))
+    for p in range(len(out), len(start), chunk):
         out.append(rules(slice(p, p + chunk)))
     return torch.cat(out)
 

@@ -109,7 +109,7 @@ def sweep(
         evals += 1
         if max_evals is not None and evals > max_evals:
             raise SweepFailed(f"more than {max_evals} evaluations")
-        t = torch.tensor(sign * tau, dtype=dtype, device=device)
+        t = torch.scalar_tensor(sign * tau, dtype=dtype, device=device)
         return rhs(t, y.view(shape)).reshape(-1) * sign
 
     y = state.reshape(-1).clone()
@@ -125,7 +125,7 @@ def sweep(
     else:
         dt = abs(float(first_step))
     k = torch.empty(len(alpha) + 1, n, dtype=dtype, device=device)
-    t0s, t1s, coeffs = [], [], []
+    t0s, t1s, hs, fit = [], [], [], []
     steps = rejected = nonfinite = 0
     for i in range(len(times) - 1, 0, -1):
         target = sign * times[i - 1]
@@ -168,11 +168,13 @@ def sweep(
             nonfinite = 0
             accept = ratio <= 1 or h <= min_step
             if accept:
-                y_mid = torch.addmv(y, k.T, mid, alpha=h)
-                coeffs.append(torch.stack(_interp_fit(y, y1, y_mid, k[0], k[-1], h)))
+                f1 = k[-1].clone()
+                # The dense output's ingredients; fitted for all steps at once after the loop.
+                fit.append((y, y1, torch.addmv(y, k.T, mid, alpha=h), fy, f1))
+                hs.append(h)
                 t0s.append(sign * tau)
                 t1s.append(sign * tau1)
-                y, fy, tau = y1, k[-1].clone(), tau1
+                y, fy, tau = y1, f1, tau1
                 steps += 1
             else:
                 rejected += 1
@@ -186,9 +188,12 @@ def sweep(
         if i > 1:
             y = jump(i - 1, y.view(shape)).reshape(-1)
             fy = f(tau, y)
+    y0s, y1s, mids, f0s, f1s = (torch.stack(c) for c in zip(*fit))
+    h = torch.tensor(hs, dtype=dtype, device=device).unsqueeze(1)
+    coeffs = torch.stack(_interp_fit(y0s, y1s, mids, f0s, f1s, h), dim=1)  # (steps, 5, n)
     dense = PiecewiseQuartic(
         torch.tensor(t0s, dtype=torch.float64),
         torch.tensor(t1s, dtype=torch.float64),
-        torch.stack(coeffs).view(len(coeffs), 5, *shape),
+        coeffs.view(len(hs), 5, *shape),
     )
     return Sweep(dense=dense, end=y.view(shape), steps=steps, rejected=rejected)

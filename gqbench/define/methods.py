@@ -137,12 +137,13 @@ class TorchBaseline(AbstractMethod):
 
     solve: str = "odeint_direct"
     needs: str | None = None  # a module the adapter imports (TorchDiffEqPack): skipped rows without it
+    install: str = "pip install the [mali] extra"  # how to get `needs`, for the skipped row's reason
 
     def unsupported(self, case):
         import importlib.util
 
         if self.needs and importlib.util.find_spec(self.needs) is None:
-            return f"{self.name} needs {self.needs}; pip install the [mali] extra"
+            return f"{self.name} needs {self.needs}; {self.install}"
         return super().unsupported(case)
 
     def solver(self, case: Case):
@@ -249,6 +250,13 @@ for _m in (
     TorchGQ("torch_gq", "impls.odeint_adjoint_gq (Gauss-Legendre quadrature adjoint)"),
     TorchBaseline("torch_mali", "MALI, reversible leapfrog (TorchDiffEqPack)", "odeint_mali", "TorchDiffEqPack"),
     TorchBaseline("torch_aca", "ACA, adaptive checkpoint adjoint (TorchDiffEqPack)", "odeint_aca", "TorchDiffEqPack"),
+    TorchBaseline(
+        "torch_paper_gq",
+        "the paper's own GQ adjoint (a-norcliffe/torch_gq_adjoint, gtol 0.1), unmodified",
+        "odeint_paper_gq",
+        "torch_gq_adjoint",
+        "git clone https://github.com/a-norcliffe/torch_gq_adjoint and add the checkout to PYTHONPATH",
+    ),
     TrainingOnly("sde_direct", "torchsde.sdeint, reversible Heun, backprop through the steps (SDE training)"),
     TrainingOnly("sde_adjoint", "torchsde.sdeint_adjoint, adjoint reversible Heun (SDE training)"),
 ):

@@ -16,7 +16,7 @@ import dataclasses
 import math
 
 from . import AbstractTrainingProblem
-from .experiments import ODE_METHODS
+from .experiments import TRAIN_METHODS
 
 A, Z0 = 0.2, 10.0
 
@@ -31,7 +31,7 @@ def exact(T: float) -> dict[str, float]:
 class ToyGradient(AbstractTrainingProblem):
     name: str = "toy_gradient"
     description: str = "dz/dt = a z, loss z(T)^2: gradient w.r.t. a, z0 and T against the closed form as T grows"
-    methods: tuple[str, ...] = ODE_METHODS
+    methods: tuple[str, ...] = TRAIN_METHODS
     default_width: int = 1
     default_batch: int = 1
     default_epochs: int = 1
