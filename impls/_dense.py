@@ -120,6 +120,15 @@ class PiecewiseQuartic:
         """Where the accepted steps start (ascending, float64): the pieces' boundaries."""
         return self.lo
 
+    def select(self, idx: torch.Tensor, keep: int = 0) -> PiecewiseQuartic:
+        """The same pieces for some elements of the state only: its first `keep` dimensions kept, the
+        rest flattened and indexed by `idx` (e.g. the panel probes of a large state)."""
+        c = self.coeffs
+        c = c.reshape(*c.shape[: 2 + keep], -1).index_select(2 + keep, idx.to(c.device))
+        out = object.__new__(PiecewiseQuartic)
+        out.n_knots, out.lo, out.t0, out.t1, out.coeffs = self.n_knots, self.lo, self.t0, self.t1, c
+        return out
+
     def __call__(self, s: torch.Tensor) -> torch.Tensor:
         scalar = s.dim() == 0
         s = s.reshape(-1).to(self.lo.dtype)
@@ -136,6 +145,10 @@ class PiecewiseQuartic:
 
     def derivative(self, s: torch.Tensor) -> torch.Tensor:
         """d/ds of the dense output at times s (1-D): the quartic's slope, no evaluation of f."""
+        return self.value_and_derivative(s)[1]
+
+    def value_and_derivative(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dense output and its slope at times s (1-D), from one gather of the pieces."""
         s = s.reshape(-1).to(self.lo.dtype)
         k = (torch.searchsorted(self.lo, s, right=True) - 1).clamp(0, len(self.lo) - 1)
         t0, t1 = self.t0.index_select(0, k), self.t1.index_select(0, k)
@@ -143,10 +156,12 @@ class PiecewiseQuartic:
         c = self.coeffs.index_select(0, k)
         shape = (-1,) + (1,) * (c.dim() - 2)
         x = x.reshape(shape)
-        dz = 4 * c[:, 4]
+        z, dz = c[:, 4], 4 * c[:, 4]
         for j in (3, 2, 1):
+            z = z * x + c[:, j]
             dz = dz * x + j * c[:, j]
-        return dz / (t1 - t0).to(self.coeffs.dtype).reshape(shape)
+        z = z * x + c[:, 0]
+        return z, dz / (t1 - t0).to(self.coeffs.dtype).reshape(shape)
 
 
 class CubicHermite:
@@ -167,6 +182,14 @@ class CubicHermite:
 
     def breakpoints(self) -> torch.Tensor:
         return self.t
+
+    def select(self, idx: torch.Tensor, keep: int = 0) -> CubicHermite:
+        """As `PiecewiseQuartic.select` (after `fill`)."""
+        out = object.__new__(CubicHermite)
+        out.n_knots, out.t, out.missing = self.n_knots, self.t, self.missing
+        out.y, out.f = (v.reshape(*v.shape[: 1 + keep], -1).index_select(1 + keep, idx.to(v.device))
+                        for v in (self.y, self.f))  # fmt: skip
+        return out
 
     def fill(self, rhs_batch) -> None:
         """Compute f where the solver did not evaluate it (e.g. the final point), in one batch."""
@@ -191,3 +214,18 @@ class CubicHermite:
         f0, f1 = self.f.index_select(0, k), self.f.index_select(0, k + 1)
         z = c[0] * y0 + c[1] * f0 + c[2] * y1 + c[3] * f1
         return z[0] if scalar else z
+
+    def derivative(self, s: torch.Tensor) -> torch.Tensor:
+        """d/ds of the interpolant at times s (1-D): the Hermite cubic's slope."""
+        s = s.reshape(-1).to(self.t.dtype)
+        k = (torch.searchsorted(self.t, s, right=True) - 1).clamp(0, len(self.t) - 2)
+        t0, t1 = self.t.index_select(0, k), self.t.index_select(0, k + 1)
+        h = t1 - t0
+        u = (s - t0) / h
+        u2 = u * u
+        shape = (-1,) + (1,) * (self.y.dim() - 1)
+        c = [(6 * u2 - 6 * u) / h, 3 * u2 - 4 * u + 1, (6 * u - 6 * u2) / h, 3 * u2 - 2 * u]
+        c = [ci.to(self.y.dtype).reshape(shape) for ci in c]
+        y0, y1 = self.y.index_select(0, k), self.y.index_select(0, k + 1)
+        f0, f1 = self.f.index_select(0, k), self.f.index_select(0, k + 1)
+        return c[0] * y0 + c[1] * f0 + c[2] * y1 + c[3] * f1

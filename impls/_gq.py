@@ -369,8 +369,14 @@ def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
             panels = _panels.Panels(edges[:-1], edges[1:], n, torch.arange(len(n)), 0, 0, float("nan"))
         else:
             with record_function("gq::choose_panels"):
-                panels = choose_panels(_probe(path.dense, fwd), times, path.dense.breakpoints().cpu(), cfg.quad_rtol,
-                                       device=sol.device, dtype=sol.dtype, probe_size=2 * sol[0].numel())  # fmt: skip
+                idx = _panels.probe_elements(sol[0].numel())
+                dense, kept = path.dense, fwd
+                if idx is not None:  # a large state: probe a fixed sample of its elements
+                    dense = dense.select(idx, keep=1 if fwd is None else 0)
+                    kept = None if fwd is None else fwd.select(idx)
+                panels = choose_panels(_probe(dense, kept), times, path.dense.breakpoints().cpu(), cfg.quad_rtol,
+                                       device=sol.device, dtype=sol.dtype,
+                                       probe_size=2 * (sol[0].numel() if idx is None else len(idx)))  # fmt: skip
         nodes, weights, owner = panels.nodes_and_weights(sol.dtype, sol.device)
         orders = torch.bincount(owner, minlength=len(times) - 1).tolist()
         z, a_n = states(nodes)
@@ -390,8 +396,8 @@ def _probe(dense, fwd) -> Callable[[torch.Tensor], torch.Tensor]:
 
     def probe(s):
         if fwd is None:
-            za, slope = dense(s), dense.derivative(s)[:, 0]
-            z, a = za[:, 0], za[:, 1]
+            za, dza = dense.value_and_derivative(s)
+            z, a, slope = za[:, 0], za[:, 1], dza[:, 0]
         else:
             z, a, slope = fwd(s), dense(s), fwd.derivative(s)
         m = len(s)

@@ -181,3 +181,51 @@ def test_environment_records_the_gq_defaults_without_importing_torch():
             "assert 'torch' not in sys.modules; print(e['gq_defaults'])")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "'warm_start': True" in out and "'quadrature': 'adaptive'" in out
+
+
+@pytest.mark.parametrize("backward_state", ["backsolve", "interpolate"])
+def test_a_large_state_probed_at_a_sample_keeps_the_gradient_and_the_nodes(monkeypatch, backward_state):
+    """States above PROBE_SAMPLE elements are probed at a fixed sample (the cost of the probes was the
+    image model's backward); on a batch whose rows differ, the chosen nodes and the gradient stay those of
+    probing every element, and both stay at direct backprop's gradient."""
+    import impls._panels as panels
+
+    f = Field(dim=3, width=16)
+    g = torch.Generator().manual_seed(3)
+    y0 = (torch.randn(1200, 3, dtype=DT, generator=g) * 1.5).requires_grad_(True)  # 3600 elements
+    t = torch.tensor([0.0, 0.7, 2.0, 4.0], dtype=DT)
+    params = list(f.parameters())
+
+    def grads(solve):
+        out = solve(f, y0, t)
+        return torch.autograd.grad(out[1:].pow(2).mean(), [*params, y0])
+
+    ref = grads(lambda *a: torchdiffeq.odeint(*a, rtol=1e-10, atol=1e-10))
+    direct = grads(lambda *a: torchdiffeq.odeint(*a, rtol=1e-7, atol=1e-8))
+    err_direct = max(float((x - r).norm() / r.norm()) for x, r in zip(direct, ref))  # ~7e-5
+    runs = {}
+    for sample in (panels.PROBE_SAMPLE, 10**9):
+        monkeypatch.setattr(panels, "PROBE_SAMPLE", sample)
+        with gq_stats() as st:
+            got = grads(lambda *a: odeint_adjoint_gq(*a, rtol=1e-7, atol=1e-8, backward_state=backward_state))
+        err = max(float((x - r).norm() / r.norm()) for x, r in zip(got, ref))
+        runs[sample] = (err, st.quad_nodes)
+    (err_s, nodes_s), (err_all, nodes_all) = runs.values()
+    assert err_all < 5 * err_direct  # backsolve 2e-5, interpolate 2e-4 (its z read off the forward's steps)
+    assert abs(nodes_s - nodes_all) <= 0.1 * nodes_all and err_s < 1.2 * err_all + 1e-9
+
+
+def test_hermite_interpolant_slope_and_element_selection():
+    from impls._dense import CubicHermite
+
+    t = torch.linspace(0, 2, 7, dtype=DT)
+    y = torch.stack([torch.sin(t), t**3], 1).reshape(7, 1, 2)
+    f = torch.stack([torch.cos(t), 3 * t**2], 1).reshape(7, 1, 2)
+    h = CubicHermite(t, y, list(f))
+    s = torch.tensor([0.1, 0.77, 1.5, 1.99], dtype=DT)
+    eps = 1e-6
+    fd = (h(s + eps) - h(s - eps)) / (2 * eps)
+    assert torch.allclose(h.derivative(s), fd, atol=1e-7)
+    assert torch.allclose(h.derivative(s)[:, 0, 1], 3 * s**2, atol=1e-12)  # a cubic is reproduced exactly
+    one = h.select(torch.tensor([1]))
+    assert torch.allclose(one(s).reshape(-1), h(s)[:, 0, 1]) and torch.allclose(one.derivative(s).reshape(-1), 3 * s**2)

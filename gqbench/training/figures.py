@@ -16,7 +16,7 @@ from ..results.ratios import ratio_ci
 
 TEMPLATE = "plotly_white"
 GQ = "torch_gq"
-BASELINES = ("torch_adjoint", "torch_direct", "torch_seminorm", "torch_mali", "torch_aca")
+BASELINES = ("torch_adjoint", "torch_direct", "torch_seminorm", "torch_mali", "torch_aca", "torch_paper_gq")
 RUN = ["problem", "label", "width", "seed"]
 
 TITLES = {
