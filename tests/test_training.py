@@ -153,6 +153,17 @@ def test_claims_verdicts_follow_the_data():
     assert verdicts(_epochs_frame(1.0)) == {"GQ trains sig": ["confirmed"], "GQ reaches": ["confirmed"]}
     slow = verdicts(_epochs_frame(4.0, gq_metric_shift=0.5))  # GQ twice as slow, far worse metric
     assert slow == {"GQ trains sig": ["not confirmed"], "GQ reaches": ["not confirmed"]}
+    grows = tc.claims_table(_epochs_frame(1.0), None)
+    grows = grows.loc[grows["claim"].str.contains("grows"), "verdict"].tolist()
+    assert grows == ["not confirmed"]  # the same ratio at both widths
+
+    def wider_gain(df):  # GQ half as long again at width 64 as at 16
+        df = df.copy()
+        df.loc[(df["method"] == "torch_gq") & (df["width"] == 64), "epoch_s"] *= 0.5
+        t = tc.claims_table(df, None)
+        return t.loc[t["claim"].str.contains("grows"), "verdict"].tolist()
+
+    assert wider_gain(_epochs_frame(1.0)) == ["confirmed"]
     one_seed = verdicts(_epochs_frame(1.0, seeds=(0,)))
     assert one_seed["GQ reaches"] == ["not measurable here"]
     html = tc.tables_html(_epochs_frame(1.0), None)
