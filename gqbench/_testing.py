@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import mmap
 import os
 import time
 from typing import ClassVar
@@ -74,10 +75,16 @@ class StubRun(AbstractRun):
         if self.kind == "alloc":
             blocks = [np.ones(ALLOC_BYTES // 3 // 8) for _ in range(3)]  # touched: resident
             del blocks
-        if self.kind == "fresh":  # FRESH_BYTES // 4096 minor page faults, every call (numpy would
-            block = bytearray(FRESH_BYTES)  # ask for huge pages: 32 faults; a bytearray does not)
-            ctypes.memset((ctypes.c_char * FRESH_BYTES).from_buffer(block), 1, FRESH_BYTES)
-            del block
+        if self.kind == "fresh":  # FRESH_BYTES // 4096 minor page faults, every call: an anonymous
+            # mapping of its own (a malloc'd block may come from a heap top an earlier test left faulted-in),
+            # in small pages (numpy asks for huge pages: 32 faults)
+            block = mmap.mmap(-1, FRESH_BYTES)
+            if hasattr(mmap, "MADV_NOHUGEPAGE"):
+                block.madvise(mmap.MADV_NOHUGEPAGE)
+            view = (ctypes.c_char * FRESH_BYTES).from_buffer(block)
+            ctypes.memset(view, 1, FRESH_BYTES)
+            del view
+            block.close()
         self.nfe_backward = 2 * self.width + 1
 
     def loss_value(self):
