@@ -7,12 +7,13 @@ The model is the experiment's (`gqbench.training`), at its initial weights, on t
 set; no optimiser step, so every round times the same arithmetic. Per method: median iteration and backward
 time, and the median over rounds of each round's ratio to direct backprop (with the rounds' range) and to
 torchdiffeq's adjoint. `gqbench run --preset train` gives the per-epoch figures of whole training runs, one
-fresh process per case.
+fresh process per case. With the paper's torch_gq_adjoint on PYTHONPATH, its `odeint_adjoint_gq` is timed too.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import time
 
@@ -48,6 +49,8 @@ def main() -> None:
         "torch_gq (default)": lambda f, y0, tt: impls.odeint_adjoint_gq(f, y0, tt, **kw),
         "torch_gq[gtol=0.1]": lambda f, y0, tt: impls.odeint_adjoint_gq(f, y0, tt, gtol=0.1, **kw),
     }
+    if importlib.util.find_spec("torch_gq_adjoint") is not None:  # the paper's code, from a checkout on PYTHONPATH
+        solvers["torch_paper_gq"] = lambda f, y0, tt: impls.odeint_paper_gq(f, y0, tt, **kw)
 
     def iteration(name):
         for q in model.parameters():
