@@ -143,12 +143,8 @@ class PiecewiseQuartic:
             z = z * x + c[:, j]
         return z[0] if scalar else z
 
-    def derivative(self, s: torch.Tensor) -> torch.Tensor:
-        """d/ds of the dense output at times s (1-D): the quartic's slope, no evaluation of f."""
-        return self.value_and_derivative(s)[1]
-
     def value_and_derivative(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The dense output and its slope at times s (1-D), from one gather of the pieces."""
+        """The dense output and its slope d/ds at times s (1-D), from one gather of the pieces (no f)."""
         s = s.reshape(-1).to(self.lo.dtype)
         k = (torch.searchsorted(self.lo, s, right=True) - 1).clamp(0, len(self.lo) - 1)
         t0, t1 = self.t0.index_select(0, k), self.t1.index_select(0, k)
@@ -214,6 +210,9 @@ class CubicHermite:
         f0, f1 = self.f.index_select(0, k), self.f.index_select(0, k + 1)
         z = c[0] * y0 + c[1] * f0 + c[2] * y1 + c[3] * f1
         return z[0] if scalar else z
+
+    def value_and_derivative(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self(s), self.derivative(s)
 
     def derivative(self, s: torch.Tensor) -> torch.Tensor:
         """d/ds of the interpolant at times s (1-D): the Hermite cubic's slope."""

@@ -418,7 +418,7 @@ def _probe(dense, fwd) -> Callable[[torch.Tensor], torch.Tensor]:
             za, dza = dense.value_and_derivative(s)
             z, a, slope = za[:, 0], za[:, 1], dza[:, 0]
         else:
-            z, a, slope = fwd(s), dense(s), fwd.derivative(s)
+            (z, slope), a = fwd.value_and_derivative(s), dense(s)
         m = len(s)
         return torch.cat([(a * slope).reshape(m, -1), (a * z).reshape(m, -1)], dim=1)
 

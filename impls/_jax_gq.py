@@ -433,6 +433,24 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
     def carried(rec_state, h):
         return _warm_dt(rec_state).astype(time_dtype) if warm else h
 
+    def solve_through(nodes, t_lo, t_hi, y_hi, a, h):
+        """The backward solve t_hi -> t_lo saved at `nodes` (descending) and at t_lo:
+        -> (solution, z at the nodes, a at the nodes, a at t_lo)."""
+        step_solver, dt_first = start(t_lo, t_hi, h)
+        save = SaveAt(ts=nodes, t1=True, solver_state=warm)
+        kw = dict(backward, dt0=dt_first)
+        if adj.backward_state == "backsolve":
+            sol = self._diffeqsolve(ODETerm(_backsolve_vf), step_solver, t0=t_hi, t1=t_lo, y0=(y_hi, a),
+                                    args=(args, terms), saveat=save, **kw)  # fmt: skip
+            z_path, a_path = sol.ys
+            z_nodes = jtu.tree_map(lambda p: p[:-1], z_path)
+        else:
+            sol = self._diffeqsolve(ODETerm(_interp_vf), step_solver, t0=t_hi, t1=t_lo, y0=a,
+                                    args=(args, terms, dense), saveat=save, **kw)  # fmt: skip
+            a_path = sol.ys
+            z_nodes = jax.vmap(dense.evaluate)(nodes)
+        return sol, z_nodes, jtu.tree_map(lambda p: p[:-1], a_path), jtu.tree_map(lambda p: p[-1], a_path)
+
     zero_grads = jtu.tree_map(jnp.zeros_like, params)
     zero_stats = dict(nodes=jnp.int32(0), nfe=jnp.int32(0), refinements=jnp.int32(0), level=jnp.int32(0),
                       unconverged=jnp.bool_(False))  # fmt: skip
@@ -518,24 +536,9 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
         for all panels) the nodes; the parameter integral is then evaluated at those nodes only."""
         del grads, start_level
         T = probe_tables
-        state = (y_hi, a) if adj.backward_state == "backsolve" else a
-        step_solver, dt_first = start(t_lo, t_hi, h)
         half_all, mid_all = (t_hi - t_lo) / 2, (t_lo + t_hi) / 2
         nodes = jnp.clip(mid_all + half_all * T.u_sorted, t_lo, t_hi)  # descending, as the solve meets them
-        save = SaveAt(ts=nodes, t1=True, solver_state=warm)
-        kw = dict(backward, dt0=dt_first)
-        if adj.backward_state == "backsolve":
-            sol = self._diffeqsolve(ODETerm(_backsolve_vf), step_solver, t0=t_hi, t1=t_lo, y0=state,
-                                    args=(args, terms), saveat=save, **kw)  # fmt: skip
-            z_path, a_path = sol.ys
-            z_nodes = jtu.tree_map(lambda p: p[:-1], z_path)
-        else:
-            sol = self._diffeqsolve(ODETerm(_interp_vf), step_solver, t0=t_hi, t1=t_lo, y0=state,
-                                    args=(args, terms, dense), saveat=save, **kw)  # fmt: skip
-            a_path = sol.ys
-            z_nodes = jax.vmap(dense.evaluate)(nodes)
-        a_nodes = jtu.tree_map(lambda p: p[:-1], a_path)
-        a_lo = jtu.tree_map(lambda p: p[-1], a_path)
+        sol, z_nodes, a_nodes, a_lo = solve_through(nodes, t_lo, t_hi, y_hi, a, h)
         # Probes: a (the integrand of a last-layer bias) and a*z, elementwise: read off the solve, no f evaluation.
         flat = lambda tree: jnp.concatenate([x.reshape(x.shape[0], -1) for x in jtu.tree_leaves(tree)], 1)
         fa, fz = flat(a_nodes), flat(z_nodes)
@@ -608,21 +611,7 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
         x, w = table_x[row], table_w[row]  # nodes in [-1, 1], descending; padding at -1 with w = 0
         half = (t_hi - t_lo) / 2
         nodes = jnp.clip((t_lo + t_hi) / 2 + half * x, t_lo, t_hi)
-        save = SaveAt(ts=nodes, t1=True, solver_state=warm)
-        step_solver, dt_first = start(t_lo, t_hi, h)
-        kw = dict(backward, dt0=dt_first)
-        if adj.backward_state == "backsolve":
-            sol = self._diffeqsolve(ODETerm(_backsolve_vf), step_solver, t0=t_hi, t1=t_lo, y0=(y_hi, a),
-                                    args=(args, terms), saveat=save, **kw)  # fmt: skip
-            z_nodes, a_path = sol.ys
-        else:
-            sol = self._diffeqsolve(ODETerm(_interp_vf), step_solver, t0=t_hi, t1=t_lo, y0=a,
-                                    args=(args, terms, dense), saveat=save, **kw)  # fmt: skip
-            a_path = sol.ys
-            z_nodes = jax.vmap(dense.evaluate)(nodes)
-        a_nodes = jtu.tree_map(lambda p: p[:-1], a_path)
-        a_lo = jtu.tree_map(lambda p: p[-1], a_path)
-        z_nodes = jtu.tree_map(lambda p: p[: len(x)], z_nodes)
+        sol, z_nodes, a_nodes, a_lo = solve_through(nodes, t_lo, t_hi, y_hi, a, h)
         wh = w * half
         wa = jtu.tree_map(lambda p: p * wh.astype(p.dtype).reshape((-1,) + (1,) * (p.ndim - 1)), a_nodes)
 
