@@ -32,6 +32,10 @@ class StepRecorder:
             self.t0s: list[torch.Tensor] = []
             self.t1s: list[torch.Tensor] = []
             self.coeffs: list[torch.Tensor] = []
+            # Per accepted step: rejections before it and |f(t1) - f(t0)| (where to look for jumps in t).
+            self.rejected: list[int] = []
+            self.df: list[torch.Tensor] = []
+            self._since_accept = 0
         else:
             self.knot_t: list[torch.Tensor] = []
             self.knot_y: list[torch.Tensor] = []
@@ -60,6 +64,7 @@ class StepRecorder:
 
     def _rk_reject(self, t0, y0, dt):
         self.calls = []
+        self._since_accept += 1
 
     def _rk_accept(self, t0, y0, dt):
         if len(self.calls) != self.n_stages or self.f_start is None:
@@ -79,6 +84,9 @@ class StepRecorder:
         t0 = torch.as_tensor(t0, dtype=torch.float64)
         self.t0s.append(t0)
         self.t1s.append(t0 + self.sign * dt.to(torch.float64))
+        self.rejected.append(self._since_accept)
+        self.df.append(torch.linalg.vector_norm(k[..., -1] - k[..., 0]))
+        self._since_accept = 0
         self.f_start = k[..., -1]
         self.calls = []
         self.accepted += 1
@@ -92,7 +100,9 @@ class StepRecorder:
     def finish(self, t_end: torch.Tensor, y_end: torch.Tensor):
         """The dense forward solution, on the device and in the dtype of the state."""
         if self.rk:
-            return PiecewiseQuartic(torch.stack(self.t0s), torch.stack(self.t1s), torch.stack(self.coeffs))
+            out = PiecewiseQuartic(torch.stack(self.t0s), torch.stack(self.t1s), torch.stack(self.coeffs))
+            out.steps = (self.t0s, self.t1s, self.rejected, self.df)
+            return out
         t = torch.stack([k.to(y_end.device) for k in self.knot_t] + [t_end.to(torch.float64)])
         y = torch.stack(self.knot_y + [y_end])
         return CubicHermite(t, y, self.knot_f + [None])
@@ -108,6 +118,8 @@ class PiecewiseQuartic:
     """torchdiffeq's dense output, one quartic in x = (s - t0) / (t1 - t0) per accepted step."""
 
     evals_needed = 0
+    # The recorded solve's steps: (t0s, t1s, rejections before each, |f(t1) - f(t0)| each), if recorded.
+    steps: tuple | None = None
 
     def __init__(self, t0: torch.Tensor, t1: torch.Tensor, coeffs: torch.Tensor):
         self.n_knots = len(t0) + 1

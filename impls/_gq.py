@@ -48,8 +48,12 @@ _MAX_REFINEMENTS = 8
 _PANELS_WITHOUT_DENSE = 4
 # Backsolve evaluations, in forward NFE, after which the backward pass switches to the kept forward.
 _BACKSOLVE_BUDGET = 5
-# ... or once |z| exceeds this multiple of the largest |y| the forward solution took.
+# ... or once |z| exceeds this multiple of the largest |y| the forward solution took, or z arrives at an
+# observation time further than this many tolerances (RMS) from the forward's y there.
 _Z_BOUND = 10.0
+_Z_MISMATCH = 1e4
+# The adaptive rule's nodes: at most this many per evaluation of the backward solve (or G8 per interval).
+_NODES_PER_EVAL = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,8 +276,29 @@ def _backward_per_interval(ctx, grad_sol: torch.Tensor):
 
 
 def _report(prob: _Problem, nfe_backward: int, quad: _Quadrature, orders: list[int], error: float | None,
-            fallback: bool = False) -> None:  # fmt: skip
-    """One backward pass's counts into the caller's `gq_stats()`, if any."""
+            fallback: str | None = None, located: int = 0) -> None:  # fmt: skip
+    """One backward pass's counts into the caller's `gq_stats()`, if any, and its one warning if the
+    gradient cannot be vouched for (a fallback, panels left unconverged, an estimate above quad_rtol)."""
+    cfg = prob.config
+    reasons, fixes = [], []
+    if fallback is not None:
+        reasons.append(f"solving z backwards failed ({fallback}), so z was read off the re-solved forward")
+        fixes.append("pass backward_state='interpolate' to skip the failed attempt")
+    if quad.unconverged:
+        reasons.append(f"{quad.unconverged} quadrature panel(s) unconverged after {quad.nodes} nodes "
+                       f"(cap {_NODES_PER_EVAL}x the backward solve's {nfe_backward} evaluations)")  # fmt: skip
+        fixes.append("if func jumps in t, pass its jump times as options=dict(jump_t=...)")
+    if error is not None and math.isfinite(error) and error > cfg.quad_rtol:
+        reasons.append(f"the quadrature's error estimate {error:.2g} exceeds quad_rtol={cfg.quad_rtol:.2g}")
+        if quad.roundoff:
+            eps = torch.finfo(prob.params[0].dtype if prob.params else torch.float64).eps
+            fixes.append(f"{quad.roundoff} panel(s) are at round-off: use float64, or rtol >= {100 * eps:.0e}")
+        else:
+            fixes.append("loosen rtol, or use quadrature='fixed' with a larger quad_order")
+    if reasons:
+        msg = ("odeint_adjoint_gq: this gradient is not certified: " + "; ".join(reasons) + ". Fix: "
+               + "; ".join(dict.fromkeys(fixes)) + ".")  # fmt: skip
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
     s = prob.stats
     if s is None:
         return
@@ -284,9 +309,14 @@ def _report(prob: _Problem, nfe_backward: int, quad: _Quadrature, orders: list[i
     s.quad_panels += quad.panels
     s.quad_refinements += quad.refinements
     s.quad_unconverged += quad.unconverged
+    s.quad_roundoff += quad.roundoff
+    s.jumps_located += located
     if error is not None:
         s.quad_error = error
-    s.backsolve_fallbacks += fallback
+    s.backsolve_fallbacks += fallback is not None
+    s.uncertified += bool(reasons)
+    if reasons:
+        s.warning = msg
     s.vmap_fallback = s.vmap_fallback or not prob.vmap_ok
 
 
@@ -312,15 +342,20 @@ def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
     quad = _Quadrature(prob, [], need_t)
     fwd, ctx.dense = ctx.dense, None
     first = ctx.first_steps[-1] if ctx.first_steps is not None else cfg.adjoint_options.get("first_step")
-    fallback = False
+    fallback = None
     while True:
         if fwd is not None and fwd.evals_needed:
             rhs.nfe += fwd.evals_needed
             fwd.fill(quad.rhs_batch)
         if fwd is None:
             brhs, state = _BacksolveRHS(rhs), torch.stack([sol[-1], grad_sol[-1]])
-            # z restarts from the forward's own y(t_i) at every observation: backsolving drift stops there.
-            jump = lambda i, y: torch.stack([sol[i], y[1] + grad_sol[i]])  # noqa: E731
+            check = _ZCheck(sol, cfg, prob.stats)
+
+            def jump(i, y, check=check):
+                # z restarts from the forward's own y(t_i) at every observation: backsolving drift stops
+                # there -- but a z that arrives far from y(t_i) has left the forward's path, and a with it.
+                check(i, y[0])
+                return torch.stack([sol[i], y[1] + grad_sol[i]])
         else:
             brhs, state = _InterpRHS(rhs, fwd), grad_sol[-1]
             jump = lambda i, y: y + grad_sol[i]  # noqa: E731
@@ -343,6 +378,8 @@ def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
                 path = _sweep.sweep(brhs, state, times, jump, solver_cls=SOLVERS[cfg.adjoint_method],
                                     rtol=float(cfg.adjoint_rtol), atol=atol, options=opts,
                                     first_step=first, max_evals=budget, z_bound=z_bound)  # fmt: skip
+            if fwd is None:
+                check(0, path.end[0])
             break
         except _sweep.SweepFailed as exc:
             if fwd is not None:
@@ -350,14 +387,15 @@ def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
                     f"odeint_adjoint_gq: the backward solve of the adjoint failed ({exc}); "
                     "loosen adjoint_rtol/adjoint_atol or use another adjoint_method."
                 ) from None
-            # Backsolving z is unstable here (an attracting limit cycle, contractive dynamics): keep the
-            # forward solution instead -- solve the forward again recording it -- and solve a alone.
-            warnings.warn(f"odeint_adjoint_gq: solving z backwards failed ({exc}); re-solving the forward to "
-                          "interpolate z. Pass backward_state='interpolate' to skip the failed attempt.",
-                          RuntimeWarning, stacklevel=3)  # fmt: skip
-            fwd, fallback = _forward_dense(prob, sol[0], t), True
+            # Backsolving z is unstable here (an attracting limit cycle, contractive dynamics, stiff
+            # kinetics): keep the forward solution instead -- solve the forward again recording it --
+            # and solve a alone. Said in the call's one warning (`_report`).
+            fwd, fallback = _forward_dense(prob, sol[0], t), str(exc)
     a = (path.end[1] if fwd is None else path.end) + grad_sol[0]
 
+    breaks = path.breaks
+    if fwd is not None and getattr(fwd, "steps", None) is not None:
+        breaks = sorted({*breaks, *_forward_jumps(fwd, rhs, cfg, times)})
     orders, panels = [0] * (len(times) - 1), None
     if params or need_t:
         if fwd is None:
@@ -380,20 +418,28 @@ def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
                 if idx is not None:  # a large state: probe a fixed sample of its elements
                     dense = dense.select(idx, keep=1 if fwd is None else 0)
                     kept = None if fwd is None else fwd.select(idx)
-                panels = choose_panels(_probe(dense, kept), times, path.dense.breakpoints().cpu(), cfg.quad_rtol,
+                # Nodes stay within a multiple of the backward solve's own evaluations (each node costs about one).
+                max_nodes = max(_NODES_PER_EVAL * (rhs.nfe - nfe_start), _panels.MAX_PANEL_ORDER * (len(times) - 1))
+                # Split panels where either dense output has a seam: a's steps, and z's when z is the forward's.
+                seams = path.dense.breakpoints().cpu()
+                if fwd is not None:
+                    seams = torch.unique(torch.cat([seams, fwd.breakpoints().cpu().to(seams)]))
+                panels = choose_panels(_probe(dense, kept), times, seams, cfg.quad_rtol,
                                        device=sol.device, dtype=sol.dtype,
-                                       probe_size=2 * (sol[0].numel() if idx is None else len(idx)))  # fmt: skip
+                                       probe_size=2 * (sol[0].numel() if idx is None else len(idx)),
+                                       edges=breaks, max_nodes=max_nodes)  # fmt: skip
         nodes, weights, owner = panels.nodes_and_weights(sol.dtype, sol.device)
         orders = torch.bincount(owner, minlength=len(times) - 1).tolist()
         z, a_n = states(nodes)
         part, _, quad.t_integral = quad._sum(nodes.to(t.dtype), z, a_n, weights)
         quad.nodes, quad.panels = len(nodes), len(panels.order)
-        quad.refinements, quad.unconverged = panels.refinements, panels.unconverged
+        quad.refinements, quad.unconverged, quad.roundoff = panels.refinements, panels.unconverged, panels.roundoff
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, part)]
     else:
         grads = []
     t_grad = _t_grad(ctx, quad, grad_sol) if need_t else None
-    _report(prob, rhs.nfe - nfe_start, quad, orders, panels.error if panels is not None else float("nan"), fallback)
+    _report(prob, rhs.nfe - nfe_start, quad, orders, panels.error if panels is not None else float("nan"), fallback,
+            located=len(breaks))  # fmt: skip
     return (None, a, t_grad, *grads)
 
 
@@ -408,6 +454,24 @@ def _adjoint_scale(sol: torch.Tensor, grad_sol: torch.Tensor) -> float:
     g, y = float(grad_sol.abs().max()), float(sol.abs().max())
     r = g / y if g > 0 and y > 0 else 1.0
     return r if math.isfinite(r) and r > 0 else 1.0  # never atol = 0: a's zero elements would divide 0 by 0
+
+
+def _forward_jumps(fwd, rhs: FlatRHS, cfg: _Config, times: list[float]) -> list[float]:
+    """Jumps of f in t that the kept forward solve ran into (z is read off it: its steps, not a's, saw them)."""
+    t0s, t1s, rejected, df = fwd.steps
+    t0s, t1s = torch.stack(t0s).tolist(), torch.stack(t1s).tolist()
+    span = abs(times[-1] - times[0])
+    dtype = fwd.coeffs.dtype
+
+    def f(t, y):
+        rhs.nfe += 1
+        with torch.no_grad():
+            return rhs.eval(t.to(dtype), y).reshape(-1)
+
+    found, _ = _sweep.locate_jumps(f, fwd, df, t0s, t1s, rejected, tol_t=max(0.1 * _min_tol(cfg.rtol) * span,
+                                   4 * math.ulp(max(abs(times[0]), abs(times[-1])))),
+                                   fixed=set(times))  # fmt: skip
+    return found
 
 
 def _probe(dense, fwd) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -485,6 +549,28 @@ class _BackwardPath:
         return out[torch.argsort(order)]
 
 
+class _ZCheck:
+    """The backsolved z against the forward's y(t_i), which is exact to the forward's tolerance: a mismatch
+    far beyond both solves' tolerances means z (and so a) left the forward's path -- stiff kinetics at a
+    tight tolerance drift there with z bounded and a finite, 3e17 off. SweepFailed then, so the backward
+    pass redoes itself with the kept forward solution."""
+
+    def __init__(self, sol: torch.Tensor, cfg: _Config, stats: GQStats | None):
+        self.sol, self.stats = sol, stats
+        self.rtol = max(_min_tol(cfg.rtol), _min_tol(cfg.adjoint_rtol))
+        self.atol = max(_min_tol(cfg.atol), _min_tol(cfg.adjoint_atol))
+
+    def __call__(self, i: int, z: torch.Tensor) -> None:
+        y = self.sol[i]
+        scale = torch.maximum(z.abs(), y.abs()).mul_(self.rtol).add_(self.atol)
+        ratio = float(torch.linalg.vector_norm((z - y) / scale) / math.sqrt(max(z.numel(), 1)))  # one host read
+        if self.stats is not None:
+            self.stats.z_mismatch = max(self.stats.z_mismatch, ratio) if math.isfinite(ratio) else ratio
+        if not ratio <= _Z_MISMATCH:  # NaN included
+            raise _sweep.SweepFailed(f"backsolved z at t[{i}] is {ratio:.3g} tolerances from the forward's y there "
+                                     f"(more than {_Z_MISMATCH:g})")  # fmt: skip
+
+
 class _BacksolveRHS:
     """d/dt [z, a] = [f(t, z), -a^T df/dz(t, z)]: one f evaluation and a z-only VJP."""
 
@@ -521,7 +607,7 @@ class _Quadrature:
     def __init__(self, prob: _Problem, grads: list[torch.Tensor], need_t: bool):
         self.prob, self.grads, self.need_t = prob, grads, need_t
         self.t_integral = 0.0
-        self.calls = self.nodes = self.panels = self.refinements = self.unconverged = 0
+        self.calls = self.nodes = self.panels = self.refinements = self.unconverged = self.roundoff = 0
         # Squared norms of each interval's K5 - G2 estimate (adaptive rule only): summed as if
         # independent, so no parameter-sized accumulator is kept across intervals.
         self.err_sq: torch.Tensor | None = None

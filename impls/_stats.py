@@ -32,6 +32,18 @@ class GQStats:
     vmap_fallback: bool = False
     # backward passes that switched to the kept forward solution because backsolving z failed
     backsolve_fallbacks: int = 0
+    quad_roundoff: int = 0  # panels accepted at the dtype's round-off (bisecting them no longer helped)
+    jumps_located: int = 0  # times f jumps in t (found by bisection, or the user's step_t/jump_t): panel edges
+    # backward passes whose gradient could not be certified (each warned once, `warning` is the last message)
+    uncertified: int = 0
+    warning: str = ""
+    # Largest RMS distance, in tolerances, of the backsolved z from the forward's y at an observation time.
+    z_mismatch: float = 0.0
+
+    @property
+    def certified(self) -> bool:
+        """True when no backward pass since the last reset warned that its gradient is not certified."""
+        return self.uncertified == 0
 
     def reset(self) -> None:
         for f in dataclasses.fields(self):

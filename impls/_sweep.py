@@ -28,12 +28,19 @@ from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
 from ._dense import PiecewiseQuartic
 
-# Adjoint options this loop honours; any other (step_t, jump_t, perturb, ...) keeps torchdiffeq's
-# own per-interval solves.
+# Adjoint options this loop honours; any other (perturb, ...) keeps torchdiffeq's own per-interval solves.
+# step_t / jump_t: steps end there (and f is evaluated afresh past a jump_t), as in torchdiffeq.
 OPTIONS = frozenset({"first_step", "safety", "ifactor", "dfactor", "max_num_steps", "min_step", "max_step",
-                     "norm", "dtype"})  # fmt: skip
+                     "norm", "dtype", "step_t", "jump_t"})  # fmt: skip
 # Non-finite trial steps in a row (each retried 5x shorter) before the solve is declared diverged.
 _MAX_NONFINITE = 12
+# Where to look for a jump of f in t (`locate_jumps`): steps accepted after this many rejections and
+# this many times shorter than the longest step, runs of them merged when this few steps apart.
+_JUMP_REJECTS = 3
+_JUMP_RATIO = 1e-2
+_JUMP_GAP = 3
+# ... located to within this fraction of rtol x the time span (a node that close to it costs ~ that, relative).
+_JUMP_TOL = 0.1
 
 
 class SweepFailed(RuntimeError):
@@ -57,6 +64,69 @@ class Sweep:
     end: torch.Tensor  # the state at t_0 (before dL/dy(t_0) is added)
     steps: int
     rejected: int
+    # Times the integrand may jump at, ascending: the user's step_t/jump_t and the jumps the step control
+    # ran into (`locate_jumps`). Panels end there, so no Gauss rule spans one.
+    breaks: list[float] = dataclasses.field(default_factory=list)
+    located: int = 0  # jumps located by bisection
+    evals: int = 0  # evaluations of rhs, the bisection's included
+
+
+def _suspects(hs: list[float], rejected: list[int]) -> list[tuple[int, int]]:
+    """Runs of accepted steps where the controller collapsed: each step after >= `_JUMP_REJECTS`
+    rejections and `_JUMP_RATIO` times shorter than the longest step, runs merged when close, each
+    widened by a few steps on either side (the crossing step may follow the rejections)."""
+    if not hs:
+        return []
+    small = _JUMP_RATIO * max(hs)
+    ks = [k for k in range(len(hs)) if rejected[k] >= _JUMP_REJECTS and hs[k] <= small]
+    runs: list[list[int]] = []
+    for k in ks:
+        if runs and k - runs[-1][1] <= _JUMP_GAP:
+            runs[-1][1] = k
+        else:
+            runs.append([k, k])
+    return [(max(lo - _JUMP_GAP, 0), min(hi + _JUMP_GAP, len(hs) - 1)) for lo, hi in runs]
+
+
+def locate_jumps(
+    rhs, dense, df, t0s, t1s, rejected, tol_t: float, fixed: set[float], ends=None
+) -> tuple[list[float], int]:
+    """Times where the backward field jumps, each to within `tol_t`, and the evaluations spent finding them.
+
+    A jump of f in t makes an adaptive solver reject its way down to steps of ~ tol / |jump| and creep
+    across; the dense output stays smooth there, so probes read off it cannot see the jump, and a Gauss
+    rule across it is off by ~ (distance of the nearest node to the jump) x |jump| -- more than the
+    tolerance, since the step control (on [z, a], not on the parameter integrand) stopped short of it.
+    So the field itself decides: in each run of collapsed steps the step across which f changed most
+    holds the jump, and bisection on f(t, state(t)) -- which side's value f is nearer -- finds it.
+    A panel edge there keeps every Gauss rule on one smooth side.
+    """
+    found, evals = [], 0
+    hs = [abs(b - a) for a, b in zip(t0s, t1s)]
+    for lo, hi in _suspects(hs, rejected):
+        k = lo + int(torch.stack(df[lo : hi + 1]).argmax())
+        if t1s[k] in fixed or t0s[k] in fixed:
+            continue  # a step that ends on an observation time or a step_t: that edge is there already
+        ta, tb = t0s[k], t1s[k]
+        if ends is not None:
+            fa, fb = ends(k)
+        else:
+            fa, fb = (rhs(torch.as_tensor(x, dtype=torch.float64), dense(torch.as_tensor(x, dtype=torch.float64)))
+                      for x in (ta, tb))  # fmt: skip
+            evals += 2
+        while abs(tb - ta) > tol_t:
+            m = (ta + tb) / 2
+            if m in (ta, tb):
+                break
+            st = torch.as_tensor(m, dtype=torch.float64)
+            fm = rhs(st, dense(st))
+            evals += 1
+            if torch.linalg.vector_norm(fm - fa) <= torch.linalg.vector_norm(fm - fb):
+                ta, fa = m, fm
+            else:
+                tb, fb = m, fm
+        found.append((ta + tb) / 2)
+    return sorted(found), evals
 
 
 def sweep(
@@ -97,6 +167,14 @@ def sweep(
     max_step = float(options.get("max_step", math.inf))
     norm = options.get("norm", _rms_norm)
     default_norm = norm is _rms_norm
+    lo_t, hi_t = min(times[0], times[-1]), max(times[0], times[-1])
+
+    def _host(key):
+        v = options.get(key)
+        vals = [] if v is None else torch.as_tensor(v).reshape(-1).tolist()
+        return sorted(x for x in vals if lo_t < x < hi_t)
+
+    user_steps, user_jumps = _host("step_t"), _host("jump_t")
 
     # tau = sign * t increases along the solve; the solver works in tau as torchdiffeq's does.
     sign = 1.0 if times[0] > times[-1] else -1.0
@@ -114,6 +192,10 @@ def sweep(
 
     y = state.reshape(-1).clone()
     tau = sign * times[-1]
+    # The user's step_t / jump_t in tau (ascending along the solve), walked with a pointer.
+    stops = sorted({sign * x for x in user_steps + user_jumps})
+    jumps_tau = {sign * x for x in user_jumps}
+    nxt = 0
     fy = f(tau, y)
     if first_step is None:
         tau_t = torch.tensor(tau, dtype=torch.float64, device=device)
@@ -125,22 +207,28 @@ def sweep(
     else:
         dt = abs(float(first_step))
     k = torch.empty(len(alpha) + 1, n, dtype=dtype, device=device)
-    t0s, t1s, hs, fit = [], [], [], []
-    steps = rejected = nonfinite = 0
+    t0s, t1s, hs, fit, rej_before = [], [], [], [], []
+    steps = rejected = nonfinite = since_accept = 0
     for i in range(len(times) - 1, 0, -1):
         target = sign * times[i - 1]
         while tau < target:
             if steps + rejected >= max_steps:
                 raise SweepFailed(f"max_num_steps exceeded ({max_steps})")
             h = min(max(dt, min_step), max_step)
-            clipped = tau + h >= target
-            tau1 = target if clipped else tau + h
+            while nxt < len(stops) and stops[nxt] <= tau:
+                nxt += 1
+            stop = min(target, stops[nxt]) if nxt < len(stops) else target
+            clipped = tau + h >= stop
+            tau1 = stop if clipped else tau + h
+            at_jump = clipped and tau1 in jumps_tau
             h = tau1 - tau
             if not (h > 0 and tau + h > tau) or (h < 1e-14 * max(1.0, abs(tau)) and not clipped):
                 raise SweepFailed(f"underflow in dt {h:.3g} at t = {sign * tau:.6g}")
             k[0] = fy
             for s, (a_s, b_s) in enumerate(zip(alpha, beta)):
                 t_s = tau1 if a_s == 1.0 else tau + a_s * h
+                if at_jump and a_s == 1.0:
+                    t_s = math.nextafter(tau1, -math.inf)  # f's value on this side of the jump
                 y_s = torch.addmv(y, k[: s + 1].T, b_s, alpha=h)
                 k[s + 1] = f(t_s, y_s)
             y1 = y_s if fsal else torch.addmv(y, k.T, c_sol, alpha=h)
@@ -161,6 +249,7 @@ def sweep(
             if not math.isfinite(ratio):
                 nonfinite += 1
                 rejected += 1
+                since_accept += 1
                 if nonfinite > _MAX_NONFINITE:
                     raise SweepFailed(f"non-finite values in the backward state at t = {sign * tau:.6g}")
                 dt = h * dfactor
@@ -174,10 +263,15 @@ def sweep(
                 hs.append(h)
                 t0s.append(sign * tau)
                 t1s.append(sign * tau1)
+                rej_before.append(since_accept)
                 y, fy, tau = y1, f1, tau1
+                if at_jump:
+                    fy = f(math.nextafter(tau, math.inf), y)  # past the jump: f afresh, as torchdiffeq does
                 steps += 1
+                since_accept = 0
             else:
                 rejected += 1
+                since_accept += 1
             # torchdiffeq's controller (_optimal_step_size); a step shortened to land on t_i does
             # not shrink the next one.
             if ratio == 0:
@@ -196,4 +290,13 @@ def sweep(
         torch.tensor(t1s, dtype=torch.float64),
         coeffs.view(len(hs), 5, *shape),
     )
-    return Sweep(dense=dense, end=y.view(shape), steps=steps, rejected=rejected)
+    span = abs(times[-1] - times[0])
+    found, spent = locate_jumps(
+        lambda t, y_: rhs(t.to(dtype), y_.view(shape)).reshape(-1) * sign, dense,
+        list(torch.linalg.vector_norm(f1s - f0s, dim=1)), t0s, t1s, rej_before,
+        tol_t=max(_JUMP_TOL * rtol * span, 4 * math.ulp(max(abs(lo_t), abs(hi_t)))),
+        fixed={*times, *user_steps, *user_jumps}, ends=lambda k: (f0s[k], f1s[k]),
+    )  # fmt: skip
+    breaks = sorted({*user_steps, *user_jumps, *found})
+    return Sweep(dense=dense, end=y.view(shape), steps=steps, rejected=rejected, breaks=breaks, located=len(found),
+                 evals=evals + spent)  # fmt: skip
