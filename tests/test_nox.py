@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SESSIONS = {"tests", "lint", "bench", "bench-gpu", "asv", "report", "profile", "microbench"}
+SESSIONS = {"tests", "lint", "bench", "bench-gpu", "asv", "report", "profile", "microbench", "docs"}
 
 
 @pytest.fixture(scope="module")
