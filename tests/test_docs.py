@@ -198,7 +198,41 @@ def test_every_documented_command_parses():
                     problems += [f"{block.where}: {line!r}: {script} has no {f}" for f in flags
                                  if not re.search(rf"(^|[\s,\[]){re.escape(f)}\b", helps[script])]  # fmt: skip
     assert seen >= 20, f"only {seen} gqbench commands found in the docs: is the block parser broken?"
+    problems += _inline_problems(parser, sessions, helps)
     assert not problems, "\n".join(problems)
+
+
+def _prose(path: Path) -> str:
+    """The page without its fenced blocks."""
+    return re.sub(r"^```.*?^```", "", path.read_text(), flags=re.M | re.S)
+
+
+def _inline_problems(parser, sessions: set, helps: dict) -> list[str]:
+    """Commands quoted in the prose (`gqbench compare A B --absolute`) are often partial, so only their names
+    and flags are checked: the subcommand exists and has each --flag; the nox session and the script exist."""
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    problems = []
+    for path in PAGES:
+        for span in re.findall(r"`([^`\n]+)`", _prose(path)):
+            where = f"{path.relative_to(ROOT)}: `{span}`"
+            words = span.split()
+            flags = [re.sub(r"[=,.;:)\]]+.*$", "", w) for w in words if w.startswith("--") and len(w) > 2]
+            if words[0] == "gqbench" and len(words) > 1 and re.match(r"^[a-z]+$", words[1]):
+                if words[1] not in subs:
+                    problems.append(f"{where}: gqbench has no command {words[1]!r}")
+                    continue
+                known = subs[words[1]]._option_string_actions
+                problems += [f"{where}: gqbench {words[1]} has no {f}" for f in flags if f not in known]
+            elif words[:2] == ["nox", "-s"] and len(words) > 2 and words[2] not in sessions:
+                problems.append(f"{where}: no nox session {words[2]!r}")
+            elif words[0] == "python" and len(words) > 1 and words[1].startswith("benchmarks/"):
+                if not (ROOT / words[1]).is_file():
+                    problems.append(f"{where}: {words[1]} does not exist")
+                elif flags:
+                    helps.setdefault(words[1], _script_help(words[1]))
+                    problems += [f"{where}: {words[1]} has no {f}" for f in flags
+                                 if not re.search(rf"(^|[\s,\[]){re.escape(f)}\b", helps[words[1]])]  # fmt: skip
+    return problems
 
 
 def test_a_renamed_flag_fails_the_check(tmp_path):
