@@ -9,6 +9,7 @@ static export needs kaleido and Chrome). matplotlib comes with the [mali] and [d
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -26,13 +27,10 @@ NAMES = ("backward-time.png", "speedup.png", "peak-memory.png", "work-precision.
 
 
 def _log(ax) -> None:
-    """Log-log axes with labels on decades only (minor labels collide at narrow ranges)."""
-    from matplotlib.ticker import NullFormatter
-
+    """Log-log axes; x labelled on decades only (its minor labels collide when the range is narrow)."""
     ax.set_xscale("log")
     ax.set_yscale("log")
-    for axis in (ax.xaxis, ax.yaxis):
-        axis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def _lines(ax, summary: pd.DataFrame, y: str, ylabel: str) -> None:
@@ -52,10 +50,17 @@ def _save(fig, out: Path, name: str) -> Path:
     return path
 
 
-def _title(summary: pd.DataFrame) -> str:
+def _title(summary: pd.DataFrame, results_dir: Path) -> str:
+    """What the image shows and where it was measured: the grid's name, the machine, the date."""
     first = summary.iloc[0]
     probs = ", ".join(sorted(summary["problem"].astype(str).unique()))
-    return f"{probs}; {first['solver']} rtol {first['rtol']:g}, {first['dtype']}, {first['device']}"
+    title = f"{probs}; {first['solver']} rtol {first['rtol']:g}, {first['dtype']}, {first['device']}"
+    env_path = Path(results_dir) / "environment.json"
+    if env_path.exists():
+        env = json.loads(env_path.read_text())
+        grid = (env.get("spec") or {}).get("name", "?")
+        title += f"\ngrid {grid!r}, {env.get('cpu_count', '?')} CPUs, {str(env.get('date', ''))[:10]}"
+    return title
 
 
 def write_figures(results_dir: str | Path, out: str | Path = IMG) -> list[Path]:
@@ -70,7 +75,7 @@ def write_figures(results_dir: str | Path, out: str | Path = IMG) -> list[Path]:
     summary = summary[summary["rtol"] == summary["rtol"].max()]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    title = _title(summary)
+    title = _title(summary, Path(results_dir))
     paths = []
 
     fig, ax = plt.subplots(figsize=(8, 3.6))
@@ -80,7 +85,7 @@ def write_figures(results_dir: str | Path, out: str | Path = IMG) -> list[Path]:
     paths.append(_save(fig, out, NAMES[0]))
 
     sp = speedups(summary)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     if not sp.empty:
         sp = sp.assign(width=sp["width"].astype(int))
         table = sp.pivot_table(index="pair", columns="width", values="speedup_bwd", aggfunc="median")
