@@ -320,3 +320,11 @@ def test_ci_installs_what_the_readme_says():
     assert "docs" in ci[0].split(",")
     assert (ROOT / ".ci" / "run").read_text().rstrip().endswith("\npytest")
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200, "the README is the front door: <= ~200 lines"
+
+
+def test_readme_links_resolve():
+    """The README's links into docs/ (mkdocs checks the pages' own links; the README is outside the site)."""
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", (ROOT / "README.md").read_text())
+    local = [link for link in links if "://" not in link]
+    assert len(local) >= 10, local
+    assert not [link for link in local if not (ROOT / link).exists()], "README links to missing files"
