@@ -1,5 +1,5 @@
 """nox sessions: `nox -s tests lint`, `nox -s bench`, `nox -s bench-gpu`, `nox -s asv -- HEAD~5..HEAD`,
-`nox -s report`, `nox -s profile`, `nox -s microbench`. See the README ("asv, nox and micro-benchmarks").
+`nox -s report`, `nox -s profile`, `nox -s microbench`, `nox -s docs [-- serve]`. See docs/scale-out.md.
 
 CPU sessions install with `-c constraints.txt` (the CPU torch==2.13.0); virtualenvs are reused.
 `bench-gpu` installs nothing: it runs in the interpreter that runs nox, whose CUDA torch, asv and
@@ -187,3 +187,17 @@ def microbench(session: nox.Session) -> None:
         args.append("--benchmark-compare")
     folder.mkdir(parents=True, exist_ok=True)
     session.run(*args, *session.posargs)
+
+
+def docs_command(posargs: list[str]) -> list[str]:
+    """`nox -s docs` -> mkdocs build --strict into site/; `nox -s docs -- serve [ADDR]` serves it while you edit."""
+    if posargs and posargs[0] == "serve":
+        return ["mkdocs", "serve", "--strict", *(["--dev-addr", posargs[1]] if len(posargs) > 1 else [])]
+    return ["mkdocs", "build", "--strict", "--site-dir", "site", *posargs]
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """The documentation site (mkdocs.yml), offline. The API pages are read from the source (griffe, no import)."""
+    _install(session, "docs")
+    session.run(*docs_command(session.posargs), env={"NO_MKDOCS_2_WARNING": "1"})

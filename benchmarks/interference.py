@@ -1,5 +1,5 @@
-"""How much do the workers of one comparison group disturb each other? The README's figures for the
-runner's re-warm call.
+"""How much do the workers of one comparison group disturb each other? The figures for the
+runner's re-warm call (docs/measuring.md, "Paired rounds").
 
     python benchmarks/interference.py [--method torch_adjoint] [--problem workload_l] [--width 2000] [--rounds 7]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SESSIONS = {"tests", "lint", "bench", "bench-gpu", "asv", "report", "profile", "microbench"}
+SESSIONS = {"tests", "lint", "bench", "bench-gpu", "asv", "report", "profile", "microbench", "docs"}
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +125,16 @@ def test_bench_gpu_shard_runs_its_part_and_asv_once(noxfile, monkeypatch):
         assert runs[0][2:] == ("gqbench", "run", "--preset", "gpu", "--out", "reports/gpu-x", "--report", "--shard",
                                shard)  # fmt: skip
         assert any(r[2:4] == ("asv", "run") for r in runs) == asv_runs
+
+
+def test_docs_session_builds_strict_or_serves(noxfile):
+    """`nox -s docs` installs the [docs] extra and builds the site with --strict; `-- serve` serves it."""
+    module, _ = noxfile
+    func = getattr(module.docs, "func", module.docs)
+    session = FakeSession()
+    func(session)
+    assert session.calls[0][0] == "install" and ".[docs]" in session.calls[0][1]
+    assert session.calls[1][1] == ("mkdocs", "build", "--strict", "--site-dir", "site")
+    session = FakeSession(["serve"])
+    func(session)
+    assert session.calls[1][1] == ("mkdocs", "serve", "--strict")
