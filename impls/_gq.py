@@ -126,8 +126,12 @@ def odeint_adjoint_gq(
     "adaptive" (default): error-controlled. Each interval starts as one panel; free projections of
         the integrand (a * dz/dt and a * z, read off the backward solve's dense output, no
         evaluation of f) are integrated with G1..G8 against G16, and each panel takes the smallest
-        Gauss-Legendre order whose probe error fits its share of a tenth of
-        quad_rtol * |probe integral|; panels no order fits are split at a solver step.
+        Gauss-Legendre order whose probe error fits its share of 0.3 * quad_rtol * |probe
+        integral|, or lies at the dtype's round-off; panels no order fits are split at a solver
+        step, and a panel needing more than G3 is kept as two halves when they take fewer nodes.
+        Nodes stay within 2x the backward solve's evaluations. Where f jumps in t (the backward
+        solve's steps collapse there), the jump is located by bisection on f and panels end at it;
+        jump times in options=dict(jump_t=...) or step_t are stepped onto and are panel edges.
         `quad_rtol` defaults to the adjoint rtol. (Other adjoint solvers -- fixed grids, scipy --
         solve interval by interval and check a G2/K5 pair on the parameter integrand itself,
         ||K5 - G2|| <= quad_atol * sqrt(P) + quad_rtol * ||dL/dtheta||; quad_atol, default the
@@ -141,9 +145,10 @@ def odeint_adjoint_gq(
     backward_state: "backsolve" solves z backwards beside a (the paper's method);
         "interpolate" keeps the forward solution and interpolates z, which stays stable on
         contractive dynamics and attracting limit cycles where backsolving z diverges. When a
-        backsolve fails (step-size underflow, non-finite state), the forward is solved again
-        keeping its dense output and the backward pass is redone with "interpolate", with a
-        RuntimeWarning (`gq_stats().backsolve_fallbacks` counts them). With z interpolated, a is
+        backsolve fails (step-size underflow, non-finite state, |z| far beyond the forward's range,
+        or z arriving at an observation time far from the forward's y there), the forward is solved
+        again keeping its dense output and the backward pass is redone with "interpolate"
+        (`gq_stats().backsolve_fallbacks` counts them). With z interpolated, a is
         solved alone and adjoint_atol is taken in y's units: it is scaled by max|dL/dy| / max|y|
         for a's solve (a is often far smaller than y, e.g. a loss averaged over a batch).
     quad_batch: most quadrature nodes per batched VJP (default: bounded by the state size).
@@ -151,7 +156,9 @@ def odeint_adjoint_gq(
         t_N (adaptive solvers, same method both ways), instead of torchdiffeq's initial-step
         heuristic and the short steps that follow it. False restores the heuristic.
 
-    Read NFE, quadrature nodes and the quadrature's error estimate with `impls.gq_stats()`.
+    A gradient it cannot vouch for -- after a backsolve fallback, with panels unconverged at the node
+    cap, or with the quadrature's estimate above quad_rtol -- gives one RuntimeWarning per call with the
+    numbers and the fix. Read NFE, quadrature nodes, the estimate and `certified` with `impls.gq_stats()`.
     """
     cfg, params = _check_inputs(
         func, y0, t, rtol, atol, method, options, event_fn, gtol, quad_order, quadrature, quad_rtol, quad_atol,
