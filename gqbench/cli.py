@@ -327,7 +327,7 @@ def print_advice(table, seconds: float | None = None) -> None:
                 "recommended" if r["recommended"] else ratio(r["speedup"], r["speedup_lo"], r["speedup_hi"]),
                 "" if r["recommended"] else ratio(r["speedup_bwd"], r["speedup_bwd_lo"], r["speedup_bwd_hi"]),
                 f"{r['grad_rel_err']:.2g}" if r["grad_rel_err"] == r["grad_rel_err"] else "-",
-                ("yes" if r["within_reach"] else "no") if ok else "-",
+                ("uncertified" if r.get("certified") is False else "yes" if r["within_reach"] else "no") if ok else "-",
                 f"{r['peak_mem_mib']:.3g}" if r["peak_mem_mib"] == r["peak_mem_mib"] else "-",
                 f"{r['nfe_fwd']:.0f}/{r['nfe_bwd']:.0f}" if ok else "-",
                 escape(str(r["status"])),
@@ -335,6 +335,9 @@ def print_advice(table, seconds: float | None = None) -> None:
         console.print(table_)
         for _, r in g[g["status"] != "ok"].iterrows():
             console.print(f"  failed: {escape(r['label'])} ({escape(str(r['status']))}): {escape(str(r['error']))}")
+        for lab in g.loc[g["certified"].eq(False).fillna(False), "label"]:
+            console.print(f"  uncertified: {escape(lab)} warned that its gradient is not certified (not recommended); "
+                          "run it by hand to read the warning's numbers and fix")  # fmt: skip
     where = table.attrs.get("report") or table.attrs.get("out")
     took = f" in {seconds:.0f} s" if seconds is not None else ""
     if where:

@@ -173,3 +173,29 @@ def test_an_uncertified_gradient_warns_once_with_its_numbers_and_a_smooth_one_do
     msg = str(caught[0].message)
     assert "not certified" in msg and "quad_rtol=1e-18" in msg and "Fix:" in msg
     assert not s.certified and s.uncertified == 1 and s.warning == msg and s.quad_roundoff > 0
+
+
+def test_the_harness_records_an_uncertified_gradient_and_does_not_rank_it(tmp_path):
+    """Van der Pol (mu = 5): GQ's backsolve falls back and warns, so its rows say certified = False, and
+    neither the report's verdict nor `advise` ranks it, however small its error."""
+    from gqbench import Case, advice_table
+    from gqbench.measurement.measure import measure
+    from gqbench.report.figures import summarize
+    from gqbench.report.verdict import verdict_table
+    from gqbench.results.tables import frame
+
+    base = Case("torch_direct", "vanderpol", 1, 4, rtol=1e-6, atol=1e-6, dtype="float64", threads=1)
+    gq_case = base.with_(method="torch_gq", quadrature="adaptive")
+    gq = [dict(r, label=gq_case.label) for r in measure(gq_case, repeats=2, warmup=0, reference_dir=tmp_path)]
+    assert all(r["status"] == "ok" and r["certified"] is False and r["backsolve_fallbacks"] == 1 for r in gq), gq
+    assert gq[0]["grad_rel_err"] < 1e-4  # a good gradient -- but one it could not vouch for before the fallback
+    direct = [dict(r, label=base.label) for r in measure(base, repeats=2, warmup=0, reference_dir=tmp_path)]
+    df = frame(gq + direct)
+    assert df.loc[df["method"] == "torch_gq", "certified"].eq(False).all()
+    assert df.loc[df["method"] == "torch_direct", "certified"].isna().all()
+    adv = advice_table(df).set_index("label")
+    gq_label = gq_case.label
+    assert not adv.loc[gq_label, "within_reach"] and not adv.loc[gq_label, "recommended"]
+    assert adv.loc["torch_direct", "recommended"]
+    verdict = verdict_table(df, summarize(df))
+    assert "uncertified: " + gq_label in verdict["fastest (within reach)"].iloc[0]

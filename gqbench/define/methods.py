@@ -112,7 +112,10 @@ class _TorchRun(AbstractRun):
             self.nfe_backward = self.func.nfe - self.nfe_forward
         else:
             self.nfe_backward = self._stats.nfe_backward
-            self.extra = {"quad_nodes": self._stats.quad_nodes, "quad_err_est": self._stats.quad_error}
+            st = self._stats
+            self.extra = {"quad_nodes": st.quad_nodes, "quad_err_est": st.quad_error,
+                          "quad_unconverged": st.quad_unconverged, "backsolve_fallbacks": st.backsolve_fallbacks,
+                          "certified": st.certified}  # fmt: skip
 
     def loss_value(self):
         return float(self._loss.detach())

@@ -17,6 +17,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..define.case import MATCH, QUAD_METHODS
+from ..results.tables import all_certified
 
 # Cases that are the same experiment except for the method: GQ is compared to baselines on these.
 MEDIANS = (
@@ -64,13 +65,21 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     med["bwd_iqr_s"] = med["bwd_q75"] - med["bwd_q25"]
     med["repeats"] = g.size()
     out = ok.drop_duplicates("case_id").set_index("case_id")[[k for k in KEYS if k != "case_id"]].join(med)
-    out = out.reset_index()
+    out = out.join(_certified(ok)).reset_index()
     out["width"] = out["width"].astype("int64")
     out["peak_mem_mib"] = out["peak_mem_bytes"] / 2**20
     out["tolerance"] = [f"rtol={r:g}, atol={a:g}" for r, a in zip(out["rtol"], out["atol"], strict=True)]
     out["device_kind"] = [str(d).split(":")[0] for d in out["device"]]
     out["panel"] = _panel(out)
     return out.sort_values(["problem", "label", "rtol", "width"]).reset_index(drop=True)
+
+
+def _certified(ok: pd.DataFrame) -> pd.Series:
+    """Per case: False when any repeat's GQ gradient warned it is not certified, True when all were
+    certified, NA for methods that do not say (baselines)."""
+    if "certified" not in ok:
+        return pd.Series(pd.NA, index=ok["case_id"].unique(), dtype="boolean", name="certified")
+    return ok.groupby("case_id", sort=False)["certified"].agg(all_certified).astype("boolean")
 
 
 def _panel(s: pd.DataFrame) -> list[str]:

@@ -35,11 +35,15 @@ def verdict_table(df: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
     for key, g in summary.groupby(POINT, sort=True):
         point = dict(zip(POINT, key))
         err = g["grad_rel_err"]
-        ok = g[(err <= reach(point["rtol"], err)) | err.isna()]
+        # A gradient its method could not certify (GQ's warning) is not ranked, however close it came.
+        uncertified = g["certified"].eq(False).fillna(False) if "certified" in g else pd.Series(False, index=g.index)
+        ok = g[((err <= reach(point["rtol"], err)) | err.isna()) & ~uncertified]
         fastest = ok.loc[ok["total_s"].idxmin()] if not ok.empty else None
         gq_label = preferred_gq(g.loc[g["method"].isin(QUAD_METHODS), "label"])
         row = dict(point)
         row["fastest (within reach)"] = "-" if fastest is None else f"{fastest['label']} ({fastest['total_s']:.3g} s)"
+        if uncertified.any():
+            row["fastest (within reach)"] += " · not ranked, uncertified: " + ", ".join(g.loc[uncertified, "label"])
         by_label = g.set_index("label")
         if gq_label is not None:
             here = sp[(sp["gq"] == gq_label) & np.logical_and.reduce([sp[c] == point[c] for c in POINT])]

@@ -21,13 +21,14 @@ import pandas as pd
 
 from ..define.case import MATCH
 from .ratios import _with_totals, paired_speedups
+from .tables import all_certified
 
 REACH = 10.0
 _RECOMMENDED = "<recommended>"  # a method name no registered method has
 COLUMNS = [
-    "label", "method", "status", "recommended", "within_reach", "clearly_slower", "total_s", "bwd_s", "speedup",
-    "speedup_lo", "speedup_hi", "speedup_bwd", "speedup_bwd_lo", "speedup_bwd_hi", "grad_rel_err", "peak_mem_mib",
-    "nfe_fwd", "nfe_bwd", "rounds", "error",
+    "label", "method", "status", "recommended", "within_reach", "certified", "clearly_slower", "total_s", "bwd_s",
+    "speedup", "speedup_lo", "speedup_hi", "speedup_bwd", "speedup_bwd_lo", "speedup_bwd_hi", "grad_rel_err",
+    "peak_mem_mib", "nfe_fwd", "nfe_bwd", "rounds", "error",
 ]  # fmt: skip
 
 
@@ -55,7 +56,9 @@ def advice_table(df: pd.DataFrame) -> pd.DataFrame:
         rows = _summary(g)
         ok = rows["status"] == "ok"
         limit = reach(meta["rtol"], rows.loc[ok, "grad_rel_err"])
-        rows["within_reach"] = ok & (rows["grad_rel_err"].isna() | (rows["grad_rel_err"] <= limit))
+        # A GQ gradient that warned it is not certified is never recommended, whatever its error here.
+        rows["within_reach"] = (ok & (rows["grad_rel_err"].isna() | (rows["grad_rel_err"] <= limit))
+                                & ~rows["certified"].eq(False).fillna(False))  # fmt: skip
         rows["recommended"] = False
         if rows["within_reach"].any():
             best = rows.loc[rows["within_reach"], "total_s"].idxmin()
@@ -92,6 +95,8 @@ def _summary(g: pd.DataFrame) -> pd.DataFrame:
     rows["grad_rel_err"] = first["grad_rel_err"].astype(float)
     rows["peak_mem_mib"] = first["peak_mem_bytes"].astype(float) / 2**20
     rows["error"] = first["error"].fillna("")
+    cert = g["certified"].astype("boolean") if "certified" in g else pd.Series(pd.NA, index=g.index, dtype="boolean")
+    rows["certified"] = cert.groupby(g["label"], sort=True).agg(all_certified).astype("boolean")
     for col in ("speedup", "speedup_lo", "speedup_hi", "speedup_bwd", "speedup_bwd_lo", "speedup_bwd_hi", "rounds"):
         rows[col] = np.nan
     failed = rows["status"] != "ok"

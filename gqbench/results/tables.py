@@ -16,6 +16,7 @@ from ..define.case import CASE_FIELDS
 
 _INTS = (
     "width", "batch", "quad_order", "seed", "threads", "repeat", "round", "process", "warmup", "epochs", "ncosines",
+    "quad_unconverged", "backsolve_fallbacks",
 )  # fmt: skip
 _STRINGS = (
     "machine",
@@ -35,6 +36,9 @@ MEASURES = (
     "nfe_bwd",
     "quad_nodes",
     "quad_err_est",  # GQ's own relative error estimate of dL/dtheta (adaptive rule), beside the measured one
+    "quad_unconverged",  # GQ: panels still failing at its node cap / bisection limit
+    "backsolve_fallbacks",  # GQ: backward passes redone with the kept forward (backsolving z failed)
+    "certified",  # GQ: False when the call warned its gradient is not certified; empty for other methods
     "grad_rel_err",
     "loss",
     "compile_s",
@@ -48,10 +52,17 @@ MEASURES = (
 COLUMNS = ("case_id", "label", *CASE_FIELDS, *MEASURES)
 # Every column not an integer, a string or a flag is a float.
 _DTYPES = {
-    **{c: "float64" for c in COLUMNS if c not in (*_INTS, *_STRINGS, "warm_start")},
+    **{c: "float64" for c in COLUMNS if c not in (*_INTS, *_STRINGS, "warm_start", "certified")},
     **{c: "Int64" for c in _INTS},
     "warm_start": "boolean",
+    "certified": "boolean",
 }
+
+
+def all_certified(flags: pd.Series):
+    """A case's (or label's) `certified` over its repeats: False if any said False, NA if none said."""
+    flags = flags.astype("boolean")
+    return pd.NA if flags.isna().all() else bool(flags.dropna().all())
 
 
 def case_path(out_dir: Path, case_id: str) -> Path:
