@@ -89,7 +89,7 @@ def _suspects(hs: list[float], rejected: list[int]) -> list[tuple[int, int]]:
 
 
 def locate_jumps(
-    rhs, dense, df, t0s, t1s, rejected, tol_t: float, fixed: set[float], ends=None
+    rhs, dense, df, t0s, t1s, rejected, tol_t: float, fixed: set[float], ends=None, budget: int | None = None
 ) -> tuple[list[float], int]:
     """Times where the backward field jumps, each to within `tol_t`, and the evaluations spent finding them.
 
@@ -99,11 +99,15 @@ def locate_jumps(
     tolerance, since the step control (on [z, a], not on the parameter integrand) stopped short of it.
     So the field itself decides: in each run of collapsed steps the step across which f changed most
     holds the jump, and bisection on f(t, state(t)) -- which side's value f is nearer -- finds it.
-    A panel edge there keeps every Gauss rule on one smooth side.
+    A panel edge there keeps every Gauss rule on one smooth side. `budget`: the most evaluations spent
+    (default: as many as the solve took), so a noisy field's many rejections cannot run up the cost.
     """
+    budget = max(64, len(t0s) * 6) if budget is None else budget
     found, evals = [], 0
     hs = [abs(b - a) for a, b in zip(t0s, t1s)]
     for lo, hi in _suspects(hs, rejected):
+        if evals >= budget:
+            break
         k = lo + int(torch.stack(df[lo : hi + 1]).argmax())
         if t1s[k] in fixed or t0s[k] in fixed:
             continue  # a step that ends on an observation time or a step_t: that edge is there already
@@ -295,7 +299,7 @@ def sweep(
         lambda t, y_: rhs(t.to(dtype), y_.view(shape)).reshape(-1) * sign, dense,
         list(torch.linalg.vector_norm(f1s - f0s, dim=1)), t0s, t1s, rej_before,
         tol_t=max(_JUMP_TOL * rtol * span, 4 * math.ulp(max(abs(lo_t), abs(hi_t)))),
-        fixed={*times, *user_steps, *user_jumps}, ends=lambda k: (f0s[k], f1s[k]),
+        fixed={*times, *user_steps, *user_jumps}, ends=lambda k: (f0s[k], f1s[k]), budget=max(64, evals),
     )  # fmt: skip
     breaks = sorted({*user_steps, *user_jumps, *found})
     return Sweep(dense=dense, end=y.view(shape), steps=steps, rejected=rejected, breaks=breaks, located=len(found),
