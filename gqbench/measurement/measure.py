@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..define.case import Case
-from ..define.methods import AbstractRun, get_method
+from ..define.methods import AbstractRun, Unsupported, get_method
 
 REFERENCE_ENV = "GQBENCH_REFERENCE_DIR"
 # The reference: direct backprop in float64 through dopri8, stepping onto every observation time
@@ -28,8 +28,9 @@ STATUSES = ("ok", "nan", "error", "timeout", "oom", "max_steps", "skipped")
 HARNESS_VERSION = "3"
 
 
-class Skip(Exception):
-    """The case cannot run on this machine (e.g. CUDA without a GPU): a `skipped` row."""
+class Skip(Unsupported):
+    """The case cannot run on this machine (e.g. CUDA without a GPU): a `skipped` row (as a method's own
+    `Unsupported` from its build)."""
 
 
 def prepare(case: Case) -> AbstractRun:
@@ -354,7 +355,7 @@ def compute_reference(case: Case) -> list[np.ndarray]:
 def classify(exc: BaseException) -> str:
     """The `status` of a case that raised `exc`."""
     text = f"{type(exc).__name__}: {exc}".lower()
-    if isinstance(exc, Skip):
+    if isinstance(exc, Unsupported):
         return "skipped"
     if isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text:
         return "oom"
