@@ -28,9 +28,9 @@ STATUSES = ("ok", "nan", "error", "timeout", "oom", "max_steps", "skipped")
 HARNESS_VERSION = "3"
 
 
-class Skip(Unsupported):
-    """The case cannot run on this machine (e.g. CUDA without a GPU): a `skipped` row (as a method's own
-    `Unsupported` from its build)."""
+# The case cannot run here (CUDA without a GPU, a method that cannot solve the problem): a `skipped` row.
+# One class, defined beside the methods so that their `build` can raise it too.
+Skip = Unsupported
 
 
 def prepare(case: Case) -> AbstractRun:
@@ -355,7 +355,7 @@ def compute_reference(case: Case) -> list[np.ndarray]:
 def classify(exc: BaseException) -> str:
     """The `status` of a case that raised `exc`."""
     text = f"{type(exc).__name__}: {exc}".lower()
-    if isinstance(exc, Unsupported):
+    if isinstance(exc, Skip):
         return "skipped"
     if isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text:
         return "oom"
