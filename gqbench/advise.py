@@ -2,8 +2,8 @@
 
 A grid like any other (`parse_spec` -> `run_grid`: fresh workers, paired rounds, references, failure rows)
 over torch_direct, torch_adjoint, torch_seminorm, torchode's two adjoints and torch_gq with its two rules
-(adaptive, the paper's gtol = 0.1) and both backward states (backsolve, interpolate), then `advice_table` (the fastest method
-within reach of the tolerance and its speed-ups with 95% intervals) and the HTML report beside.
+(adaptive, the paper's gtol = 0.1) and both backward states (backsolve, interpolate), then `advice_table` (the
+fastest method within reach of the tolerance and its speed-ups with 95% intervals) and the HTML report beside.
 """
 
 from __future__ import annotations
