@@ -1,9 +1,9 @@
 """`gqbench advise PROBLEM --rtol 1e-4`: which gradient method to use for one model, at the user's tolerance(s).
 
 A grid like any other (`parse_spec` -> `run_grid`: fresh workers, paired rounds, references, failure rows)
-over torch_direct, torch_adjoint, torch_seminorm and torch_gq with its two rules (adaptive, the paper's
-gtol = 0.1) and both backward states (backsolve, interpolate), then `advice_table` (the fastest method
-within reach of the tolerance and its speed-ups with 95% intervals) and the HTML report beside.
+over torch_direct, torch_adjoint, torch_seminorm, torchode's two adjoints and torch_gq with its two rules
+(adaptive, the paper's gtol = 0.1) and both backward states (backsolve, interpolate), then `advice_table` (the
+fastest method within reach of the tolerance and its speed-ups with 95% intervals) and the HTML report beside.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-METHODS = ("torch_direct", "torch_adjoint", "torch_seminorm", "torch_gq")
+# torchode's: skipped rows without the [torchode] extra, or for a model it cannot solve (the row says why).
+METHODS = ("torch_direct", "torch_adjoint", "torch_seminorm", "torch_gq", "torchode_autodiff", "torchode_backsolve")
 REPEATS = 7  # paired rounds: enough for a bootstrap interval (>= 5 make them worth reading), a small model ~1 min
 
 

@@ -14,6 +14,7 @@ from ._baselines import (
 from ._gq import BACKWARD_STATES, QUADRATURES, odeint_adjoint_gq
 from ._quadrature import MAX_QUAD_ORDER, gauss_kronrod, gauss_legendre, quad_order_from_gtol
 from ._stats import GQStats, gq_stats
+from ._torchode import TorchodeSolver, TorchodeStats, odeint_torchode
 from ._wong_zakai import (
     StratonovichSDE,
     WongZakaiNoise,
@@ -30,6 +31,8 @@ __all__ = [
     "NFECounter",
     "QUADRATURES",
     "StratonovichSDE",
+    "TorchodeSolver",
+    "TorchodeStats",
     "WongZakaiNoise",
     "WongZakaiODE",
     "gauss_kronrod",
@@ -42,6 +45,7 @@ __all__ = [
     "odeint_mali",
     "odeint_paper_gq",
     "odeint_seminorm",
+    "odeint_torchode",
     "quad_order_from_gtol",
     "sample_sde",
     "stratonovich_sde",

@@ -23,6 +23,11 @@ PLUGINS_ENV = "GQBENCH_PLUGINS"  # comma-separated modules imported for their re
 BUILTIN_MODULES: tuple[str, ...] = ("gqbench.define.jax_methods",)
 
 
+class Unsupported(Exception):
+    """The case cannot run here (also `gqbench.Skip`): `build` raises it when the method cannot solve the
+    built problem (a tuple state, say); the case becomes a `skipped` row."""
+
+
 class AbstractRun(abc.ABC):
     """One built case. `forward()` and `backward()` each return only after the device is idle.
 
@@ -182,6 +187,115 @@ class TorchGQ(AbstractMethod):
         return _TorchRun(problem, self.solver(case), case.device, False)
 
 
+class _TorchodeRun(_TorchRun):
+    """A torchode solve (`impls.TorchodeSolver`): NFE from the solver, per sample as well as batched."""
+
+    def __init__(self, problem: ProblemInstance, solver, device: str):
+        super().__init__(problem, solver, device, False)
+        self.extra = {"nfe_fwd_max": float("nan"), "nfe_fwd_mean": float("nan"), "nfe_bwd_mean": float("nan")}
+
+    def forward(self):
+        for p in (*self.params, self.y0):
+            p.grad = None
+        ys = self.solve(self.func, self.y0, self.problem.t)
+        self.nfe_forward = self.solve.stats.nfe_forward
+        self._loss = self.problem.loss(ys)
+        self._impls.synchronize(self.device)
+
+    def backward(self):
+        self._loss.backward()
+        self._impls.synchronize(self.device)
+        s = self.solve.after_backward()
+        self.nfe_backward = s.nfe_backward
+        # nfe_fwd (= nfe_fwd_max) counts batched calls, i.e. the slowest sample's; *_mean what each sample's steps took
+        self.extra = {"nfe_fwd_max": s.nfe_forward, "nfe_fwd_mean": s.nfe_forward_mean,
+                      "nfe_bwd_mean": s.nfe_backward_mean}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Torchode(AbstractMethod):
+    """torchode's batch-parallel solver (`impls.TorchodeSolver`): per-sample step sizes, AutoDiffAdjoint or
+    BacksolveAdjoint, optionally under torch.compile (compile time -> `compile_s`, apart from the timed calls)."""
+
+    adjoint: str = "autodiff"
+    compile: bool = False
+    # BacksolveAdjoint carries each sample's parameter adjoint in its state (batch x parameters numbers; its peak
+    # measured ~29x that in bytes of float32 at workload L w=200 batch 200, vmapped per-sample VJPs included): above
+    # this share of the machine's memory the case is skipped, not swapped or killed.
+    memory_share: ClassVar[float] = 0.5
+
+    def unsupported(self, case):
+        import importlib.util
+
+        from impls._torchode import STEP_METHODS
+
+        if importlib.util.find_spec("torchode") is None:
+            return f"{self.name} needs torchode; pip install the [torchode] extra"
+        if case.solver not in STEP_METHODS:
+            return f"solver {case.solver!r} has no torchode counterpart here (have {', '.join(STEP_METHODS)})"
+        return super().unsupported(case)
+
+    def solver(self, case: Case):
+        """`solve(func, y0, t)` (an `impls.TorchodeSolver`, reused across calls: a compiled solve stays compiled)."""
+        import impls
+
+        return impls.TorchodeSolver(**_tols(case), adjoint=self.adjoint, compile=self.compile)
+
+    def build(self, *, case, problem):
+        import time
+
+        reason = _torchode_unfit(problem, self)
+        if reason:
+            raise Unsupported(f"{self.name}: {reason}")
+        run = _TorchodeRun(problem, self.solver(case), case.device)
+        if self.compile:  # compile now (first call), and report it apart: its time beyond a compiled call's
+            a = time.perf_counter()
+            run.forward()
+            run.backward()
+            b = time.perf_counter()
+            run.forward()
+            run.backward()
+            run.compile_s = max(0.0, 2 * b - a - time.perf_counter())
+        return run
+
+
+def _torchode_unfit(problem: ProblemInstance, method: Torchode) -> str | None:
+    """Why torchode cannot solve this problem (one line), or None: a tensor state with a batch dimension first,
+    a func that takes one time per sample and treats samples independently, and (backsolve) per-sample
+    parameter adjoints that fit in memory."""
+    import torch
+
+    y0, t = problem.y0, problem.t
+    if not torch.is_tensor(y0):
+        return "the state is not one tensor (tuple states); torchode solves a (batch, features) tensor"
+    if y0.dim() < 1:
+        return "y0 is 0-d: torchode needs a batch dimension first"
+    batch, shape = y0.shape[0], tuple(y0.shape[1:])
+    with torch.no_grad():
+        try:
+            one = problem.func(t[0], y0)
+            each = problem.func(t[0].expand(batch).reshape(batch, *(1,) * len(shape)), y0)
+            alone = problem.func(t[0], y0[:1])
+        except Exception as exc:  # noqa: BLE001 -- the user's func: any failure, in one line
+            msg = " ".join(str(exc).split())[:200]
+            return f"func(t, y) with per-sample times t of shape (batch, 1, ...) raised {type(exc).__name__}: {msg}"
+    if one.shape != each.shape or not torch.allclose(one, each):
+        return "func(t, y) does not take per-sample times t of shape (batch, 1, ...), as torchode steps each sample"
+    if not torch.allclose(one[:1], alone):
+        return "func(t, y) couples the samples of a batch; torchode steps (and backsolves) each sample on its own"
+    if method.adjoint == "backsolve":
+        import os
+
+        n = sum(p.numel() for p in problem.params) + 2 * y0[0].numel() + 1
+        need = 30 * batch * n * y0.element_size()
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if need > method.memory_share * have:
+            return (f"BacksolveAdjoint's per-sample parameter adjoints need ~{need / 2**30:.1f} GiB "
+                    f"(batch {batch} x {n} numbers x 30), over {method.memory_share:.0%} of this machine's "
+                    f"{have / 2**30:.0f} GiB")  # fmt: skip
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainingOnly(AbstractMethod):
     """A method that only trains (`gqbench.training`): torchsde's solvers on the SDE problems."""
@@ -259,6 +373,13 @@ for _m in (
         "odeint_paper_gq",
         "torch_gq_adjoint",
         "git clone https://github.com/a-norcliffe/torch_gq_adjoint and add the checkout to PYTHONPATH",
+    ),
+    Torchode("torchode_autodiff", "torchode AutoDiffAdjoint (backprop through its per-sample solver steps)"),
+    Torchode("torchode_backsolve", "torchode BacksolveAdjoint (continuous adjoint, per-sample)", "backsolve"),
+    Torchode(
+        "torchode_autodiff_compiled",
+        "torchode AutoDiffAdjoint, its step under torch.compile (compile time in compile_s)",
+        compile=True,
     ),
     TrainingOnly("sde_direct", "torchsde.sdeint, reversible Heun, backprop through the steps (SDE training)"),
     TrainingOnly("sde_adjoint", "torchsde.sdeint_adjoint, adjoint reversible Heun (SDE training)"),

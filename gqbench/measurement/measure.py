@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..define.case import Case
-from ..define.methods import AbstractRun, get_method
+from ..define.methods import AbstractRun, Unsupported, get_method
 
 REFERENCE_ENV = "GQBENCH_REFERENCE_DIR"
 # The reference: direct backprop in float64 through dopri8, stepping onto every observation time
@@ -28,8 +28,9 @@ STATUSES = ("ok", "nan", "error", "timeout", "oom", "max_steps", "skipped")
 HARNESS_VERSION = "3"
 
 
-class Skip(Exception):
-    """The case cannot run on this machine (e.g. CUDA without a GPU): a `skipped` row."""
+# The case cannot run here (CUDA without a GPU, a method that cannot solve the problem): a `skipped` row.
+# One class, defined beside the methods so that their `build` can raise it too.
+Skip = Unsupported
 
 
 def prepare(case: Case) -> AbstractRun:

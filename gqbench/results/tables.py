@@ -34,6 +34,9 @@ MEASURES = (
     "peak_mem_bytes",
     "nfe_fwd",
     "nfe_bwd",
+    "nfe_fwd_max",  # per-sample solvers (torchode): nfe_fwd counts batched calls (= the slowest sample's) ...
+    "nfe_fwd_mean",  # ... and these what each sample's own steps took, mean over the batch
+    "nfe_bwd_mean",
     "quad_nodes",
     "quad_err_est",  # GQ's own relative error estimate of dL/dtheta (adaptive rule), beside the measured one
     "quad_unconverged",  # GQ: panels still failing at its node cap / bisection limit

@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 
 # The methods that train through a `solve(func, y0, t)` (gqbench.define.methods' `solver`).
 ODE_METHODS = ("torch_direct", "torch_adjoint", "torch_seminorm", "torch_gq", "torch_mali", "torch_aca")
-# ... and the paper's own implementation, which a run has only from a checkout on PYTHONPATH (else skipped rows).
-TRAIN_METHODS = (*ODE_METHODS, "torch_paper_gq")
+# ... the paper's own implementation, which a run has only from a checkout on PYTHONPATH (else skipped rows), and
+# torchode's batch-parallel solver (per-sample steps; the [torchode] extra, else skipped rows).
+TRAIN_METHODS = (*ODE_METHODS, "torch_paper_gq", "torchode_autodiff", "torchode_backsolve")
 DATA_SEED = 20230501  # the data are fixed; a case's seed varies the initial weights and the batch order
 
 
