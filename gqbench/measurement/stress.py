@@ -180,7 +180,7 @@ def measure(case: StressCase, method: str, cache_dir: str | Path, *, min_time: f
         if not np.isfinite(row["grad_rel_err"]):
             row["status"] = "nan"
         walls = [times["fwd_s"] + times["bwd_s"]]
-        if walls[0] < min_time:
+        if walls[0] < min_time and repeats > 0:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 for _ in range(repeats):
