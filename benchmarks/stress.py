@@ -22,6 +22,7 @@ import argparse
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -47,7 +48,10 @@ def _serve(conn, cache: str, threads: int) -> None:
     torch.set_num_threads(threads)
     warnings.simplefilter("default")
     while True:
-        job = conn.recv()
+        try:
+            job = conn.recv()
+        except EOFError:  # the parent is gone
+            return
         if job is None:
             return
         try:
@@ -134,14 +138,19 @@ def verdict_table(df: pd.DataFrame) -> pd.DataFrame:
         by = {r["method"]: r for r in g.to_dict("records")}
         gq, adj, direct = by.get("gq", {}), by.get("adjoint", {}), by.get("direct", {})
         lines.append(dict(
-            family=gq["family"], knobs=gq["knobs"], dtype=gq["dtype"], rtol=gq["rtol"], atol=gq["atol"],
+            problem=gq["problem_key"][: gq["problem_key"].rindex("]") + 1], dtype=gq["dtype"], rtol=gq["rtol"],
+            atol=gq["atol"],
             weights=gq["weights"], gq_err=gq.get("grad_rel_err"), adj_err=adj.get("grad_rel_err"),
             direct_err=direct.get("grad_rel_err"), err_bound=gq["error_bound"], gq_cost=gq.get("cost"),
             adj_nfe_bwd=adj.get("nfe_bwd"), cost_bound=gq["cost_bound"], gq_s=gq.get("wall_s"),
             adj_s=adj.get("wall_s"), warned=gq["warned"], error_ok=gq["error_ok"], cost_ok=gq["cost_ok"],
             status="/".join(str(by.get(m, {}).get("status")) for m in METHODS), case_id=case_id,
         ))  # fmt: skip
-    return pd.DataFrame(lines)
+    table = pd.DataFrame(lines)
+    if len(table):  # how far over its bound GQ is (NaN cost: GQ failed or timed out)
+        table["err_x"] = table["gq_err"].astype(float) / table["err_bound"]
+        table["cost_x"] = table["gq_cost"].astype(float) / table["cost_bound"]
+    return table
 
 
 def _fmt(x, spec=".1e") -> str:
@@ -151,18 +160,18 @@ def _fmt(x, spec=".1e") -> str:
 
 
 def markdown(table: pd.DataFrame, only_failures: bool = False) -> str:
-    head = ("| family | knobs | dtype | rtol | weights | GQ err | bound | adj err | direct err | GQ cost | bound "
-            "| GQ s | adj s | warned | verdict | status (direct/adjoint/gq) |")  # fmt: skip
+    head = ("| problem | dtype | rtol | weights | GQ err | bound | x | adj err | direct err | GQ cost | bound "
+            "| x | GQ s | adj s | warned | verdict | status (direct/adjoint/gq) |")  # fmt: skip
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in table.to_dict("records"):
         bad = [k for k, ok in (("err", r["error_ok"]), ("cost", r["cost_ok"])) if not ok]
         if only_failures and not bad:
             continue
-        knobs = "" if r["knobs"] == "{}" else r["knobs"].replace("|", "/")
         lines.append(
-            f"| {r['family']} | {knobs} | {r['dtype']} | {r['rtol']:.0e} | {r['weights']} | {_fmt(r['gq_err'])} "
-            f"| {_fmt(r['err_bound'])} | {_fmt(r['adj_err'])} | {_fmt(r['direct_err'])} | {_fmt(r['gq_cost'], '.0f')} "
-            f"| {_fmt(r['cost_bound'], '.0f')} | {_fmt(r['gq_s'], '.2f')} | {_fmt(r['adj_s'], '.2f')} "
+            f"| {r['problem']} | {r['dtype']} | {r['rtol']:.0e} | {r['weights']} | {_fmt(r['gq_err'])} "
+            f"| {_fmt(r['err_bound'])} | {_fmt(r['err_x'], '.2g')} | {_fmt(r['adj_err'])} | {_fmt(r['direct_err'])} "
+            f"| {_fmt(r['gq_cost'], '.0f')} | {_fmt(r['cost_bound'], '.0f')} | {_fmt(r['cost_x'], '.2g')} "
+            f"| {_fmt(r['gq_s'], '.2f')} | {_fmt(r['adj_s'], '.2f')} "
             f"| {'yes' if r['warned'] else ''} | {'FAIL ' + '+'.join(bad) if bad else 'pass'} | {r['status']} |"
         )
     return "\n".join(lines)
@@ -177,20 +186,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per case and method")
     p.add_argument("--threads", type=int, default=1, help="torch threads in the worker")
     p.add_argument("--list", action="store_true", help="print the cases and exit")
+    p.add_argument("--failures", action="store_true", help="print only the cases outside the bounds")
     args = p.parse_args(argv)
     families = args.families.split(",") if args.families else None
     cases = stress_cases(fast=args.fast, families=families)
     if args.list:
         print("\n".join(c.case_id for c in cases), f"\n{len(cases)} cases", sep="")
         return
+    # SIGTERM ends the run like Ctrl-C: the worker is killed with it, the rows so far are kept
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = Path(args.out)
     cache = Path(args.cache) if args.cache else out / "cache"
     df = run_suite(cases, out, cache, timeout=args.timeout, threads=args.threads)
     ids = {c.case_id for c in cases}
     table = verdict_table(df[df["case_id"].isin(ids)])
-    text = markdown(table)
-    (out / "stress.md").write_text(text + "\n")
-    print(text)
+    (out / "stress.md").write_text(markdown(table) + "\n")
+    print(markdown(table, only_failures=args.failures))
     print(f"\n{int((table.error_ok & table.cost_ok).sum())}/{len(table)} cases within the bounds")
 
 

@@ -48,7 +48,8 @@ class _TimeKink(nn.Module):
         super().__init__()
         self.mlp = MLP(dim, dim, width, 2, time_input=False)
         self.u = nn.Parameter(torch.linspace(-1.0, 1.0, dim))
-        self.c, self.kind = c, kind
+        self.register_buffer("c", torch.tensor(c))  # float32-rounded in both dtypes, like jump_t
+        self.kind = kind
 
     def forward(self, t, y):
         g = torch.relu(t - self.c) if self.kind == "kink" else (t >= self.c).to(y.dtype)
@@ -98,7 +99,7 @@ class _Oscillator(nn.Module):
 
     def forward(self, t, y):
         x, v = y[..., :1], y[..., 1:]
-        acc = -self.log_w.exp() ** 2 * x - self.c * v + self.mlp(t, y)
+        acc = -(self.log_w.exp() ** 2) * x - self.c * v + self.mlp(t, y)
         return torch.cat([v, acc], dim=-1)
 
 
@@ -295,7 +296,9 @@ class StressCase:
         """Everything that fixes the field and its weights (not dtype or tolerance): keys the caches."""
         knobs = ",".join(f"{k}={_short(v)}" for k, v in self.knobs)
         lr = f"-lr{self.train_lr:g}" if self.train_steps else ""
-        return f"{self.family}[w{self.width},b{self.batch},s{self.seed}{',' if knobs else ''}{knobs}]-{self.weights}{lr}"
+        return (
+            f"{self.family}[w{self.width},b{self.batch},s{self.seed}{',' if knobs else ''}{knobs}]-{self.weights}{lr}"
+        )
 
     @property
     def case_id(self) -> str:
@@ -309,12 +312,15 @@ class StressCase:
 
     @property
     def jump_t(self) -> list[float]:
-        """Times where the field jumps or kinks in t (given to the reference solve; never to the methods)."""
+        """Times where the field jumps or kinks in t, as the (float32-built) field holds them: given to
+        the reference solve, never to the methods."""
         key = FAMILIES[self.family].jump_key
         knobs = dict(self.knobs)
         if self.family == "square_wave":
-            return list(knobs.get("jumps", SQUARE_JUMPS))
-        return [knobs.get(key, 0.37)] if key else []
+            times = list(knobs.get("jumps", SQUARE_JUMPS))
+        else:
+            times = [knobs.get(key, 0.37)] if key else []
+        return torch.tensor(times, dtype=torch.float32).tolist()
 
 
 def _short(v) -> str:
@@ -336,14 +342,14 @@ def _cases(family, knobs=(), *, dtypes=("float32", "float64"), trained=(0, 30), 
     for dtype in dtypes:
         for rtol, atol in tols or _tols(dtype, family):
             for steps in trained:
-                out.append(StressCase(family, dtype, rtol, atol, fam.width if width is None else width,
-                                      fam.batch if batch is None else batch, seed, tuple(knobs), steps, lr))  # fmt: skip
+                w = fam.width if width is None else width
+                b = fam.batch if batch is None else batch
+                out.append(StressCase(family, dtype, rtol, atol, w, b, seed, tuple(knobs), steps, lr))
     return out
 
 
 def drawn_knobs(n: int = 1) -> dict[str, list[tuple]]:
     """Per family, `n` parameter sets drawn by hypothesis (derandomized, no database: reproducible)."""
-    from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import strategies as st
 
     @st.composite
@@ -355,14 +361,22 @@ def drawn_knobs(n: int = 1) -> dict[str, list[tuple]]:
 
     strategies = {
         "smooth_mlp": st.fixed_dictionaries({"width": st.sampled_from([8, 24, 64]), "seed": st.integers(1, 99)}),
-        "oscillator": st.fixed_dictionaries({"omega": st.floats(1.0, 12.0).map(lambda x: round(x, 2)),
-                                             "periods": st.integers(4, 16)}),  # fmt: skip
+        "oscillator": st.fixed_dictionaries(
+            {"omega": st.floats(1.0, 12.0).map(lambda x: round(x, 2)), "periods": st.integers(4, 16)}
+        ),  # fmt: skip
         "square_wave": st.fixed_dictionaries({"jumps": jumps()}),
-        "relu_t": st.fixed_dictionaries({"c": st.floats(0.05, 0.95).filter(lambda c: abs(c - 0.5) > 0.05)
-                                         .map(lambda x: round(x, 3)), "kind": st.sampled_from(["kink", "step"])}),  # fmt: skip
-        "contractive": st.fixed_dictionaries({"k": st.floats(20.0, 200.0).map(lambda x: round(x, 1)),
-                                              "span": st.floats(0.5, 5.0).map(lambda x: round(x, 2))})
-        .filter(lambda d: d["k"] * d["span"] >= 100),  # fmt: skip
+        "relu_t": st.fixed_dictionaries(
+            {
+                "c": st.floats(0.05, 0.95).filter(lambda c: abs(c - 0.5) > 0.05).map(lambda x: round(x, 3)),
+                "kind": st.sampled_from(["kink", "step"]),
+            }
+        ),  # fmt: skip
+        "contractive": st.fixed_dictionaries(
+            {
+                "k": st.floats(20.0, 200.0).map(lambda x: round(x, 1)),
+                "span": st.floats(0.5, 5.0).map(lambda x: round(x, 2)),
+            }
+        ).filter(lambda d: d["k"] * d["span"] >= 100),  # fmt: skip
     }
     drawn: dict[str, list] = {}
     for family, strategy in strategies.items():
@@ -400,14 +414,19 @@ def stress_cases(fast: bool = False, families: list[str] | None = None) -> list[
             *_cases("kinetics", tols=[(1e-6, 1e-8), (1e-8, 1e-10)], dtypes=("float64",), trained=(0,)),
             *_cases("contractive", tols=[(1e-6, 1e-6)], dtypes=("float64",), trained=(0,)),
             *_cases("oscillator", tols=[(1e-6, 1e-6)], dtypes=("float64",), trained=(0,)),
-            *_cases("conv", [("channels", 2)], width=8, batch=2, tols=[(1e-6, 1e-6)], dtypes=("float32",),
-                    trained=(0,)),  # fmt: skip
+            *_cases(
+                "conv", [("channels", 2)], width=8, batch=2, tols=[(1e-6, 1e-6)], dtypes=("float32",), trained=(0,)
+            ),  # fmt: skip
         ]
     else:
         drawn = drawn_knobs(1)
         cases = [
             *_cases("smooth_mlp"),
-            *[c for k in drawn["smooth_mlp"] for c in _cases("smooth_mlp", width=dict(k)["width"], seed=dict(k)["seed"])],
+            *[
+                c
+                for k in drawn["smooth_mlp"]
+                for c in _cases("smooth_mlp", width=dict(k)["width"], seed=dict(k)["seed"])
+            ],
             *_cases("many_obs"),
             *_cases("oscillator"),
             *[c for k in drawn["oscillator"] for c in _cases("oscillator", k)],
