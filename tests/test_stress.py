@@ -19,7 +19,7 @@ from gqbench.define.stress_problems import (
     square_wave_exact,
     stress_cases,
 )
-from gqbench.measurement.stress import METHODS, measure, reference, verdict
+from gqbench.measurement.stress import METHODS, _reference_solve, flat_gradients, measure, reference, verdict
 
 FIXED_BY_LEAD = pytest.mark.xfail(strict=False, reason="issue 23: fixed by the lead's impls change")
 
@@ -89,11 +89,24 @@ def test_square_wave_closed_form_matches_a_tight_solve():
     assert not torch.allclose(square_wave_exact(func, y0, t), solved, rtol=1e-10, atol=1e-11)
 
 
+def test_reference_solve_gives_the_closed_form_gradient():
+    """The solved reference (used where there is no closed form) on a field with 8 jumps in t: its steps
+    land on the observations and the jumps; through dopri8's interpolant it was 1e-8 off."""
+    case = StressCase("square_wave", "float64", 1e-6, 1e-6, width=2, batch=2)
+    func, y0, t, loss = case.build()
+    solved, _ = flat_gradients(func, y0, t, loss, _reference_solve(case))
+    exact, _ = flat_gradients(func, y0, t, loss, square_wave_exact)
+    assert float((solved - exact).norm() / exact.norm()) < 1e-10
+
+
 def test_contractive_closed_form_matches_a_tight_solve():
     case = StressCase("contractive", "float64", 1e-6, 1e-6, width=0, batch=3)
     func, y0, t, _ = case.build()
-    solved = torchdiffeq.odeint(func, y0, t, rtol=1e-11, atol=1e-13, method="dopri8")
-    assert torch.allclose(FAMILIES["contractive"].exact(func, y0, t), solved, rtol=1e-8, atol=1e-13)
+    solved = torchdiffeq.odeint(func, y0, t, rtol=1e-12, atol=1e-14, method="dopri8", options=dict(step_t=t))
+    exact = FAMILIES["contractive"].exact(func, y0, t)
+    assert torch.allclose(exact, solved, rtol=1e-10, atol=1e-13)
+    func.log_k.data.add_(1e-8)
+    assert not torch.allclose(FAMILIES["contractive"].exact(func, y0, t), solved, rtol=1e-10, atol=1e-13)
 
 
 def test_float32_and_float64_cases_share_weights_and_reference(cache):
