@@ -410,6 +410,7 @@ def stress_cases(fast: bool = False, families: list[str] | None = None) -> list[
             *_cases("smooth_mlp", tols=None, dtypes=("float64",), trained=(0, 20)),
             *_cases("smooth_mlp", dtypes=("float32",), trained=(0,)),
             *_cases("square_wave", tols=[(1e-6, 1e-6), (1e-8, 1e-8)], dtypes=("float64",), trained=(0,)),
+            *_cases("square_wave", width=2, batch=2, tols=[(1e-10, 1e-10)], dtypes=("float64",), trained=(0,)),
             *_cases("relu_t", [("kind", "step")], tols=[(1e-6, 1e-6)], dtypes=("float64",), trained=(0,)),
             *_cases("kinetics", tols=[(1e-6, 1e-8), (1e-8, 1e-10)], dtypes=("float64",), trained=(0,)),
             *_cases("contractive", tols=[(1e-6, 1e-6)], dtypes=("float64",), trained=(0,)),
