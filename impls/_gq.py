@@ -302,6 +302,8 @@ def _report(prob: _Problem, nfe_backward: int, quad: _Quadrature, orders: list[i
             fixes.append(f"{quad.roundoff} panel(s) are at round-off: use float64, or rtol >= {100 * eps:.0e}")
         else:
             fixes.append("loosen rtol, or use quadrature='fixed' with a larger quad_order")
+    if reasons and not any("estimate" in r for r in reasons) and error is not None and math.isfinite(error):
+        reasons.append(f"the quadrature's own error estimate is {error:.2g} (quad_rtol={cfg.quad_rtol:.2g})")
     if reasons:
         msg = ("odeint_adjoint_gq: this gradient is not certified: " + "; ".join(reasons) + ". Fix: "
                + "; ".join(dict.fromkeys(fixes)) + ".")  # fmt: skip

@@ -21,17 +21,15 @@ from gqbench.define.stress_problems import (
 )
 from gqbench.measurement.stress import METHODS, _reference_solve, flat_gradients, measure, reference, verdict
 
-FIXED_BY_LEAD = pytest.mark.xfail(strict=False, reason="issue 23: fixed by the lead's impls change")
-
-# A handful of the --fast cases; the marked ones break a bound on the code before issue 23's fix.
+# A handful of the --fast cases; the commented ones broke a bound before issue 23's fix (they fail on 76f1551).
 SUBSET = {
     "smooth_mlp[w32,b16,s0]-init-float64-r1e-06-a1e-06": (),
     "smooth_mlp[w32,b16,s0]-trained20-lr0.01-float64-r1e-06-a1e-06": (),
-    "smooth_mlp[w32,b16,s0]-init-float32-r1e-07-a1e-07": (FIXED_BY_LEAD,),  # 32,781 nodes against 3 x 26
-    "square_wave[w2,b2,s0]-init-float64-r1e-10-a1e-10": (FIXED_BY_LEAD,),  # 1.6e-7 vs 2.9e-8, silently
+    "smooth_mlp[w32,b16,s0]-init-float32-r1e-07-a1e-07": (),  # was 32,781 nodes against 3 x 26
+    "square_wave[w2,b2,s0]-init-float64-r1e-10-a1e-10": (),  # was 1.6e-7 vs 2.9e-8, silently
     "relu_t[w16,b8,s0,kind=step]-init-float64-r1e-06-a1e-06": (),
     "kinetics[w0,b1,s0]-init-float64-r1e-06-a1e-08": (),
-    "kinetics[w0,b1,s0]-init-float64-r1e-08-a1e-10": (FIXED_BY_LEAD,),  # 2e10 off, silently
+    "kinetics[w0,b1,s0]-init-float64-r1e-08-a1e-10": (),  # was 2e10 off, silently
     "contractive[w0,b8,s0]-init-float64-r1e-06-a1e-06": (),
     "conv[w8,b2,s0,channels=2]-init-float32-r1e-06-a1e-06": (),
 }
