@@ -652,8 +652,15 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
 
         # The loop's carry, built from shapes known here (no second trace of the solve).
         z0 = lambda tree, lead=(): jtu.tree_map(lambda p: jnp.zeros(lead + p.shape, p.dtype), tree)
-        out0 = dict(a_lo=z0(a), k=zero_grads, e=zero_grads, h=jnp.zeros_like(h), steps=i32(0),
-                    collapsed=jnp.bool_(False), z_end=z0(y_hi) if adj.backward_state == "backsolve" else None)  # fmt: skip
+        out0 = dict(
+            a_lo=z0(a),
+            k=zero_grads,
+            e=zero_grads,
+            h=jnp.zeros_like(h),
+            steps=i32(0),
+            collapsed=jnp.bool_(False),
+            z_end=z0(y_hi) if adj.backward_state == "backsolve" else None,
+        )
         if probes:
             m = (T.u_sorted.shape[0],)
             out0.update(a_nodes=z0(a, m), z_nodes=z0(y_hi, m), nodes=jnp.zeros(m, T.u_sorted.dtype))
