@@ -149,8 +149,17 @@ class GaussLegendreAdjoint(AbstractAdjoint):
         interval), "gq_quad_error" (adaptive: the estimate's norm over all intervals relative
         to ||dL/dtheta||, NaN for the other rules), per interval "gq_refinements" (re-solves),
         "gq_panel_levels" (each step split into 2**level panels) and "gq_unconverged", and
-        "gq_nfe_backward" (backward solver evaluations, when countable). The host round trip
-        costs ~1 ms a call on CPU: leave `report` unset in code you time.
+        "gq_nfe_backward" (backward solver evaluations, when countable), and the certificate:
+        "gq_certified", "gq_quad_unconverged", "gq_quad_roundoff", "gq_jump_suspects",
+        "gq_backsolve_mismatches", "gq_finite". `JaxGQStats()` is such a callable that keeps
+        them under the torch `gq_stats()` names. The host round trip costs ~1 ms a call on CPU:
+        leave `report` unset in code you time.
+    - `warn`: (default True) a gradient the rule cannot certify -- estimate above
+        max(quad_rtol, 50 eps), intervals unconverged within the cost cap or stopped at
+        round-off, z backsolved to t_lo off the forward's y there (RMS > 100 in units of
+        atol + rtol |y|) or a non-finite adjoint -- gives one RuntimeWarning per backward pass
+        with the numbers and the fix. A host callback inside `lax.cond`: it runs (and costs)
+        only when the gradient is not certified.
 
     Gradients flow to `y0`, `args` and the arrays inside `terms` (as with BacksolveAdjoint),
     not to times. `sol.stats` gains "gq_nfe_forward" (when countable) and, for the gtol and
@@ -202,6 +211,8 @@ class GaussLegendreAdjoint(AbstractAdjoint):
             _fail("max_steps", m, "max_steps must be an int >= 1, or None to reuse the forward's.")
         if not isinstance(self.warm_start, bool):
             _fail("warm_start", self.warm_start, "warm_start must be True or False.")
+        if not isinstance(self.warn, bool):
+            _fail("warn", self.warn, "warn must be True or False.")
         if self.report is not None and not callable(self.report):
             _fail("report", self.report, "report must be callable as report(stats_dict), or None.")
 
@@ -635,8 +646,8 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
                        used_k=~is_probe, ok=ok_k, roundoff=stalled)  # fmt: skip
             if probes:
                 sel = lax.cond(is_probe, lambda: select(out, t_lo, t_hi, cap), lambda: c["sel"])
-                suspect = is_probe & (out["collapsed"] | inside) & (n_params > 0)
-                want_k = is_probe & (~sel["found"] | suspect)
+                suspect = is_probe & out["collapsed"] & (n_params > 0)  # the user's jump_ts are not suspects
+                want_k = is_probe & (~sel["found"] | suspect | (inside & (n_params > 0)))
                 new.update(sel=sel, suspect=c["suspect"] | suspect, ok=jnp.where(is_probe, sel["found"], ok_k),
                            roundoff=jnp.where(is_probe, sel["roundoff"], stalled))  # fmt: skip
             else:
@@ -788,6 +799,30 @@ def _quad_tols(adj: GaussLegendreAdjoint, ctrl) -> tuple[Any, Any]:
 def _tree_norm(tree):
     leaves = [jnp.sum(jnp.square(x)) for x in jtu.tree_leaves(tree)]
     return jnp.sqrt(sum(leaves)) if leaves else jnp.zeros(())
+
+
+class JaxGQStats:
+    """`GaussLegendreAdjoint(report=JaxGQStats())`: after a backward pass (and `jax.effects_barrier()`),
+    the last pass's certificate under the torch `gq_stats()` names."""
+
+    def __init__(self):
+        self.calls = 0
+        self.quad_nodes = self.quad_unconverged = self.quad_roundoff = self.jump_suspects = 0
+        self.backsolve_mismatches = self.backsolve_fallbacks = 0  # JAX: detected and warned; no fallback yet
+        self.nfe_backward = 0
+        self.quad_error = float("nan")
+        self.certified = True
+
+    def __call__(self, report: dict) -> None:
+        self.calls += 1
+        self.quad_nodes = int(np.sum(report["gq_quad_nodes"]))
+        self.quad_error = float(report["gq_quad_error"])
+        self.quad_unconverged = int(report["gq_quad_unconverged"])
+        self.quad_roundoff = int(report["gq_quad_roundoff"])
+        self.jump_suspects = int(report["gq_jump_suspects"])
+        self.backsolve_mismatches = int(report["gq_backsolve_mismatches"])
+        self.nfe_backward = int(report.get("gq_nfe_backward", 0))
+        self.certified = bool(report["gq_certified"])
 
 
 class _SavedTs(eqx.Module):
