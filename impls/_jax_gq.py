@@ -12,11 +12,18 @@ and dL/dtheta += int a^T df/dtheta dt by one of three rules (`quadrature`):
 rule, impls/_panels.py). The backward solve saves (z, a) at the nodes of G1..G8 and G16 on 1, 2, 4
 and 8 equal panels of the interval -- interpolations of its dense output, no f evaluation. The
 probes a (a last-layer bias's integrand) and a*z are integrated with every rule; the first panel
-count at which some order <= 8 is within PROBE_SAFETY * quad_rtol * |probe integral| * |panel| /
-|interval| of G16 on every panel gives the panels and the smallest such order (one for all panels),
-and the parameter integral is one vmapped VJP at those nodes only, its width bucketed
-(PROBE_BUCKETS) so that the branches stay few. Where even 8 panels leave the probes unconverged
-(oscillating intervals), the interval is integrated again with the "kronrod" rule.
+count at which some order <= 8 is within max(PROBE_SAFETY * quad_rtol * |probe integral|,
+ROUNDOFF_C * eps * integral of |probe|) * |panel| / |interval| of G16 on every panel (never below
+what the dtype resolves) gives the panels and the smallest such order (one for all panels), and the
+parameter integral is a VJP at those nodes only, in blocks of two widths (`_chunked_vjp`). The
+integrand itself decides (the "kronrod" attempts below, panels bisected while the estimate falls)
+where the probes do not converge or stop falling (round-off, dense-output noise), where the solve's
+steps collapsed with rejections (a jump in t: the dense output is smooth inside a step where f is
+not) and where a user jump time (ClipStepSizeController / PIDController(jump_ts=...)) lies inside
+-- the steps land on it. Probe and kronrod attempts are ONE traced solve called from one loop
+(compile time). Cost cap: nodes <= COST_NFE x backward evaluations + COST_EXTRA per interval, in
+all; past it the last result is kept and counted unconverged. The backsolved z arriving at t_lo is
+checked against the forward's y there. What cannot be certified warns (`warn`).
 
 "kronrod", the former default. The backward solver is wrapped (`_QuadratureSolver`) so
 that every step it takes also integrates over that step with the nested Gauss-Kronrod pair G2/K5,
