@@ -74,6 +74,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 from diffrax import (
+    RESULTS,
     AbstractAdaptiveStepSizeController,
     AbstractAdjoint,
     AbstractRungeKutta,
@@ -106,6 +107,7 @@ COST_NFE, COST_EXTRA = 2, 16
 # A probe solve that rejected JUMP_REJECTS steps and whose smallest step (the last, cut short, apart) is below
 # JUMP_COLLAPSE x its largest localised a jump in t: there the integrand decides (G2/K5 on the solver's steps).
 JUMP_REJECTS, JUMP_COLLAPSE = 2, 1e-3
+FALLBACK_BYTES = 8 << 20  # the fallback's dense buffer (the interval's forward re-solved), at most
 MISMATCH_RMS = 100.0  # backsolved z vs the forward's y at t_lo, RMS in units of atol + rtol * |y|
 CHUNK_NARROW, CHUNKS_NARROW, CHUNK_WIDE = 2, 4, 16  # node-VJP blocks: <= 8 nodes in blocks of 2, else of 16
 
@@ -488,11 +490,13 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
     eps = float(jnp.finfo(time_dtype).eps)
     n_intervals = int(lo.shape[0])
     zero_stats = dict(nodes=i32(0), nfe=i32(0), refinements=i32(0), level=i32(0), unconverged=jnp.bool_(False),
-                      roundoff=jnp.bool_(False), suspect=jnp.bool_(False), mismatch=jnp.bool_(False))  # fmt: skip
+                      roundoff=jnp.bool_(False), suspect=jnp.bool_(False), mismatch=jnp.bool_(False),
+                      fallback=jnp.bool_(False))  # fmt: skip
     # What is known exactly: the forward's y at every observation time and at t0 (item: backsolve divergence).
     f_rtol, f_atol = (getattr(stepsize_controller, k, None) for k in ("rtol", "atol"))
     f_rtol = 1e-6 if f_rtol is None else f_rtol
     f_atol = 1e-6 if f_atol is None else f_atol
+    backsolve = adj.backward_state == "backsolve"
     jump_ts = getattr(b_ctrl, "jump_ts", None)  # ClipStepSizeController / PIDController(jump_ts=...)
 
     def mismatch_of(z_end, y_lo, a_end):
@@ -533,12 +537,26 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
         spent = spent + jnp.stack([st["nodes"], st["nfe"]])
         return (a, grads, err_sq, level, h, spent), st
 
-    def attempt(t_lo, t_hi, y_hi, a, h, level):
+    # Backsolve divergence: the interval's forward solved again from the forward's own y(t_lo), its dense
+    # output kept in a buffer of at most FALLBACK_BYTES (it is carried, zeros, by every backward pass).
+    y_bytes = sum(x.size * x.dtype.itemsize for x in jtu.tree_leaves(y0))
+    fb_steps = max(16, min(backward["max_steps"] or 4096, FALLBACK_BYTES // max(1, 8 * y_bytes)))
+    fwd_term = ODETerm(lambda t, y, ctx: _rhs(ctx[1], t, y, ctx[0]))
+
+    def resolve_forward(t_lo, t_hi, y_lo):
+        sol = self._diffeqsolve(fwd_term, solver, t0=t_lo, t1=t_hi, y0=y_lo, args=(args, terms),
+                                saveat=SaveAt(dense=True), stepsize_controller=stepsize_controller, dt0=dt0,
+                                max_steps=fb_steps, throw=False, adjoint=_NoAutodiff())  # fmt: skip
+        return sol.interpolation, sol.result == RESULTS.successful
+
+    def attempt(t_lo, t_hi, y_hi, a, h, level, fb=None):
         """ONE backward solve t_hi -> t_lo (traced once, called from one loop): level < 0 the probe
         attempt (saves at the probe nodes, no quadrature in the steps), level >= 0 a kronrod attempt
         (G2/K5 on 2**level panels per step)."""
         step_solver, dt_first = start(t_lo, t_hi, h)
         ctx = _QuadContext(params=params, static=static, dense=dense, level=level, t_end=-t_lo)
+        if fb is not None:  # backsolve: the forward re-solved over the interval, used when the flag is set
+            ctx = _QuadContext(params=params, static=static, dense=fb[0], level=level, t_end=-t_lo, use_dense=fb[1])
         state = (y_hi, a) if adj.backward_state == "backsolve" else a
         probes = rule == "adaptive"
         nodes = jnp.clip((t_lo + t_hi) / 2 + (t_hi - t_lo) / 2 * T.u_sorted, t_lo, t_hi) if probes else None
@@ -637,7 +655,8 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
             inside = jnp.any((jump_ts > t_lo) & (jump_ts < t_hi))
 
         def body(c):
-            out = attempt(t_lo, t_hi, y_hi, a, h, c["level"])
+            fb = (c["fb_dense"], c["fallback"]) if backsolve else None
+            out = attempt(t_lo, t_hi, y_hi, a, h, c["level"], fb)
             nfe = 0 if nfe_of is None else nfe_of(out["steps"])
             nfe = jnp.asarray(nfe, i32)
             is_probe = c["level"] < 0
@@ -649,8 +668,8 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
             ok_k = ~is_probe & (enorm <= tol_k(out["k"]))
             stalled = ~is_probe & ~ok_k & (c["enorm"] <= ROUNDOFF_RATIO**-1 * enorm) & (c["tries"] > 0)
             mism = mismatch_of(out["z_end"], y_lo, out["a_lo"])
-            new = dict(c, out=out, nodes=nodes_sp, nfe=nfe_sp, enorm=enorm, mismatch=c["mismatch"] | mism,
-                       used_k=~is_probe, ok=ok_k, roundoff=stalled)  # fmt: skip
+            new = dict(c, out=out, nodes=nodes_sp, nfe=nfe_sp, enorm=enorm, mismatch=mism, used_k=~is_probe, ok=ok_k,
+                       roundoff=stalled)  # fmt: skip
             if probes:
                 sel = lax.cond(is_probe, lambda: select(out, t_lo, t_hi, cap), lambda: c["sel"])
                 suspect = is_probe & out["collapsed"] & (n_params > 0)  # the user's jump_ts are not suspects
@@ -666,6 +685,14 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
             fits = nodes_sp + pred <= COST_NFE * (spent[1] + nfe_sp + nfe) + COST_EXTRA * n_intervals - spent[0]
             new.update(level=nxt, done=~(more & fits) | (n_params == 0), capped=more & ~fits,
                        tries=c["tries"] + (~is_probe).astype(i32))  # fmt: skip
+            if backsolve:  # z missed the forward's y: solve the interval's forward again, read z off it, redo
+                redo = mism & ~c["fallback"]
+                fb_dense, fb_ok = lax.cond(redo, lambda: resolve_forward(t_lo, t_hi, y_lo),
+                                           lambda: (c["fb_dense"], c["fb_ok"]))  # fmt: skip
+                new.update(fb_dense=fb_dense, fb_ok=fb_ok, fallback=c["fallback"] | redo,
+                           level=jnp.where(redo, c["level"], new["level"]), done=new["done"] & ~redo,
+                           tries=jnp.where(redo, c["tries"], new["tries"]), enorm=jnp.where(redo, c["enorm"], enorm),
+                           capped=new["capped"] & ~redo)  # fmt: skip
             return new
 
         # The loop's carry, built from shapes known here (no second trace of the solve).
@@ -686,6 +713,10 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
                     nfe=i32(0), enorm=jnp.asarray(jnp.inf, f_t), mismatch=jnp.bool_(False), used_k=jnp.bool_(False),
                     ok=jnp.bool_(False), roundoff=jnp.bool_(False), capped=jnp.bool_(False), tries=i32(0),
                     suspect=jnp.bool_(False))  # fmt: skip
+        if backsolve:
+            shapes = eqx.filter_eval_shape(resolve_forward, t_lo, t_hi, y_lo)
+            init.update(fb_dense=jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes[0]),
+                        fb_ok=jnp.bool_(True), fallback=jnp.bool_(False))  # fmt: skip
         if probes:
             f0, b0 = jnp.zeros((), f_t), jnp.bool_(False)
             init["sel"] = dict(level=i32(0), choice=i32(0), order=i32(1), e_sq=f0, ref_sq=f0, found=b0, roundoff=b0,
@@ -715,9 +746,11 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
             count, dg, p_e_sq, p_ref_sq, capped = i32(0), out["k"], jnp.zeros((), f_t), jnp.zeros((), f_t), c["capped"]
         k_e_sq = jnp.where(use_k, _tree_norm(out["e"]) ** 2, 0).astype(f_t)
         unconverged = (~c["ok"] & ~c["roundoff"]) | capped
+        lost = (c["fallback"] & ~c["fb_ok"]) if backsolve else jnp.bool_(False)  # the re-solve itself failed
         st = dict(nodes=(c["nodes"] + count).astype(i32), nfe=c["nfe"].astype(i32), refinements=c["tries"],
                   level=jnp.where(use_k, c["level"] - 1, 0).astype(i32), unconverged=unconverged,
-                  roundoff=c["roundoff"], suspect=c["suspect"], mismatch=c["mismatch"])  # fmt: skip
+                  roundoff=c["roundoff"], suspect=c["suspect"], mismatch=c["mismatch"] | lost,
+                  fallback=c["fallback"] if backsolve else jnp.bool_(False))  # fmt: skip
         end_level = jnp.where(use_k, jnp.maximum(c["level"] - 1, 0), start_level).astype(i32)
         return out["a_lo"], dg, jnp.stack([k_e_sq, p_e_sq, p_ref_sq]), st, end_level, out["h"]
 
@@ -763,10 +796,12 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
         gq_quad_roundoff=jnp.sum(per_interval["roundoff"]).astype(i32),
         gq_jump_suspects=jnp.sum(per_interval["suspect"]).astype(i32),
         gq_backsolve_mismatches=jnp.sum(per_interval["mismatch"]).astype(i32),
+        gq_backsolve_fallbacks=jnp.sum(per_interval["fallback"]).astype(i32),
         gq_finite=finite,
     )
     certified = (finite & (summary["gq_quad_unconverged"] == 0) & (summary["gq_quad_roundoff"] == 0)
-                 & (summary["gq_backsolve_mismatches"] == 0) & ~(est > allowed))  # fmt: skip
+                 & (summary["gq_backsolve_mismatches"] == 0) & (summary["gq_backsolve_fallbacks"] == 0)
+                 & ~(est > allowed))  # fmt: skip
     summary["gq_certified"] = certified
     if adj.warn:  # never silent: one host callback, only when the gradient is not certified
         lax.cond(certified, lambda: None,
@@ -815,7 +850,7 @@ class JaxGQStats:
     def __init__(self):
         self.calls = 0
         self.quad_nodes = self.quad_unconverged = self.quad_roundoff = self.jump_suspects = 0
-        self.backsolve_mismatches = self.backsolve_fallbacks = 0  # JAX: detected and warned; no fallback yet
+        self.backsolve_mismatches = self.backsolve_fallbacks = 0  # mismatches: left after the fallback
         self.nfe_backward = 0
         self.quad_error = float("nan")
         self.certified = True
@@ -828,6 +863,7 @@ class JaxGQStats:
         self.quad_roundoff = int(report["gq_quad_roundoff"])
         self.jump_suspects = int(report["gq_jump_suspects"])
         self.backsolve_mismatches = int(report["gq_backsolve_mismatches"])
+        self.backsolve_fallbacks = int(report["gq_backsolve_fallbacks"])
         self.nfe_backward = int(report.get("gq_nfe_backward", 0))
         self.certified = bool(report["gq_certified"])
 
@@ -910,13 +946,14 @@ def _warn_uncertified(adj, allowed, s) -> None:
     for key, what in (("gq_quad_unconverged", "interval(s) unconverged within the cost cap"),
                       ("gq_quad_roundoff", "interval(s) stopped at round-off (estimate no longer falling)"),
                       ("gq_jump_suspects", "interval(s) with a suspected jump in t"),
+                      ("gq_backsolve_fallbacks", "interval(s) re-solved with z off the forward (backsolve diverged)"),
                       ("gq_backsolve_mismatches", "interval(s) where backsolved z missed the forward y")):  # fmt: skip
         if int(s[key]):
             parts.append(f"{int(s[key])} {what}")
     if not bool(s["gq_finite"]):
         parts.append("non-finite adjoint or gradient")
     fixes = []
-    if int(s["gq_backsolve_mismatches"]) or not bool(s["gq_finite"]):
+    if int(s["gq_backsolve_mismatches"]) or int(s["gq_backsolve_fallbacks"]) or not bool(s["gq_finite"]):
         fixes.append("backward_state='interpolate' (z from the kept forward solution)")
     if int(s["gq_quad_roundoff"]) or est > allowed or int(s["gq_quad_unconverged"]):
         fixes.append("float64 or a looser quad_rtol")
@@ -1049,9 +1086,13 @@ class _QuadContext(eqx.Module):
     dense: Any  # the forward dense solution ("interpolate"), else None
     level: Any  # each step is integrated on 2**level panels; < 0: none (the probe attempt)
     t_end: Any = None  # where the solve ends, in its normalised time: its last step is cut short to land there
+    use_dense: Any = None  # backsolve: z from `dense` (the interval's forward re-solved) when True, else None
 
 
 def _adaptive_backsolve_vf(t, za, ctx: _QuadContext):
+    if ctx.use_dense is not None:  # the fallback: z read off the forward re-solved, the z state follows it
+        z, a = za
+        za = (lax.cond(ctx.use_dense, lambda: ctx.dense.evaluate(t), lambda: z), a)
     return _backsolve_vf(t, za, eqx.combine(ctx.params, ctx.static))
 
 
@@ -1096,7 +1137,7 @@ class _QuadratureSolver(_Delegating):
             s = t0 + i * h + (h / 2) * (1 + self.x)  # ascending s; the rule is symmetric
             state = jax.vmap(interp.evaluate)(s)
             t = direction * s
-            if ctx.dense is None:
+            if ctx.dense is None or ctx.use_dense is not None:
                 z, a = state
             else:
                 z, a = jax.vmap(ctx.dense.evaluate)(t), state
