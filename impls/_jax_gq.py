@@ -786,9 +786,9 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
         g_sq = jnp.maximum(_tree_norm(grads) ** 2, jnp.finfo(time_dtype).tiny)
         rel = err_sq[0] / g_sq + jnp.where(err_sq[2] > 0, err_sq[1] / err_sq[2], 0.0)
         est = jnp.sqrt(rel).astype(time_dtype)
-        allowed = max(quad_rtol, ROUNDOFF_C * eps)
+        allowed = jnp.maximum(quad_rtol, ROUNDOFF_C * eps).astype(time_dtype)  # quad_rtol may be traced
     else:
-        est, allowed = jnp.asarray(jnp.nan, time_dtype), math.inf
+        est, allowed = jnp.asarray(jnp.nan, time_dtype), jnp.asarray(jnp.inf, time_dtype)
     finite = _tree_finite((a_y0, grads))
     summary = dict(
         gq_quad_error=est,
@@ -798,6 +798,7 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
         gq_backsolve_mismatches=jnp.sum(per_interval["mismatch"]).astype(i32),
         gq_backsolve_fallbacks=jnp.sum(per_interval["fallback"]).astype(i32),
         gq_finite=finite,
+        gq_allowed_error=allowed,
     )
     certified = (finite & (summary["gq_quad_unconverged"] == 0) & (summary["gq_quad_roundoff"] == 0)
                  & (summary["gq_backsolve_mismatches"] == 0) & (summary["gq_backsolve_fallbacks"] == 0)
@@ -805,7 +806,7 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
     summary["gq_certified"] = certified
     if adj.warn:  # never silent: one host callback, only when the gradient is not certified
         lax.cond(certified, lambda: None,
-                 lambda: jax.debug.callback(functools.partial(_warn_uncertified, adj, allowed), summary))  # fmt: skip
+                 lambda: jax.debug.callback(_warn_uncertified, summary))  # fmt: skip
     if adj.report is not None:
         report = dict(
             summary,
@@ -937,10 +938,10 @@ def _tree_finite(tree):
     return functools.reduce(jnp.logical_and, leaves, jnp.bool_(True))
 
 
-def _warn_uncertified(adj, allowed, s) -> None:
+def _warn_uncertified(s) -> None:
     """Host side of `warn`: one warning per backward pass whose gradient the rule cannot certify."""
     parts = []
-    est = float(s["gq_quad_error"])
+    est, allowed = float(s["gq_quad_error"]), float(s["gq_allowed_error"])
     if est > allowed:
         parts.append(f"quadrature error estimate {est:.1e} > {allowed:.1e}")
     for key, what in (("gq_quad_unconverged", "interval(s) unconverged within the cost cap"),
