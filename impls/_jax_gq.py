@@ -672,7 +672,8 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
                        roundoff=stalled)  # fmt: skip
             if probes:
                 sel = lax.cond(is_probe, lambda: select(out, t_lo, t_hi, cap), lambda: c["sel"])
-                suspect = is_probe & out["collapsed"] & (n_params > 0)  # the user's jump_ts are not suspects
+                # Intervals holding a user jump time are integrated on the steps anyway (clipped steps are short there).
+                suspect = is_probe & out["collapsed"] & ~inside & (n_params > 0)
                 want_k = is_probe & (~sel["found"] | suspect | (inside & (n_params > 0)))
                 new.update(sel=sel, suspect=c["suspect"] | suspect, ok=jnp.where(is_probe, sel["found"], ok_k),
                            roundoff=jnp.where(is_probe, sel["roundoff"], stalled))  # fmt: skip
