@@ -12,11 +12,18 @@ and dL/dtheta += int a^T df/dtheta dt by one of three rules (`quadrature`):
 rule, impls/_panels.py). The backward solve saves (z, a) at the nodes of G1..G8 and G16 on 1, 2, 4
 and 8 equal panels of the interval -- interpolations of its dense output, no f evaluation. The
 probes a (a last-layer bias's integrand) and a*z are integrated with every rule; the first panel
-count at which some order <= 8 is within PROBE_SAFETY * quad_rtol * |probe integral| * |panel| /
-|interval| of G16 on every panel gives the panels and the smallest such order (one for all panels),
-and the parameter integral is one vmapped VJP at those nodes only, its width bucketed
-(PROBE_BUCKETS) so that the branches stay few. Where even 8 panels leave the probes unconverged
-(oscillating intervals), the interval is integrated again with the "kronrod" rule.
+count at which some order <= 8 is within max(PROBE_SAFETY * quad_rtol * |probe integral|,
+ROUNDOFF_C * eps * integral of |probe|) * |panel| / |interval| of G16 on every panel (never below
+what the dtype resolves) gives the panels and the smallest such order (one for all panels), and the
+parameter integral is a VJP at those nodes only, in blocks of two widths (`_chunked_vjp`). The
+integrand itself decides (the "kronrod" attempts below, panels bisected while the estimate falls)
+where the probes do not converge or stop falling (round-off, dense-output noise), where the solve's
+steps collapsed with rejections (a jump in t: the dense output is smooth inside a step where f is
+not) and where a user jump time (ClipStepSizeController / PIDController(jump_ts=...)) lies inside
+-- the steps land on it. Probe and kronrod attempts are ONE traced solve called from one loop
+(compile time). Cost cap: nodes <= COST_NFE x backward evaluations + COST_EXTRA per interval, in
+all; past it the last result is kept and counted unconverged. The backsolved z arriving at t_lo is
+checked against the forward's y there. What cannot be certified warns (`warn`).
 
 "kronrod", the former default. The backward solver is wrapped (`_QuadratureSolver`) so
 that every step it takes also integrates over that step with the nested Gauss-Kronrod pair G2/K5,
@@ -55,6 +62,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -66,6 +74,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 from diffrax import (
+    RESULTS,
     AbstractAdaptiveStepSizeController,
     AbstractAdjoint,
     AbstractRungeKutta,
@@ -88,7 +97,19 @@ QUADRATURES = ("adaptive", "gtol", "fixed", "kronrod")
 ERROR_CONTROLLED = ("adaptive", "kronrod")
 MAX_QUAD_ORDER = 64  # the paper's cap
 MAX_REFINEMENTS = 4  # adaptive rule: at most 2**4 panels per backward step (each level re-solves the interval)
-_BUCKETS = tuple(2**k for k in range(int(math.log2(MAX_QUAD_ORDER)) + 1))  # 1, 2, 4, ..., 64
+
+# The cost and round-off guards (issue 23, as the torch rule): what the dtype can resolve bounds the probe
+# budget; an estimate that stops falling is round-off; nodes <= COST_NFE x backward evaluations + COST_EXTRA
+# per interval in all.
+ROUNDOFF_C = 50  # the probe budget never below ROUNDOFF_C * eps * integral of |probe| (QUADPACK's level)
+ROUNDOFF_RATIO = 0.5  # a bisection whose summed estimate stays above this fraction of the parent's: round-off
+COST_NFE, COST_EXTRA = 2, 16
+# A probe solve that rejected JUMP_REJECTS steps and whose smallest step (the last, cut short, apart) is below
+# JUMP_COLLAPSE x its largest localised a jump in t: there the integrand decides (G2/K5 on the solver's steps).
+JUMP_REJECTS, JUMP_COLLAPSE = 2, 1e-3
+FALLBACK_BYTES = 8 << 20  # the fallback's dense buffer (the interval's forward re-solved), at most
+MISMATCH_RMS = 100.0  # backsolved z vs the forward's y at t_lo, RMS in units of atol + rtol * |y|
+CHUNK_NARROW, CHUNKS_NARROW, CHUNK_WIDE = 2, 4, 16  # node-VJP blocks: <= 8 nodes in blocks of 2, else of 16
 
 _lax_loop = functools.partial(eqxi.while_loop, kind="lax")
 
@@ -137,8 +158,17 @@ class GaussLegendreAdjoint(AbstractAdjoint):
         interval), "gq_quad_error" (adaptive: the estimate's norm over all intervals relative
         to ||dL/dtheta||, NaN for the other rules), per interval "gq_refinements" (re-solves),
         "gq_panel_levels" (each step split into 2**level panels) and "gq_unconverged", and
-        "gq_nfe_backward" (backward solver evaluations, when countable). The host round trip
-        costs ~1 ms a call on CPU: leave `report` unset in code you time.
+        "gq_nfe_backward" (backward solver evaluations, when countable), and the certificate:
+        "gq_certified", "gq_quad_unconverged", "gq_quad_roundoff", "gq_jump_suspects",
+        "gq_backsolve_mismatches", "gq_finite". `JaxGQStats()` is such a callable that keeps
+        them under the torch `gq_stats()` names. The host round trip costs ~1 ms a call on CPU:
+        leave `report` unset in code you time.
+    - `warn`: (default True) a gradient the rule cannot certify -- estimate above
+        max(quad_rtol, 50 eps), intervals unconverged within the cost cap or stopped at
+        round-off, z backsolved to t_lo off the forward's y there (RMS > 100 in units of
+        atol + rtol |y|) or a non-finite adjoint -- gives one RuntimeWarning per backward pass
+        with the numbers and the fix. A host callback inside `lax.cond`: it runs (and costs)
+        only when the gradient is not certified.
 
     Gradients flow to `y0`, `args` and the arrays inside `terms` (as with BacksolveAdjoint),
     not to times. `sol.stats` gains "gq_nfe_forward" (when countable) and, for the gtol and
@@ -156,6 +186,7 @@ class GaussLegendreAdjoint(AbstractAdjoint):
     max_steps: int | None = eqx.field(default=None, static=True)
     report: Callable[[dict], Any] | None = eqx.field(default=None, static=True)
     warm_start: bool = eqx.field(default=True, static=True)
+    warn: bool = eqx.field(default=True, static=True)
 
     def __check_init__(self):
         g = self.gtol
@@ -189,6 +220,8 @@ class GaussLegendreAdjoint(AbstractAdjoint):
             _fail("max_steps", m, "max_steps must be an int >= 1, or None to reuse the forward's.")
         if not isinstance(self.warm_start, bool):
             _fail("warm_start", self.warm_start, "warm_start must be True or False.")
+        if not isinstance(self.warn, bool):
+            _fail("warn", self.warn, "warn must be True or False.")
         if self.report is not None and not callable(self.report):
             _fail("report", self.report, "report must be callable as report(stats_dict), or None.")
 
@@ -452,199 +485,333 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
         return sol, z_nodes, jtu.tree_map(lambda p: p[:-1], a_path), jtu.tree_map(lambda p: p[-1], a_path)
 
     zero_grads = jtu.tree_map(jnp.zeros_like, params)
-    zero_stats = dict(nodes=jnp.int32(0), nfe=jnp.int32(0), refinements=jnp.int32(0), level=jnp.int32(0),
-                      unconverged=jnp.bool_(False))  # fmt: skip
+    n_params = sum(x.size for x in jtu.tree_leaves(params))
+    i32, f_t = jnp.int32, time_dtype
+    eps = float(jnp.finfo(time_dtype).eps)
+    n_intervals = int(lo.shape[0])
+    zero_stats = dict(nodes=i32(0), nfe=i32(0), refinements=i32(0), level=i32(0), unconverged=jnp.bool_(False),
+                      roundoff=jnp.bool_(False), suspect=jnp.bool_(False), mismatch=jnp.bool_(False),
+                      fallback=jnp.bool_(False))  # fmt: skip
+    # What is known exactly: the forward's y at every observation time and at t0 (item: backsolve divergence).
+    f_rtol, f_atol = (getattr(stepsize_controller, k, None) for k in ("rtol", "atol"))
+    f_rtol = 1e-6 if f_rtol is None else f_rtol
+    f_atol = 1e-6 if f_atol is None else f_atol
+    backsolve = adj.backward_state == "backsolve"
+    jump_ts = getattr(b_ctrl, "jump_ts", None)  # ClipStepSizeController / PIDController(jump_ts=...)
+
+    def mismatch_of(z_end, y_lo, a_end):
+        """z arriving at t_lo against the forward's own y there, per element RMS in tolerance units; a finite."""
+        if adj.backward_state != "backsolve":
+            return ~_tree_finite(a_end)
+        sq = [jnp.sum(((z - y) / (f_atol + f_rtol * jnp.abs(y))) ** 2) for z, y in
+              zip(jtu.tree_leaves(z_end), jtu.tree_leaves(y_lo), strict=True)]  # fmt: skip
+        size = max(sum(x.size for x in jtu.tree_leaves(y_lo)), 1)
+        rms = jnp.sqrt(sum(sq) / size)
+        return ~(rms <= MISMATCH_RMS) | ~_tree_finite(a_end)
 
     if rule in ERROR_CONTROLLED:
         quad_rtol, quad_atol = _quad_tols(adj, b_ctrl)
-        n_params = sum(x.size for x in jtu.tree_leaves(params))
-    if rule in ERROR_CONTROLLED:  # the adaptive rule falls back to kronrod where its probes do not converge
         x_gk, w_k, w_e = (jnp.asarray(v, dtype=time_dtype) for v in _kronrod_numpy())
         vf = ODETerm(_adaptive_backsolve_vf if adj.backward_state == "backsolve" else _adaptive_interp_vf)
-        probe_tables = _ProbeTables.build(time_dtype)
+        T = _ProbeTables.build(time_dtype)
     else:
         if rule == "fixed":
             table_x, table_w = _padded_rule_table(adj.quad_order, adj.quad_order, time_dtype)
-            widths = (adj.quad_order,)
         else:
             table_x, table_w = _padded_rule_table(None, MAX_QUAD_ORDER, time_dtype)
-            widths = _BUCKETS
 
     def interval(carry, xs):
-        a, grads, err_sq, level, h = carry
-        t_lo, t_hi, y_hi, g_lo, n = xs
+        a, grads, err_sq, level, h, spent = carry
+        t_lo, t_hi, y_hi, y_lo, g_lo, n = xs
         if rule in ERROR_CONTROLLED:
             # An empty interval (e.g. SaveAt(ts) starting at t0) costs nothing: no solve, no nodes.
-            skip = lambda *_: (a, zero_grads, jnp.zeros((3,), time_dtype), zero_stats, level, h)
-            integrate = integrate_adaptive if rule == "kronrod" else integrate_probed
-            a_lo, dg, e_sq, st, level, h = lax.cond(t_hi > t_lo, integrate, skip, t_lo, t_hi, y_hi, a, grads, level,
-                                                    h)  # fmt: skip
+            skip = lambda *_: (a, zero_grads, jnp.zeros((3,), f_t), zero_stats, level, h)
+            a_lo, dg, e_sq, st, level, h = lax.cond(t_hi > t_lo, integrate_adaptive, skip, t_lo, t_hi, y_hi, y_lo, a,
+                                                    grads, level, h, spent)  # fmt: skip
             err_sq = err_sq + e_sq
         else:
             a_lo, dg, st, h = lax.cond(n > 0, integrate_rule, lambda *_: (a, zero_grads, zero_stats, h), t_lo, t_hi,
-                                       y_hi, a, n, h)  # fmt: skip
+                                       y_hi, y_lo, a, n, h)  # fmt: skip
         grads = jtu.tree_map(jnp.add, grads, dg)
         a = jtu.tree_map(jnp.add, a_lo, g_lo)
-        return (a, grads, err_sq, level, h), st
+        spent = spent + jnp.stack([st["nodes"], st["nfe"]])
+        return (a, grads, err_sq, level, h, spent), st
 
-    def integrate_adaptive(t_lo, t_hi, y_hi, a, grads, start_level, h):
-        """Solve the interval with 2**level panels per step; too coarse: bisect them all and solve again.
-        The first level tried is the one the previous (later) interval ended at: neighbouring intervals
-        tend to need the same, and every level tried costs a backward solve."""
-        state = (y_hi, a) if adj.backward_state == "backsolve" else a
+    # Backsolve divergence: the interval's forward solved again from the forward's own y(t_lo), its dense
+    # output kept in a buffer of at most FALLBACK_BYTES (it is carried, zeros, by every backward pass).
+    y_bytes = sum(x.size * x.dtype.itemsize for x in jtu.tree_leaves(y0))
+    fb_steps = max(16, min(backward["max_steps"] or 4096, FALLBACK_BYTES // max(1, 8 * y_bytes)))
+    fwd_term = ODETerm(lambda t, y, ctx: _rhs(ctx[1], t, y, ctx[0]))
+
+    def resolve_forward(t_lo, t_hi, y_lo):
+        sol = self._diffeqsolve(fwd_term, solver, t0=t_lo, t1=t_hi, y0=y_lo, args=(args, terms),
+                                saveat=SaveAt(dense=True), stepsize_controller=stepsize_controller, dt0=dt0,
+                                max_steps=fb_steps, throw=False, adjoint=_NoAutodiff())  # fmt: skip
+        return sol.interpolation, sol.result == RESULTS.successful
+
+    def attempt(t_lo, t_hi, y_hi, a, h, level, fb=None):
+        """ONE backward solve t_hi -> t_lo (traced once, called from one loop): level < 0 the probe
+        attempt (saves at the probe nodes, no quadrature in the steps), level >= 0 a kronrod attempt
+        (G2/K5 on 2**level panels per step)."""
         step_solver, dt_first = start(t_lo, t_hi, h)
-        quad_solver = _QuadratureSolver(step_solver, x_gk, w_k, w_e)
-        kw = dict(backward, dt0=dt_first)
+        ctx = _QuadContext(params=params, static=static, dense=dense, level=level, t_end=-t_lo)
+        if fb is not None:  # backsolve: the forward re-solved over the interval, used when the flag is set
+            ctx = _QuadContext(params=params, static=static, dense=fb[0], level=level, t_end=-t_lo, use_dense=fb[1])
+        state = (y_hi, a) if adj.backward_state == "backsolve" else a
+        probes = rule == "adaptive"
+        nodes = jnp.clip((t_lo + t_hi) / 2 + (t_hi - t_lo) / 2 * T.u_sorted, t_lo, t_hi) if probes else None
+        save = SaveAt(ts=nodes, t1=True, solver_state=True) if probes else SaveAt(t1=True, solver_state=True)
+        sol = self._diffeqsolve(vf, _QuadratureSolver(step_solver, x_gk, w_k, w_e), t0=t_hi, t1=t_lo, y0=state,
+                                args=ctx, saveat=save, **dict(backward, dt0=dt_first))  # fmt: skip
+        inner, k_sum, e_sum, h_range = sol.solver_state
+        # A jump in t: the solver rejected steps and its steps collapsed (a smooth field's do not).
+        collapsed = (sol.stats["num_rejected_steps"] >= JUMP_REJECTS) & (h_range[0] < JUMP_COLLAPSE * h_range[1])
+        if adj.backward_state == "backsolve":
+            z_path, a_path = sol.ys
+        else:
+            a_path, z_path = sol.ys, None
+        last = lambda tree: jtu.tree_map(lambda p: p[-1], tree)
+        out = dict(a_lo=last(a_path), k=k_sum, e=e_sum, h=carried(inner, h) if warm else h,
+                   steps=sol.stats["num_steps"].astype(i32), collapsed=collapsed,
+                   z_end=None if z_path is None else last(z_path))  # fmt: skip
+        if probes:
+            out["a_nodes"] = jtu.tree_map(lambda p: p[:-1], a_path)
+            out["z_nodes"] = (jtu.tree_map(lambda p: p[:-1], z_path) if z_path is not None
+                              else jax.vmap(dense.evaluate)(nodes))  # fmt: skip
+            out["nodes"] = nodes
+        return out
 
-        def attempt(level):
-            ctx = _QuadContext(params=params, static=static, dense=dense, level=level)
-            sol = self._diffeqsolve(vf, quad_solver, t0=t_hi, t1=t_lo, y0=state, args=ctx,
-                                    saveat=SaveAt(t1=True, solver_state=True), **kw)  # fmt: skip
-            inner, k_sum, e_sum = sol.solver_state
-            h_out = carried(inner, h)
-            end = sol.ys[1] if adj.backward_state == "backsolve" else sol.ys
-            steps = sol.stats["num_steps"]
-            nfe = 0 if nfe_of is None else nfe_of(steps)
-            nodes = steps * len(x_gk) * 2**level if n_params else jnp.zeros_like(steps)
-            return jtu.tree_map(lambda p: p[-1], end), k_sum, e_sum, nodes.astype(jnp.int32), jnp.int32(nfe), h_out
-
-        def cond(c):
-            return ~c["done"]
-
-        def body(c):
-            level = c["level"] + 1
-            a_lo, k_sum, e_sum, nodes, nfe, h_out = attempt(level)
-            total = _tree_norm(jtu.tree_map(jnp.add, grads, k_sum))
-            ok = _tree_norm(e_sum) <= quad_atol * math.sqrt(max(n_params, 1)) + quad_rtol * total
-            done = ok | (level >= MAX_REFINEMENTS)
-            return dict(level=level, a_lo=a_lo, k=k_sum, e=e_sum, done=done, ok=ok,
-                        nodes=c["nodes"] + nodes, nfe=c["nfe"] + nfe, h=h_out)  # fmt: skip
-
-        init = dict(level=start_level - 1, a_lo=a, k=zero_grads, e=zero_grads, done=jnp.bool_(False),
-                    ok=jnp.bool_(False), nodes=jnp.int32(0), nfe=jnp.int32(0), h=h)  # fmt: skip
-        c = lax.while_loop(cond, body, init)
-        st = dict(nodes=c["nodes"].astype(jnp.int32), nfe=c["nfe"].astype(jnp.int32),
-                  refinements=c["level"] - start_level, level=c["level"], unconverged=~c["ok"])  # fmt: skip
-        e_sq = jnp.stack([_tree_norm(c["e"]).astype(time_dtype) ** 2, jnp.zeros((), time_dtype),
-                          jnp.zeros((), time_dtype)])  # fmt: skip
-        return c["a_lo"], c["k"], e_sq, st, c["level"], c["h"]
-
-    def integrate_probes(t_lo, t_hi, y_hi, a, grads, start_level, h):
-        """One backward solve saves (z, a) at the probe nodes of every level (G1..G8 and G16 on each
-        of 2**level equal panels, levels 0..PROBE_MAX_LEVEL); the first level at which some order
-        <= 8 fits every panel's share of the budget gives the panels, the smallest such order (one
-        for all panels) the nodes; the parameter integral is then evaluated at those nodes only."""
-        del grads, start_level
-        T = probe_tables
-        half_all, mid_all = (t_hi - t_lo) / 2, (t_lo + t_hi) / 2
-        nodes = jnp.clip(mid_all + half_all * T.u_sorted, t_lo, t_hi)  # descending, as the solve meets them
-        sol, z_nodes, a_nodes, a_lo = solve_through(nodes, t_lo, t_hi, y_hi, a, h)
-        # Probes: a (the integrand of a last-layer bias) and a*z, elementwise: read off the solve, no f evaluation.
+    def select(out, t_lo, t_hi, cap):
+        """The probe rule: the first level at which some order <= 8 fits every panel's share of the
+        budget -- max(PROBE_SAFETY * quad_rtol * |probe integral|, ROUNDOFF_C * eps * integral of
+        |probe|), the latter what the dtype can resolve -- gives the panels, the smallest such order
+        (one for all panels) the nodes. A level whose summed best error is not below ROUNDOFF_RATIO
+        of the level before is round-off or noise (the dense output's, too): not found, the integrand
+        decides (kronrod); the level before is kept (`roundoff`) should the cost cap leave no room.
+        The nodes never exceed `cap` (fewer panels, counted unconverged)."""
+        half_all = (t_hi - t_lo) / 2
         flat = lambda tree: jnp.concatenate([x.reshape(x.shape[0], -1) for x in jtu.tree_leaves(tree)], 1)
-        fa, fz = flat(a_nodes), flat(z_nodes)
-        probe = jnp.concatenate([fa, fa * fz], 1).astype(time_dtype)  # (nodes, size)
+        fa = flat(out["a_nodes"])
+        fz = flat(out["z_nodes"])
+        probe = jnp.concatenate([fa, fa * fz], 1).astype(f_t)  # (nodes, size)
         fallback = len(PROBE_ORDERS) - 1  # G16
-        found = jnp.bool_(False)
-        level = choice = jnp.int32(PROBE_MAX_LEVEL)
-        e_sq = ref_sq = jnp.zeros((), time_dtype)
+        found = roundoff = done = jnp.bool_(False)
+        level = choice = i32(PROBE_MAX_LEVEL)
+        e_sq = ref_sq = jnp.zeros((), f_t)
+        totals, prev = [], None
         for lev in range(PROBE_MAX_LEVEL + 1):  # static: cheap sums over saved values
             panels = 2**lev
             vals = probe[T.layout[lev, :panels]]  # (panels, block, size)
             integrals = (half_all / panels) * jnp.einsum("rk,pks->prs", T.w_rules, vals)
             ref = jnp.sum(integrals[:, -1], 0)
             ref_norm = jnp.sqrt(jnp.sum(ref**2))
+            abs_int = (half_all / panels) * jnp.einsum("k,pks->s", T.w_rules[-1], jnp.abs(vals))
+            abs_norm = jnp.sqrt(jnp.sum(abs_int**2))
             errs = jnp.sqrt(jnp.sum((integrals[:, :-1] - integrals[:, -1:]) ** 2, -1))  # (panels, 8)
-            ok = errs <= (PROBE_SAFETY * quad_rtol / panels) * ref_norm
+            budget = jnp.maximum(PROBE_SAFETY * quad_rtol * ref_norm, ROUNDOFF_C * eps * abs_norm) / panels
+            ok = errs <= budget
             passed = ok.any(1).all()
             first = jnp.where(ok.any(1), jnp.argmax(ok, 1), fallback)
-            ch = jnp.max(first).astype(jnp.int32)  # one order for all panels
+            ch = jnp.max(first).astype(i32)  # one order for all panels
+            tot = jnp.concatenate([jnp.sum(errs**2, 0), jnp.zeros((1,), f_t)])  # per order, G16's own: 0
+            best_r = jnp.argmin(jnp.sum(errs, 0)).astype(i32)
+            best = jnp.sum(errs[:, best_r])
+            totals.append(tot)
             if lev == PROBE_MAX_LEVEL:
                 ch = jnp.where(passed, ch, fallback)
-            errs_all = jnp.concatenate([errs, jnp.zeros((panels, 1), errs.dtype)], 1)
-            e = jnp.sum(errs_all[:, ch] ** 2)
-            take = ~found & (passed | (lev == PROBE_MAX_LEVEL))
+            take = ~done & (passed | (lev == PROBE_MAX_LEVEL))
+            if prev is not None:  # the estimate stopped falling: round-off/noise, not resolution
+                stalled = ~done & ~passed & (best >= ROUNDOFF_RATIO * prev[0])
+                level, choice = jnp.where(stalled, lev - 1, level), jnp.where(stalled, prev[1], choice)
+                e_sq, ref_sq = jnp.where(stalled, prev[2], e_sq), jnp.where(stalled, prev[3], ref_sq)
+                roundoff, found = roundoff | stalled, found
+                done = done | stalled
+                take = take & ~stalled
             level, choice = jnp.where(take, lev, level), jnp.where(take, ch, choice)
-            e_sq, ref_sq = jnp.where(take, e, e_sq), jnp.where(take, ref_norm**2, ref_sq)
-            found = found | passed
+            e_sq, ref_sq = jnp.where(take, tot[ch], e_sq), jnp.where(take, ref_norm**2, ref_sq)
+            found, done = found | (passed & ~done), done | passed
+            prev = (best, best_r, tot[best_r], ref_norm**2)
         order = T.orders[choice]
-        panels = jnp.left_shift(1, level)
-        count = panels * order if n_params else jnp.int32(0)
+        # The cost cap: fewer panels (never below one) until panels * order fits.
+        fit = jnp.floor(jnp.log2(jnp.maximum(cap, 1) / order)).astype(i32)
+        capped = (jnp.left_shift(1, level) * order > cap) & (fit < level)
+        level = jnp.where(capped, jnp.maximum(fit, 0), level)
+        e_sq = jnp.where(capped, jnp.stack(totals)[level, choice], e_sq)
+        return dict(level=level, choice=choice, order=order, e_sq=e_sq, ref_sq=ref_sq, found=found & ~capped,
+                    roundoff=roundoff, capped=capped)  # fmt: skip
 
-        def width(k):
-            def go():
-                j = jnp.arange(k)
-                panel, node = j // order, j % order
-                slot = T.layout[level, panel, T.offsets[choice] + node]
-                w = jnp.where(j < count, T.w_gl[choice, node] * (half_all / panels), 0)
+    def integrate_adaptive(t_lo, t_hi, y_hi, y_lo, a, grads, start_level, h, spent):
+        """ "adaptive": one backward solve saves (z, a) at the probe nodes of every level (no f
+        evaluation); the probes pick panels and an order, then one chunked VJP at those nodes. Where
+        the probes do not converge, or the solve rejected steps (a jump in t, found by the solver) or a
+        user jump time lies inside, the interval is integrated again by the integrand itself: G2/K5
+        on every backward step (steps land on jump_ts), bisected while the estimate falls, within
+        the cost cap. "kronrod": those attempts only. All attempts are one solve in one loop."""
+        probes = rule == "adaptive"
+        tol_k = lambda k: quad_atol * math.sqrt(max(n_params, 1)) + quad_rtol * _tree_norm(
+            jtu.tree_map(jnp.add, grads, k))  # fmt: skip
+        inside = jnp.bool_(False)
+        if jump_ts is not None:
+            inside = jnp.any((jump_ts > t_lo) & (jump_ts < t_hi))
+
+        def body(c):
+            fb = (c["fb_dense"], c["fallback"]) if backsolve else None
+            out = attempt(t_lo, t_hi, y_hi, a, h, c["level"], fb)
+            nfe = 0 if nfe_of is None else nfe_of(out["steps"])
+            nfe = jnp.asarray(nfe, i32)
+            is_probe = c["level"] < 0
+            k_nodes = jnp.where(is_probe, 0, out["steps"] * len(x_gk) * jnp.left_shift(1, jnp.maximum(c["level"], 0)))
+            k_nodes = k_nodes if n_params else jnp.zeros_like(k_nodes)
+            nodes_sp, nfe_sp = c["nodes"] + k_nodes, c["nfe"] + nfe
+            cap = COST_NFE * (spent[1] + nfe_sp) + COST_EXTRA * n_intervals - spent[0] - nodes_sp
+            enorm = _tree_norm(out["e"])
+            ok_k = ~is_probe & (enorm <= tol_k(out["k"]))
+            stalled = ~is_probe & ~ok_k & (c["enorm"] <= ROUNDOFF_RATIO**-1 * enorm) & (c["tries"] > 0)
+            mism = mismatch_of(out["z_end"], y_lo, out["a_lo"])
+            new = dict(c, out=out, nodes=nodes_sp, nfe=nfe_sp, enorm=enorm, mismatch=mism, used_k=~is_probe, ok=ok_k,
+                       roundoff=stalled)  # fmt: skip
+            if probes:
+                sel = lax.cond(is_probe, lambda: select(out, t_lo, t_hi, cap), lambda: c["sel"])
+                # Intervals holding a user jump time are integrated on the steps anyway (clipped steps are short there).
+                suspect = is_probe & out["collapsed"] & ~inside & (n_params > 0)
+                want_k = is_probe & (~sel["found"] | suspect | (inside & (n_params > 0)))
+                new.update(sel=sel, suspect=c["suspect"] | suspect, ok=jnp.where(is_probe, sel["found"], ok_k),
+                           roundoff=jnp.where(is_probe, sel["roundoff"], stalled))  # fmt: skip
+            else:
+                want_k = is_probe
+            nxt = jnp.where(is_probe, start_level, c["level"] + 1)
+            more = want_k | (~is_probe & ~ok_k & ~stalled & (nxt <= MAX_REFINEMENTS))
+            # The cap: the next attempt only if its predicted nodes and evaluations fit.
+            pred = out["steps"] * len(x_gk) * jnp.left_shift(1, nxt) if n_params else i32(0)
+            fits = nodes_sp + pred <= COST_NFE * (spent[1] + nfe_sp + nfe) + COST_EXTRA * n_intervals - spent[0]
+            new.update(level=nxt, done=~(more & fits) | (n_params == 0), capped=more & ~fits,
+                       tries=c["tries"] + (~is_probe).astype(i32))  # fmt: skip
+            if backsolve:  # z missed the forward's y: solve the interval's forward again, read z off it, redo
+                redo = mism & ~c["fallback"]
+                fb_dense, fb_ok = lax.cond(redo, lambda: resolve_forward(t_lo, t_hi, y_lo),
+                                           lambda: (c["fb_dense"], c["fb_ok"]))  # fmt: skip
+                new.update(fb_dense=fb_dense, fb_ok=fb_ok, fallback=c["fallback"] | redo,
+                           level=jnp.where(redo, c["level"], new["level"]), done=new["done"] & ~redo,
+                           tries=jnp.where(redo, c["tries"], new["tries"]), enorm=jnp.where(redo, c["enorm"], enorm),
+                           capped=new["capped"] & ~redo)  # fmt: skip
+            return new
+
+        # The loop's carry, built from shapes known here (no second trace of the solve).
+        z0 = lambda tree, lead=(): jtu.tree_map(lambda p: jnp.zeros(lead + p.shape, p.dtype), tree)
+        out0 = dict(
+            a_lo=z0(a),
+            k=zero_grads,
+            e=zero_grads,
+            h=jnp.zeros_like(h),
+            steps=i32(0),
+            collapsed=jnp.bool_(False),
+            z_end=z0(y_hi) if adj.backward_state == "backsolve" else None,
+        )
+        if probes:
+            m = (T.u_sorted.shape[0],)
+            out0.update(a_nodes=z0(a, m), z_nodes=z0(y_hi, m), nodes=jnp.zeros(m, T.u_sorted.dtype))
+        init = dict(level=i32(-1) if probes else start_level, done=jnp.bool_(False), out=out0, nodes=i32(0),
+                    nfe=i32(0), enorm=jnp.asarray(jnp.inf, f_t), mismatch=jnp.bool_(False), used_k=jnp.bool_(False),
+                    ok=jnp.bool_(False), roundoff=jnp.bool_(False), capped=jnp.bool_(False), tries=i32(0),
+                    suspect=jnp.bool_(False))  # fmt: skip
+        if backsolve:
+            shapes = eqx.filter_eval_shape(resolve_forward, t_lo, t_hi, y_lo)
+            init.update(fb_dense=jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes[0]),
+                        fb_ok=jnp.bool_(True), fallback=jnp.bool_(False))  # fmt: skip
+        if probes:
+            f0, b0 = jnp.zeros((), f_t), jnp.bool_(False)
+            init["sel"] = dict(level=i32(0), choice=i32(0), order=i32(1), e_sq=f0, ref_sq=f0, found=b0, roundoff=b0,
+                               capped=b0)  # fmt: skip
+        c = lax.while_loop(lambda c: ~c["done"], body, init)
+        out = c["out"]
+        use_k = c["used_k"]
+        if probes:
+            sel = c["sel"]
+            count = jnp.where(use_k, 0, jnp.left_shift(1, sel["level"]) * sel["order"]) if n_params else i32(0)
+            panels = jnp.left_shift(1, sel["level"])
+            half_all = (t_hi - t_lo) / 2
+
+            def gather(j):
+                panel, node = j // sel["order"], j % sel["order"]
+                slot = T.layout[sel["level"], jnp.minimum(panel, panels - 1), T.offsets[sel["choice"]] + node]
+                w = jnp.where(j < count, T.w_gl[sel["choice"], node] * (half_all / panels), 0)
                 take = lambda tree: jtu.tree_map(lambda p: p[slot], tree)
-                wa = jtu.tree_map(lambda p: p * w.astype(p.dtype).reshape((-1,) + (1,) * (p.ndim - 1)), take(a_nodes))
-                return _node_vjp(params, static, nodes[slot], take(z_nodes), wa)
+                return out["nodes"][slot], take(out["z_nodes"]), _scale(take(out["a_nodes"]), w)
 
-            return go
-
-        if n_params:
-            bucket = jnp.sum(count > jnp.asarray(PROBE_BUCKETS)).astype(jnp.int32)
-            dg = lax.switch(bucket, [width(k) for k in PROBE_BUCKETS])
+            dg = _chunked_vjp(params, static, count, gather, zero_grads) if n_params else zero_grads
+            dg = lax.cond(use_k, lambda: out["k"], lambda: dg)
+            p_e_sq = jnp.where(use_k, 0, sel["e_sq"]).astype(f_t)
+            p_ref_sq = jnp.where(use_k, 0, sel["ref_sq"]).astype(f_t)
+            capped = c["capped"] | (sel["capped"] & ~use_k)
         else:
-            dg = zero_grads
-        nfe = 0 if nfe_of is None else nfe_of(sol.stats["num_steps"])
-        st = dict(nodes=count.astype(jnp.int32), nfe=jnp.int32(nfe), refinements=jnp.int32(0),
-                  level=level.astype(jnp.int32), unconverged=~found)  # fmt: skip
-        h_out = carried(sol.solver_state, h) if warm else h
-        return a_lo, dg, jnp.stack([jnp.zeros((), time_dtype), e_sq, ref_sq]), st, level, h_out, found
+            count, dg, p_e_sq, p_ref_sq, capped = i32(0), out["k"], jnp.zeros((), f_t), jnp.zeros((), f_t), c["capped"]
+        k_e_sq = jnp.where(use_k, _tree_norm(out["e"]) ** 2, 0).astype(f_t)
+        unconverged = (~c["ok"] & ~c["roundoff"]) | capped
+        lost = (c["fallback"] & ~c["fb_ok"]) if backsolve else jnp.bool_(False)  # the re-solve itself failed
+        st = dict(nodes=(c["nodes"] + count).astype(i32), nfe=c["nfe"].astype(i32), refinements=c["tries"],
+                  level=jnp.where(use_k, c["level"] - 1, 0).astype(i32), unconverged=unconverged,
+                  roundoff=c["roundoff"], suspect=c["suspect"], mismatch=c["mismatch"] | lost,
+                  fallback=c["fallback"] if backsolve else jnp.bool_(False))  # fmt: skip
+        end_level = jnp.where(use_k, jnp.maximum(c["level"] - 1, 0), start_level).astype(i32)
+        return out["a_lo"], dg, jnp.stack([k_e_sq, p_e_sq, p_ref_sq]), st, end_level, out["h"]
 
-    def integrate_probed(t_lo, t_hi, y_hi, a, grads, start_level, h):
-        """The probe rule; where even 2**PROBE_MAX_LEVEL panels leave the probes unconverged (hard,
-        oscillating intervals), the interval is integrated again with the kronrod rule."""
-        a_lo, dg, e_sq, st, level, h_out, found = integrate_probes(t_lo, t_hi, y_hi, a, grads, start_level, h)
-
-        def kronrod():
-            a2, dg2, e2, st2, lev2, h2 = integrate_adaptive(t_lo, t_hi, y_hi, a, grads, start_level, h)
-            st2 = dict(st2, nodes=st2["nodes"] + st["nodes"], nfe=st2["nfe"] + st["nfe"])
-            return a2, dg2, e2, st2, lev2, h2
-
-        keep = lambda: (a_lo, dg, e_sq, dict(st, unconverged=jnp.bool_(False)), start_level, h_out)
-        return lax.cond(found, keep, kronrod)
-
-    def integrate_rule(t_lo, t_hi, y_hi, a, n, h):
+    def integrate_rule(t_lo, t_hi, y_hi, y_lo, a, n, h):
         row = n if rule == "gtol" else 0
         x, w = table_x[row], table_w[row]  # nodes in [-1, 1], descending; padding at -1 with w = 0
         half = (t_hi - t_lo) / 2
         nodes = jnp.clip((t_lo + t_hi) / 2 + half * x, t_lo, t_hi)
         sol, z_nodes, a_nodes, a_lo = solve_through(nodes, t_lo, t_hi, y_hi, a, h)
-        wh = w * half
-        wa = jtu.tree_map(lambda p: p * wh.astype(p.dtype).reshape((-1,) + (1,) * (p.ndim - 1)), a_nodes)
-
-        def width(k):
-            take = lambda tree: jtu.tree_map(lambda p: p[:k], tree)
-            return lambda: _node_vjp(params, static, take(nodes), take(z_nodes), take(wa))
-
-        if len(widths) == 1:
-            dg = width(widths[0])()
+        wa = _scale(a_nodes, w * half)
+        if rule == "fixed":
+            dg = _node_vjp(params, static, nodes, z_nodes, wa)
         else:
-            bucket = jnp.sum(n > jnp.asarray(widths)).astype(jnp.int32)
-            dg = lax.switch(bucket, [width(k) for k in widths])
+            top = MAX_QUAD_ORDER - 1
+            take = lambda tree, j: jtu.tree_map(lambda p: p[jnp.minimum(j, top)], tree)
+            gather = lambda j: (nodes[jnp.minimum(j, top)], take(z_nodes, j),
+                                _scale(take(wa, j), (j < n).astype(time_dtype)))  # fmt: skip
+            dg = _chunked_vjp(params, static, n, gather, zero_grads)
         nfe = 0 if nfe_of is None else nfe_of(sol.stats["num_steps"])
-        st = dict(zero_stats, nodes=n.astype(jnp.int32), nfe=jnp.int32(nfe))
+        z_end = jtu.tree_map(lambda p: p[-1], sol.ys[0]) if adj.backward_state == "backsolve" else None
+        st = dict(zero_stats, nodes=n.astype(i32), nfe=jnp.asarray(nfe, i32), mismatch=mismatch_of(z_end, y_lo, a_lo))
         h_out = carried(sol.solver_state, h) if warm else h
         return a_lo, dg, st, h_out
 
     a_last = jtu.tree_map(lambda g: g[-1], g_pts)
-    ns = aux_stats["gq_quad_orders"] if rule not in ERROR_CONTROLLED else jnp.zeros(lo.shape, jnp.int32)
-    xs = (lo, hi, jtu.tree_map(lambda p: p[1:], y_pts), jtu.tree_map(lambda g: g[:-1], g_pts), ns)
+    ns = aux_stats["gq_quad_orders"] if rule not in ERROR_CONTROLLED else jnp.zeros(lo.shape, i32)
+    xs = (lo, hi, jtu.tree_map(lambda p: p[1:], y_pts), jtu.tree_map(lambda p: p[:-1], y_pts),
+          jtu.tree_map(lambda g: g[:-1], g_pts), ns)  # fmt: skip
     h_init = h_end.astype(time_dtype) if warm else jnp.zeros((), time_dtype)
-    init = (a_last, zero_grads, jnp.zeros((3,), time_dtype), jnp.int32(0), h_init)
-    (a_y0, grads, err_sq, _, _), per_interval = lax.scan(interval, init, xs, reverse=True)
+    init = (a_last, zero_grads, jnp.zeros((3,), time_dtype), i32(0), h_init, jnp.zeros((2,), i32))
+    (a_y0, grads, err_sq, _, _, _), per_interval = lax.scan(interval, init, xs, reverse=True)
+    if rule in ERROR_CONTROLLED:  # kronrod's estimate relative to the gradient, plus the probes' own
+        g_sq = jnp.maximum(_tree_norm(grads) ** 2, jnp.finfo(time_dtype).tiny)
+        rel = err_sq[0] / g_sq + jnp.where(err_sq[2] > 0, err_sq[1] / err_sq[2], 0.0)
+        est = jnp.sqrt(rel).astype(time_dtype)
+        allowed = jnp.maximum(quad_rtol, ROUNDOFF_C * eps).astype(time_dtype)  # quad_rtol may be traced
+    else:
+        est, allowed = jnp.asarray(jnp.nan, time_dtype), jnp.asarray(jnp.inf, time_dtype)
+    finite = _tree_finite((a_y0, grads))
+    summary = dict(
+        gq_quad_error=est,
+        gq_quad_unconverged=jnp.sum(per_interval["unconverged"]).astype(i32),
+        gq_quad_roundoff=jnp.sum(per_interval["roundoff"]).astype(i32),
+        gq_jump_suspects=jnp.sum(per_interval["suspect"]).astype(i32),
+        gq_backsolve_mismatches=jnp.sum(per_interval["mismatch"]).astype(i32),
+        gq_backsolve_fallbacks=jnp.sum(per_interval["fallback"]).astype(i32),
+        gq_finite=finite,
+        gq_allowed_error=allowed,
+    )
+    certified = (finite & (summary["gq_quad_unconverged"] == 0) & (summary["gq_quad_roundoff"] == 0)
+                 & (summary["gq_backsolve_mismatches"] == 0) & (summary["gq_backsolve_fallbacks"] == 0)
+                 & ~(est > allowed))  # fmt: skip
+    summary["gq_certified"] = certified
+    if adj.warn:  # never silent: one host callback, only when the gradient is not certified
+        lax.cond(certified, lambda: None,
+                 lambda: jax.debug.callback(_warn_uncertified, summary))  # fmt: skip
     if adj.report is not None:
-        if rule in ERROR_CONTROLLED:  # kronrod's estimate relative to the gradient, plus the probes' own
-            g_sq = jnp.maximum(_tree_norm(grads) ** 2, jnp.finfo(time_dtype).tiny)
-            rel = err_sq[0] / g_sq + jnp.where(err_sq[2] > 0, err_sq[1] / err_sq[2], 0.0)
-            est = jnp.sqrt(rel).astype(time_dtype)
-        else:
-            est = jnp.asarray(jnp.nan, time_dtype)
         report = dict(
+            summary,
             gq_quad_nodes=per_interval["nodes"],
-            gq_quad_error=est,
             gq_refinements=per_interval["refinements"],
             gq_panel_levels=per_interval["level"],
             gq_unconverged=per_interval["unconverged"],
@@ -676,6 +843,31 @@ def _quad_tols(adj: GaussLegendreAdjoint, ctrl) -> tuple[Any, Any]:
 def _tree_norm(tree):
     leaves = [jnp.sum(jnp.square(x)) for x in jtu.tree_leaves(tree)]
     return jnp.sqrt(sum(leaves)) if leaves else jnp.zeros(())
+
+
+class JaxGQStats:
+    """`GaussLegendreAdjoint(report=JaxGQStats())`: after a backward pass (and `jax.effects_barrier()`),
+    the last pass's certificate under the torch `gq_stats()` names."""
+
+    def __init__(self):
+        self.calls = 0
+        self.quad_nodes = self.quad_unconverged = self.quad_roundoff = self.jump_suspects = 0
+        self.backsolve_mismatches = self.backsolve_fallbacks = 0  # mismatches: left after the fallback
+        self.nfe_backward = 0
+        self.quad_error = float("nan")
+        self.certified = True
+
+    def __call__(self, report: dict) -> None:
+        self.calls += 1
+        self.quad_nodes = int(np.sum(report["gq_quad_nodes"]))
+        self.quad_error = float(report["gq_quad_error"])
+        self.quad_unconverged = int(report["gq_quad_unconverged"])
+        self.quad_roundoff = int(report["gq_quad_roundoff"])
+        self.jump_suspects = int(report["gq_jump_suspects"])
+        self.backsolve_mismatches = int(report["gq_backsolve_mismatches"])
+        self.backsolve_fallbacks = int(report["gq_backsolve_fallbacks"])
+        self.nfe_backward = int(report.get("gq_nfe_backward", 0))
+        self.certified = bool(report["gq_certified"])
 
 
 class _SavedTs(eqx.Module):
@@ -719,6 +911,59 @@ def _node_vjp(params, static, nodes, z_nodes, wa_nodes):
     _, vjp = jax.vjp(f_nodes, params)
     (g,) = vjp(wa_nodes)
     return g
+
+
+def _scale(tree, w):
+    """Each node's slice of `tree` times its weight."""
+    return jtu.tree_map(lambda p: p * w.astype(p.dtype).reshape((-1,) + (1,) * (p.ndim - 1)), tree)
+
+
+def _chunked_vjp(params, static, count, gather, zero):
+    """sum over nodes j < count of the weighted a^T df/dtheta, `gather(j)` -> (t, z, w*a) for a block of
+    node indices (weight 0 past count). A loop over fixed-width blocks: two traced VJPs (narrow for a
+    few nodes, wide for many) instead of one branch per width -- compile time, not run time, was the
+    cost of the branches."""
+
+    def run(width):
+        def body(i, acc):
+            t, z, wa = gather(i * width + jnp.arange(width, dtype=jnp.int32))
+            return jtu.tree_map(jnp.add, acc, _node_vjp(params, static, t, z, wa))
+
+        return lax.fori_loop(0, (count + width - 1) // width, body, zero)
+
+    return lax.cond(count <= CHUNKS_NARROW * CHUNK_NARROW, lambda: run(CHUNK_NARROW), lambda: run(CHUNK_WIDE))
+
+
+def _tree_finite(tree):
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(tree)]
+    return functools.reduce(jnp.logical_and, leaves, jnp.bool_(True))
+
+
+def _warn_uncertified(s) -> None:
+    """Host side of `warn`: one warning per backward pass whose gradient the rule cannot certify."""
+    parts = []
+    est, allowed = float(s["gq_quad_error"]), float(s["gq_allowed_error"])
+    if est > allowed:
+        parts.append(f"quadrature error estimate {est:.1e} > {allowed:.1e}")
+    for key, what in (("gq_quad_unconverged", "interval(s) unconverged within the cost cap"),
+                      ("gq_quad_roundoff", "interval(s) stopped at round-off (estimate no longer falling)"),
+                      ("gq_jump_suspects", "interval(s) with a suspected jump in t"),
+                      ("gq_backsolve_fallbacks", "interval(s) re-solved with z off the forward (backsolve diverged)"),
+                      ("gq_backsolve_mismatches", "interval(s) where backsolved z missed the forward y")):  # fmt: skip
+        if int(s[key]):
+            parts.append(f"{int(s[key])} {what}")
+    if not bool(s["gq_finite"]):
+        parts.append("non-finite adjoint or gradient")
+    fixes = []
+    if int(s["gq_backsolve_mismatches"]) or int(s["gq_backsolve_fallbacks"]) or not bool(s["gq_finite"]):
+        fixes.append("backward_state='interpolate' (z from the kept forward solution)")
+    if int(s["gq_quad_roundoff"]) or est > allowed or int(s["gq_quad_unconverged"]):
+        fixes.append("float64 or a looser quad_rtol")
+    if int(s["gq_jump_suspects"]):
+        fixes.append("the jump times as PIDController(jump_ts=...)")
+    fixes.append("warn=False to silence")
+    warnings.warn(f"GaussLegendreAdjoint: gradient not certified: {'; '.join(parts) or 'see report'}. "
+                  f"Fix: {', or '.join(fixes)}.", RuntimeWarning, stacklevel=2)  # fmt: skip
 
 
 class _Delegating(AbstractWrappedSolver):
@@ -780,7 +1025,6 @@ def _warm_dt(recorder_state):
 PROBE_ORDERS = (1, 2, 3, 4, 5, 6, 7, 8, 16)  # candidates, and G16 the reference
 PROBE_MAX_LEVEL = 3  # at most 2**3 panels per observation interval (each level re-solves the interval)
 PROBE_SAFETY = 0.1  # the probes stand in for the integrand: a tenth of quad_rtol, as the torch rule
-PROBE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # evaluation widths (<= 1.5x the nodes)
 
 
 class _ProbeTables(eqx.Module):
@@ -842,10 +1086,15 @@ class _QuadContext(eqx.Module):
     params: Any  # the differentiated leaves of (args, terms), None elsewhere
     static: Any  # the rest of (args, terms)
     dense: Any  # the forward dense solution ("interpolate"), else None
-    level: Any  # each step is integrated on 2**level panels
+    level: Any  # each step is integrated on 2**level panels; < 0: none (the probe attempt)
+    t_end: Any = None  # where the solve ends, in its normalised time: its last step is cut short to land there
+    use_dense: Any = None  # backsolve: z from `dense` (the interval's forward re-solved) when True, else None
 
 
 def _adaptive_backsolve_vf(t, za, ctx: _QuadContext):
+    if ctx.use_dense is not None:  # the fallback: z read off the forward re-solved, the z state follows it
+        z, a = za
+        za = (lax.cond(ctx.use_dense, lambda: ctx.dense.evaluate(t), lambda: z), a)
     return _backsolve_vf(t, za, eqx.combine(ctx.params, ctx.static))
 
 
@@ -867,25 +1116,30 @@ class _QuadratureSolver(_Delegating):
 
     def init(self, terms, t0, t1, y0, args: _QuadContext):
         zeros = jtu.tree_map(jnp.zeros_like, args.params)
-        return self.solver.init(terms, t0, t1, y0, args), zeros, zeros
+        dt = jnp.result_type(t0, t1)
+        h_range = jnp.asarray([jnp.inf, 0], dtype=dt)  # smallest and largest accepted step, the last one apart
+        return self.solver.init(terms, t0, t1, y0, args), zeros, zeros, h_range
 
     def step(self, terms, t0, t1, y0, args: _QuadContext, solver_state, made_jump):
-        inner, k_sum, e_sum = solver_state
+        inner, k_sum, e_sum, h_range = solver_state
         y1, y_error, dense_info, inner, result = self.solver.step(terms, t0, t1, y0, args, inner, made_jump)
+        h_abs = jnp.abs(t1 - t0).astype(h_range.dtype)
+        last = jnp.bool_(False) if args.t_end is None else t1 >= args.t_end
+        h_range = jnp.where(last, h_range, jnp.stack([jnp.minimum(h_range[0], h_abs), jnp.maximum(h_range[1], h_abs)]))
         interp = self.solver.interpolation_cls(t0=t0, t1=t1, **dense_info)
         # diffeqsolve runs the backward solve in its own normalised time s = direction * t.
         direction = terms.direction if isinstance(terms, WrapTerm) else 1
         ctx = args
         if not jtu.tree_leaves(ctx.params):  # nothing to integrate: y0 gradients only
-            return y1, y_error, dense_info, (inner, k_sum, e_sum), result
-        panels = 2**ctx.level
-        h = (t1 - t0) / panels
+            return y1, y_error, dense_info, (inner, k_sum, e_sum, h_range), result
+        panels = jnp.where(ctx.level >= 0, jnp.left_shift(1, jnp.maximum(ctx.level, 0)), 0)  # < 0: probes only
+        h = (t1 - t0) / jnp.maximum(panels, 1)
 
         def panel(i, sums):
             s = t0 + i * h + (h / 2) * (1 + self.x)  # ascending s; the rule is symmetric
             state = jax.vmap(interp.evaluate)(s)
             t = direction * s
-            if ctx.dense is None:
+            if ctx.dense is None or ctx.use_dense is not None:
                 z, a = state
             else:
                 z, a = jax.vmap(ctx.dense.evaluate)(t), state
@@ -893,7 +1147,7 @@ class _QuadratureSolver(_Delegating):
             return jtu.tree_map(jnp.add, sums[0], k), jtu.tree_map(jnp.add, sums[1], e)
 
         k_sum, e_sum = lax.fori_loop(0, panels, panel, (k_sum, e_sum))
-        return y1, y_error, dense_info, (inner, k_sum, e_sum), result
+        return y1, y_error, dense_info, (inner, k_sum, e_sum, h_range), result
 
 
 def _node_vjp_pair(params, static, nodes, z_nodes, a_nodes, w_k, w_e):

@@ -4,6 +4,6 @@ Imported on its own (`from impls.jax import GaussLegendreAdjoint`) so that `impo
 never pays for importing JAX.
 """
 
-from ._jax_gq import BACKWARD_STATES, MAX_QUAD_ORDER, GaussLegendreAdjoint
+from ._jax_gq import BACKWARD_STATES, MAX_QUAD_ORDER, GaussLegendreAdjoint, JaxGQStats
 
-__all__ = ["BACKWARD_STATES", "GaussLegendreAdjoint", "MAX_QUAD_ORDER"]
+__all__ = ["BACKWARD_STATES", "GaussLegendreAdjoint", "JaxGQStats", "MAX_QUAD_ORDER"]

@@ -186,6 +186,13 @@ class _JaxRun(AbstractRun):
             (rep,) = reports
             self._gq_backward_stats = {"quad_nodes": int(rep["gq_quad_nodes"].sum()),
                                        "quad_err_est": float(rep["gq_quad_error"])}  # fmt: skip
+            if "gq_certified" in rep:  # what the rule could not certify (issue 23): recorded per row
+                self._gq_backward_stats.update(
+                    quad_unconverged=int(rep["gq_quad_unconverged"]),
+                    quad_roundoff=int(rep["gq_quad_roundoff"]),
+                    backsolve_mismatches=int(rep["gq_backsolve_mismatches"]),
+                    certified=bool(rep["gq_certified"]),
+                )
             if "gq_nfe_backward" in rep:  # the backward solves' evaluations; quadrature nodes apart
                 self._gq_backward_stats["nfe_backward"] = int(rep["gq_nfe_backward"])
 
