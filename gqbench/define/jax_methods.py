@@ -189,8 +189,7 @@ class _JaxRun(AbstractRun):
             if "gq_certified" in rep:  # what the rule could not certify (issue 23): recorded per row
                 self._gq_backward_stats.update(
                     quad_unconverged=int(rep["gq_quad_unconverged"]),
-                    quad_roundoff=int(rep["gq_quad_roundoff"]),
-                    backsolve_mismatches=int(rep["gq_backsolve_mismatches"]),
+                    backsolve_fallbacks=int(rep["gq_backsolve_fallbacks"]),
                     certified=bool(rep["gq_certified"]),
                 )
             if "gq_nfe_backward" in rep:  # the backward solves' evaluations; quadrature nodes apart
