@@ -1024,7 +1024,7 @@ def _warm_dt(recorder_state):
 
 PROBE_ORDERS = (1, 2, 3, 4, 5, 6, 7, 8, 16)  # candidates, and G16 the reference
 PROBE_MAX_LEVEL = 3  # at most 2**3 panels per observation interval (each level re-solves the interval)
-PROBE_SAFETY = 0.1  # the probes stand in for the integrand: a tenth of quad_rtol (torch takes 0.3, validated there only)
+PROBE_SAFETY = 0.1  # the probes stand in for the integrand: a tenth of quad_rtol (torch: 0.3, validated there)
 
 
 class _ProbeTables(eqx.Module):
