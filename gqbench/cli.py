@@ -153,7 +153,7 @@ def _list(args) -> int:
         print(f"  {name:16s} batch {p.default_batch:<4d} {p.description}")
     print("  your own: 'path/to/model.py:make' or 'pkg.module:make', make(*, width, batch, seed, dtype, device) "
           "-> (func, y0, t, loss); try: gqbench advise examples/spiral.py:make --rtol 1e-4")  # fmt: skip
-    from .training import TRAINING_PROBLEMS
+    from .define.training_problems import TRAINING_PROBLEMS
 
     print("training problems (cases with epochs):")
     for name, p in TRAINING_PROBLEMS.items():

@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from gqbench import Case
+from gqbench.define.experiments import G1D, ODE_METHODS, exact
 from gqbench.define.grid import GridSpecError, load_preset, parse_spec
-from gqbench.training import TRAINING_PROBLEMS, AbstractTrainingProblem
+from gqbench.define.training_problems import TRAINING_PROBLEMS, AbstractTrainingProblem
 from gqbench.training import claims as tc
-from gqbench.training.experiments import G1D, ODE_METHODS
+from gqbench.training import run_problem
 from gqbench.training.loop import run_case
-from gqbench.training.toy_gradient import exact
 
 pytest.importorskip("sklearn", reason="the train extra (scikit-learn) is not installed")
 
@@ -118,7 +118,7 @@ def test_toy_gradient_matches_the_closed_form_and_tightens(method):
     errs = {}
     for tol in (1e-4, 1e-9):
         case = _case(method, problem="toy_gradient", rtol=tol, atol=tol, dtype="float64", epochs=1, lr=None)
-        (row,), tables = toy.run(case=case)
+        (row,), tables = run_problem(toy, case=case)
         assert row["status"] == "ok" and [r["T"] for r in tables["toy_gradient"]] == list(toy.horizons)
         errs[tol] = max(r["grad_rel_err"] for r in tables["toy_gradient"])
         assert all(math.isfinite(r["err_T"]) for r in tables["toy_gradient"])  # dL/dT too

@@ -18,8 +18,8 @@ Rules:
 - `problem` also takes a user's factory, "pkg.module:make" or "path/to/file.py:make"
   (`gqbench.define.user_problems`): it is imported here, so a bad path stops the spec; its signature's
   defaults of width and batch are the defaults.
-- Training problems (`gqbench.training`, e.g. sde_ou, images): every case trains for `epochs` (default: the
-  problem's) with Adam at `lr` (default: the problem's, on problems that take it from the case);
+- Training problems (`gqbench.define.training_problems`, e.g. sde_ou, images): every case trains for
+  `epochs` (default: the problem's) with Adam at `lr` (default: the problem's, on problems that take it from the case);
   `ncosines` (Wong–Zakai noise terms) applies to torch_gq on SDE problems only. All three are None on
   gradient problems. A name that is both (g1d, spheres, sines) trains only when the spec gives `epochs`.
 """
@@ -165,9 +165,9 @@ def parse_spec(
 
 
 def _expand(axes: dict, where: str) -> list[Case]:
-    from ..training import TRAINING_PROBLEMS
     from .methods import METHODS, TrainingOnly
     from .problems import PROBLEMS
+    from .training_problems import TRAINING_PROBLEMS
     from .user_problems import UserProblem, UserProblemError, is_user_problem, training_problem
 
     for key in axes:

@@ -6,8 +6,9 @@ problem's name is accepted (grid specs, `gqbench run/profile/advise`, `gqbench.C
 
 `ys` is the solution at every time in `t` (what `odeint` returns). Gradients are taken with respect to
 every parameter of `func` and to y0. Defaults of `width`/`batch` in the signature are the grid's defaults.
-A name may instead point at a training problem, an instance of `gqbench.training.AbstractTrainingProblem`
-(e.g. of an `ODEExperiment` subclass: data, model, loss, metric): its cases train (`epochs`).
+A name may instead point at a training problem, an instance of
+`gqbench.define.training_problems.AbstractTrainingProblem` (e.g. of an `ODEExperiment` subclass: data,
+model, loss, metric): its cases train (`epochs`).
 
 Names resolve against the problem root, `$GQBENCH_PROBLEM_ROOT` or else the working directory: a file
 path relative to it, a module importable from it (as `python -m` would). The runner puts its root into
@@ -159,9 +160,9 @@ def load_factory(name: str):
 
 
 def training_problem(name: str):
-    """The user's training problem `name` names (an instance of `gqbench.training.AbstractTrainingProblem`, e.g.
+    """The user's training problem `name` names (an instance of `AbstractTrainingProblem`, e.g.
     of an `ODEExperiment` subclass: data, model, loss, metric), or None when it names something else."""
-    from ..training import AbstractTrainingProblem
+    from .training_problems import AbstractTrainingProblem
 
     obj = load_object(name)
     return obj if isinstance(obj, AbstractTrainingProblem) else None

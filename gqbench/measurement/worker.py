@@ -150,12 +150,13 @@ def _check_problems(problems: list[dict]) -> list[str]:
 
 
 def _run_training(case, job: dict) -> dict:
-    from ..training import get_training_problem
+    from ..define.training_problems import get_training_problem
+    from ..training import run_problem
     from .measure import classify, failure_rows, one_line
 
     try:
         problem = get_training_problem(case.problem)
-        rows, tables = problem.run(case=case, cache_dir=job.get("reference_dir"))
+        rows, tables = run_problem(problem, case=case, cache_dir=job.get("reference_dir"))
     except BaseException as exc:  # noqa: BLE001 -- every failure of a case becomes a row
         if isinstance(exc, KeyboardInterrupt):
             raise

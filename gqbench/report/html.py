@@ -411,7 +411,7 @@ def _sde_rows(epochs: pd.DataFrame | None) -> pd.Series | None:
     """Which epoch rows belong to SDE training problems (their own section)."""
     if epochs is None:
         return None
-    from ..training import TRAINING_PROBLEMS
+    from ..define.training_problems import TRAINING_PROBLEMS
 
     sde = [n for n, p in TRAINING_PROBLEMS.items() if p.noise_axis]
     return epochs["problem"].isin(sde)

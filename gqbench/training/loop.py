@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 from ..define.case import Case
-from .experiments import DATA_SEED, Dataset, ODEExperiment
+from ..define.experiments import DATA_SEED, Dataset, ODEExperiment
 
 
 class Diverged(FloatingPointError):
