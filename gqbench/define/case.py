@@ -28,12 +28,13 @@ CASE_FIELDS = (
     "epochs",
     "ncosines",
     "lr",
+    "train_steps",
 )
 # Fields that make a case's method what it is; cases equal in the rest are timed side by side.
 METHOD_FIELDS = ("method", "quadrature", "gtol", "quad_order", "backward_state", "warm_start")
 # The fields of the experiment methods are compared on (one gradient measurement; training runs add
 # epochs, ncosines and lr).
-MATCH = ["problem", "width", "batch", "rtol", "atol", "solver", "device", "dtype", "seed", "threads"]
+MATCH = ["problem", "width", "batch", "rtol", "atol", "solver", "device", "dtype", "seed", "threads", "train_steps"]
 # Methods whose speed-up over the others is what gqbench reports.
 QUAD_METHODS = ("torch_gq", "jax_gq")
 
@@ -65,19 +66,27 @@ class Case:
     epochs: int | None = None  # set: a training run (gqbench.training), else one gradient measurement
     ncosines: int | None = None  # Wong–Zakai noise terms (torch_gq on SDE training problems)
     lr: float | None = None  # Adam's learning rate (training problems that take it from the case)
+    # One gradient at the weights after this many steps of `gqbench.measurement.trained`'s fixed recipe
+    # (0: the problem's initial weights, as before the axis existed).
+    train_steps: int = 0
 
     def to_dict(self) -> dict:
         return {f: getattr(self, f) for f in CASE_FIELDS}
 
     @classmethod
     def from_dict(cls, data: dict) -> Case:
-        return cls(**{f: data[f] for f in CASE_FIELDS if f in data})
+        fields = {f: data[f] for f in CASE_FIELDS if f in data}
+        if fields.get("train_steps") is None or fields["train_steps"] != fields["train_steps"]:  # older rows: NaN
+            fields.pop("train_steps", None)
+        else:
+            fields["train_steps"] = int(fields["train_steps"])
+        return cls(**fields)
 
     @property
     def case_id(self) -> str:
         canon = {k: (float(v) if isinstance(v, float) else v) for k, v in self.to_dict().items()}
         # Fields added after the first release hash only when set, so earlier ids stay valid.
-        for late in ("warm_start", "quadrature", "epochs", "ncosines", "lr"):
+        for late in ("warm_start", "quadrature", "epochs", "ncosines", "lr", "train_steps"):
             # warm_start=False (cold, no longer the default) hashes; None hashes like before.
             if canon[late] is None or (not canon[late] and late != "warm_start"):
                 del canon[late]
@@ -103,8 +112,11 @@ class Case:
         return f"{self.method}[{','.join(opts)}]" if opts else self.method
 
     @property
-    def reference_key(self) -> tuple[str, int, int, int]:
-        """Cases sharing this key share one float64 reference gradient."""
+    def reference_key(self) -> tuple:
+        """Cases sharing this key share one float64 reference gradient (and, trained, one trained state:
+        the weights depend on the dtype and device they were trained in)."""
+        if self.train_steps:
+            return (self.problem, self.width, self.batch, self.seed, self.train_steps, self.dtype, self.device)
         return (self.problem, self.width, self.batch, self.seed)
 
     def with_(self, **changes) -> Case:

@@ -22,6 +22,10 @@ Rules:
   `epochs` (default: the problem's) with Adam at `lr` (default: the problem's, on problems that take it from the case);
   `ncosines` (Wong–Zakai noise terms) applies to torch_gq on SDE problems only. All three are None on
   gradient problems. A name that is both (g1d, spheres, sines) trains only when the spec gives `epochs`.
+- `train_steps` (gradient problems; default [0], the initial weights): each value N > 0 times every method's
+  gradient at the weights after N steps of one fixed training recipe (`gqbench.measurement.trained`:
+  direct backprop, Adam, the problem's task or a synthetic target), trained once per (problem, width,
+  batch, seed, steps, dtype) and cached beside the references; the reference gradient is taken there too.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ DEFAULT_AXES = dict(
     dtype=["float32"],
     seed=[0],
     threads=[2],
+    train_steps=[0],
 )
 SOLVERS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")  # adaptive: tolerances mean something
 BACKWARD_STATES = ("backsolve", "interpolate")
@@ -205,9 +210,9 @@ def _expand(axes: dict, where: str) -> list[Case]:
     for d in ax["device"]:
         if not isinstance(d, str) or not (d == "cpu" or d == "cuda" or d.startswith("cuda:")):
             _fail(where, "device", f'value {d!r} is not a device; use "cpu", "cuda" or "cuda:N"')
-    for key in ("width", "batch", "seed", "threads", "quad_order", "epochs", "ncosines"):
+    for key in ("width", "batch", "seed", "threads", "quad_order", "epochs", "ncosines", "train_steps"):
         for v in ax.get(key, []):
-            _positive(where, key, v, integer=True, zero_ok=key == "seed")
+            _positive(where, key, v, integer=True, zero_ok=key in ("seed", "train_steps"))
     for v in ax.get("quad_order", []):
         if v > 64:
             _fail(where, "quad_order", f"value {v} is above 64; use 1..64 nodes per interval")
@@ -244,6 +249,10 @@ def _expand(axes: dict, where: str) -> list[Case]:
             trainers = ", ".join(n for n, t in TRAINING_PROBLEMS.items() if not t.unsupported(method))
             _fail(where, "method", f"{method!r} trains only ({trainers}); give it its own [[grid]] with those problems")
         epochs = [None] if training is None else ax.get("epochs", [training.default_epochs])
+        steps = ax["train_steps"] if training is None else [0]
+        if training is not None and any(ax["train_steps"]):
+            _fail(where, "train_steps", f"does not apply to training problem {problem_name!r} (it trains by epochs);"
+                  " give train_steps only to gradient problems, in their own [[grid]]")  # fmt: skip
         wong_zakai = training is not None and training.noise_axis and method == "torch_gq"
         noise = ax.get("ncosines", [DEFAULT_NCOSINES]) if wong_zakai else [None]
         lrs = ax.get("lr", [training.default_lr]) if training is not None else [None]
@@ -263,8 +272,8 @@ def _expand(axes: dict, where: str) -> list[Case]:
             else [(None, None, None, None, None)]
         )
         points = itertools.product(widths, batches, tols, quad_points, ax["solver"], ax["device"], ax["dtype"],
-                                   ax["seed"], ax["threads"], epochs, noise, lrs)  # fmt: skip
-        for w, b, (rtol, atol), (q, g, n, bs, ws), solver, device, dtype, seed, threads, ep, nc, lr in points:
+                                   ax["seed"], ax["threads"], epochs, noise, lrs, steps)  # fmt: skip
+        for w, b, (rtol, atol), (q, g, n, bs, ws), solver, device, dtype, seed, threads, ep, nc, lr, ts in points:
             cases.append(
                 Case(
                     method=method,
@@ -286,6 +295,7 @@ def _expand(axes: dict, where: str) -> list[Case]:
                     epochs=ep,
                     ncosines=nc,
                     lr=None if lr is None else float(lr),
+                    train_steps=ts,
                 )
             )
     return cases
