@@ -109,3 +109,64 @@ def test_tiny_grid_at_0_and_2_steps_through_the_runner(tmp_path):
     loss = df.groupby(["method", "train_steps"])["loss"].median()
     assert loss["torch_direct", 0] != loss["torch_direct", 2]  # timed at other weights
     assert np.isclose(loss["torch_direct", 2], loss["torch_gq", 2], rtol=1e-4)  # both at the same weights
+
+
+def _advise(tmp_path, *args):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "gqbench.cli", "advise", "examples/spiral.py:make", "--width", "8",
+           "--out", str(tmp_path / "out"), "--quiet", "--no-report", *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "make_file, why",
+    [
+        (lambda p: None, "no such file"),
+        (lambda p: p.write_text("not a checkpoint"), "not a state_dict torch.load can read"),
+        (lambda p: torch.save({"linear.weight": torch.zeros(2, 2)}, p), "do not fit the model (missing mlp.0.bias"),
+        (lambda p: torch.save(_spiral(16).state_dict(), p), "mlp.0.weight is (16, 2), the model's (8, 2)"),
+    ],
+)
+def test_advise_weights_errors_are_one_line_and_exit_2(tmp_path, make_file, why):
+    path = tmp_path / "model.pt"
+    make_file(path)
+    out = _advise(tmp_path, "--weights", str(path))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert why in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "out" / "cases").exists()  # nothing ran
+
+
+def test_train_steps_needs_a_user_target(tmp_path, monkeypatch):
+    (tmp_path / "four.py").write_text(USER.replace(", -y0\n", "\n"))
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "gqbench.cli", "advise", "four.py:make", "--train-steps", "3", "--out",
+           str(tmp_path / "out"), "--quiet", "--no-report"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 2 and "returns no training target" in out.stderr, out.stderr[-2000:]
+
+
+def test_a_case_with_user_weights_is_measured_at_them(tmp_path):
+    from gqbench.measurement.measure import prepare, reference_path
+
+    model = _spiral(8)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    case = Case("torch_direct", "examples/spiral.py:make", 8, 16, threads=1)
+    sha = trained.import_weights(tmp_path / "model.pt", case, tmp_path / "refs")
+    run = prepare(case.with_(weights=sha), tmp_path / "refs")
+    assert all(torch.equal(a, b) for a, b in zip(run.params, model.parameters(), strict=True))
+    assert case.with_(weights=sha).case_id != case.case_id
+    assert reference_path(case.with_(weights=sha), tmp_path) != reference_path(case, tmp_path)
+
+
+def _spiral(width):
+    from gqbench.define.user_problems import load_object
+
+    return load_object("examples/spiral.py:make")(width=width, batch=4, seed=0, dtype=torch.float32,
+                                                   device=torch.device("cpu"))[0]  # fmt: skip

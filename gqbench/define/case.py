@@ -29,12 +29,14 @@ CASE_FIELDS = (
     "ncosines",
     "lr",
     "train_steps",
+    "weights",
 )
 # Fields that make a case's method what it is; cases equal in the rest are timed side by side.
 METHOD_FIELDS = ("method", "quadrature", "gtol", "quad_order", "backward_state", "warm_start")
 # The fields of the experiment methods are compared on (one gradient measurement; training runs add
 # epochs, ncosines and lr).
-MATCH = ["problem", "width", "batch", "rtol", "atol", "solver", "device", "dtype", "seed", "threads", "train_steps"]
+MATCH = ["problem", "width", "batch", "rtol", "atol", "solver", "device", "dtype", "seed", "threads", "train_steps",
+         "weights"]  # fmt: skip
 # Methods whose speed-up over the others is what gqbench reports.
 QUAD_METHODS = ("torch_gq", "jax_gq")
 
@@ -69,6 +71,9 @@ class Case:
     # One gradient at the weights after this many steps of `gqbench.measurement.trained`'s fixed recipe
     # (0: the problem's initial weights, as before the axis existed).
     train_steps: int = 0
+    # A user's own weights for `func` (`gqbench advise --weights`): 16 hex digits of the file's sha256; the
+    # file is copied into the references folder as weights-<this>.pt. "": the problem's own initial weights.
+    weights: str = ""
 
     def to_dict(self) -> dict:
         return {f: getattr(self, f) for f in CASE_FIELDS}
@@ -76,9 +81,10 @@ class Case:
     @classmethod
     def from_dict(cls, data: dict) -> Case:
         fields = {f: data[f] for f in CASE_FIELDS if f in data}
-        if fields.get("train_steps") is None or fields["train_steps"] != fields["train_steps"]:  # older rows: NaN
-            fields.pop("train_steps", None)
-        else:
+        for late in ("train_steps", "weights"):  # older rows: missing or NaN
+            if fields.get(late) is None or fields[late] != fields[late]:
+                fields.pop(late, None)
+        if "train_steps" in fields:
             fields["train_steps"] = int(fields["train_steps"])
         return cls(**fields)
 
@@ -86,7 +92,7 @@ class Case:
     def case_id(self) -> str:
         canon = {k: (float(v) if isinstance(v, float) else v) for k, v in self.to_dict().items()}
         # Fields added after the first release hash only when set, so earlier ids stay valid.
-        for late in ("warm_start", "quadrature", "epochs", "ncosines", "lr", "train_steps"):
+        for late in ("warm_start", "quadrature", "epochs", "ncosines", "lr", "train_steps", "weights"):
             # warm_start=False (cold, no longer the default) hashes; None hashes like before.
             if canon[late] is None or (not canon[late] and late != "warm_start"):
                 del canon[late]
@@ -115,8 +121,9 @@ class Case:
     def reference_key(self) -> tuple:
         """Cases sharing this key share one float64 reference gradient (and, trained, one trained state:
         the weights depend on the dtype and device they were trained in)."""
-        if self.train_steps:
-            return (self.problem, self.width, self.batch, self.seed, self.train_steps, self.dtype, self.device)
+        if self.train_steps or self.weights:
+            return (self.problem, self.width, self.batch, self.seed, self.train_steps, self.dtype, self.device,
+                    self.weights)  # fmt: skip
         return (self.problem, self.width, self.batch, self.seed)
 
     def with_(self, **changes) -> Case:

@@ -26,6 +26,8 @@ Rules:
   gradient at the weights after N steps of one fixed training recipe (`gqbench.measurement.trained`:
   direct backprop, Adam, the problem's task or a synthetic target), trained once per (problem, width,
   batch, seed, steps, dtype) and cached beside the references; the reference gradient is taken there too.
+- `weights` (set by `gqbench advise --weights FILE`): a user's state_dict, by the hash of its file, that
+  cases start from instead of the seed's initial weights (then `train_steps` train on from them).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -213,6 +216,10 @@ def _expand(axes: dict, where: str) -> list[Case]:
     for key in ("width", "batch", "seed", "threads", "quad_order", "epochs", "ncosines", "train_steps"):
         for v in ax.get(key, []):
             _positive(where, key, v, integer=True, zero_ok=key in ("seed", "train_steps"))
+    for v in ax.get("weights", []):
+        if not isinstance(v, str) or (v and not re.fullmatch(r"[0-9a-f]{16}", v)):
+            _fail(where, "weights", f"value {v!r} is not a weights hash; `gqbench advise --weights FILE` sets it "
+                  "(16 hex digits of the file's sha256, the file copied to the references folder)")  # fmt: skip
     for v in ax.get("quad_order", []):
         if v > 64:
             _fail(where, "quad_order", f"value {v} is above 64; use 1..64 nodes per interval")
@@ -250,6 +257,7 @@ def _expand(axes: dict, where: str) -> list[Case]:
             _fail(where, "method", f"{method!r} trains only ({trainers}); give it its own [[grid]] with those problems")
         epochs = [None] if training is None else ax.get("epochs", [training.default_epochs])
         steps = ax["train_steps"] if training is None else [0]
+        starts = ax.get("weights", [""]) if training is None else [""]
         if training is not None and any(ax["train_steps"]):
             _fail(where, "train_steps", f"does not apply to training problem {problem_name!r} (it trains by epochs);"
                   " give train_steps only to gradient problems, in their own [[grid]]")  # fmt: skip
@@ -272,8 +280,8 @@ def _expand(axes: dict, where: str) -> list[Case]:
             else [(None, None, None, None, None)]
         )
         points = itertools.product(widths, batches, tols, quad_points, ax["solver"], ax["device"], ax["dtype"],
-                                   ax["seed"], ax["threads"], epochs, noise, lrs, steps)  # fmt: skip
-        for w, b, (rtol, atol), (q, g, n, bs, ws), solver, device, dtype, seed, threads, ep, nc, lr, ts in points:
+                                   ax["seed"], ax["threads"], epochs, noise, lrs, steps, starts)  # fmt: skip
+        for w, b, (rtol, atol), (q, g, n, bs, ws), solver, device, dtype, seed, threads, ep, nc, lr, ts, u in points:
             cases.append(
                 Case(
                     method=method,
@@ -296,6 +304,7 @@ def _expand(axes: dict, where: str) -> list[Case]:
                     ncosines=nc,
                     lr=None if lr is None else float(lr),
                     train_steps=ts,
+                    weights=u,
                 )
             )
     return cases

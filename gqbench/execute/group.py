@@ -186,7 +186,7 @@ def _precheck(case: Case, out_dir: Path, settings: RunSettings, ref_dir: Path, f
         if key not in failed_refs:
             # Untrained: one reference per (problem, width, batch, seed) whatever the dtype; trained: the dtype
             # the weights were trained in matters (the reference itself is float64 either way).
-            ref_case = case if case.train_steps else case.with_(dtype="float64")
+            ref_case = case if case.train_steps or case.weights else case.with_(dtype="float64")
             job = dict(kind="reference", case=ref_case.to_dict(), reference_dir=str(ref_dir))
             try:
                 run_to_end(job, case, out_dir / "logs" / "reference.log", settings.reference_timeout)

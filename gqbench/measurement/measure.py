@@ -48,7 +48,7 @@ def prepare(case: Case, cache_dir: str | Path | None = None) -> AbstractRun:
     problem = get_problem(case.problem).build(
         width=case.width, batch=case.batch, dtype=case.dtype, device=case.device, seed=case.seed
     )
-    if case.train_steps:
+    if case.train_steps or case.weights:
         from .trained import apply_trained
 
         apply_trained(problem.func, case, cache_dir)
@@ -316,7 +316,7 @@ def reference_dir(cache_dir: str | Path | None = None) -> Path:
 def reference_path(case: Case, cache_dir: str | Path | None = None) -> Path:
     """A user problem's file name carries a hash of its source file: an edited model gets a new reference.
     At a trained state, the reference is the trained state's (its file's name, `reference-` before it)."""
-    if case.train_steps:
+    if case.train_steps or case.weights:
         from .trained import trained_path
 
         path = trained_path(case, cache_dir)
@@ -355,7 +355,7 @@ def compute_reference(case: Case, cache_dir: str | Path | None = None) -> list[n
     torch.set_num_threads(case.threads)
     problem = get_problem(case.problem)
     inst = problem.build(width=case.width, batch=case.batch, dtype="float64", device="cpu", seed=case.seed)
-    if case.train_steps:
+    if case.train_steps or case.weights:
         from .trained import apply_trained
 
         apply_trained(inst.func, case, cache_dir)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..define.case import Case
+from ..define.grid import GridSpecError
 
 # Bump `version` when what the recipe does changes (not only these numbers): old states are then not reused.
 RECIPE = dict(version=1, optimizer="adam", lr=1e-3, solver="dopri5", rtol=1e-3, atol=1e-3,
@@ -63,17 +64,102 @@ def trained_path(case: Case, cache_dir: str | Path | None = None) -> Path:
 
         stem = cache_name(case.problem)
     device = "" if case.device == "cpu" else "-" + case.device.replace(":", "")
-    name = f"{stem}-w{case.width}-b{case.batch}-s{case.seed}-{case.dtype}{device}-t{case.train_steps}"
+    start = f"-u{case.weights}" if case.weights else ""  # trained from a user's weights
+    name = f"{stem}-w{case.width}-b{case.batch}-s{case.seed}-{case.dtype}{device}-t{case.train_steps}{start}"
     return reference_dir(cache_dir) / f"trained-{name}-r{recipe_hash()}.npz"
 
 
-def trained_state(case: Case, cache_dir: str | Path | None = None) -> dict:
-    """{name: tensor} of `func`'s state_dict after the case's `train_steps` (cached; trained here if absent)."""
+def weights_path(sha: str, cache_dir: str | Path | None = None) -> Path:
+    """Where a user's weights file (`import_weights`) lies in the references folder, by its content hash."""
+    from .measure import reference_dir
+
+    return reference_dir(cache_dir) / f"weights-{sha}.pt"
+
+
+class WeightsError(GridSpecError):
+    """A user's weights file that cannot be loaded into the model; one line naming the fix (the CLI: exit 2)."""
+
+
+def read_weights(path: str | Path) -> dict:
+    """A state_dict saved with `torch.save(func.state_dict(), path)` (tensors only: loaded with weights_only)."""
     import torch
 
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsError(
+            f"--weights {path}: no such file; give the path of torch.save(func.state_dict(), ...)"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 -- a pickle, a truncated file, another format: one line
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        raise WeightsError(f"--weights {path}: not a state_dict torch.load can read ({why}); save it with "
+                           "torch.save(func.state_dict(), path)") from None  # fmt: skip
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"--weights {path}: holds a {type(state).__name__}, not a state_dict of tensors; save "
+                           "func.state_dict(), not the module")  # fmt: skip
+    return state
+
+
+def load_strict(func, state: dict, where: str) -> None:
+    """`func.load_state_dict(state, strict=True)` cast to func's dtype and device; a mismatch is one line."""
+    ref = func.state_dict()
+    missing, extra = sorted(set(ref) - set(state)), sorted(set(state) - set(ref))
+    shapes = [k for k in ref if k in state and tuple(state[k].shape) != tuple(ref[k].shape)]
+    if missing or extra or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:4])}")
+        if extra:
+            parts.append(f"unexpected {', '.join(extra[:4])}")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{k} is {tuple(state[k].shape)}, the model's {tuple(ref[k].shape)}")
+        raise WeightsError(f"{where}: the weights do not fit the model ({'; '.join(parts)}); save func.state_dict() "
+                           "of the model make() builds at this width")  # fmt: skip
+    func.load_state_dict({k: v.to(device=ref[k].device, dtype=ref[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def import_weights(path: str | Path, case: Case, cache_dir: str | Path) -> str:
+    """Check that the weights at `path` load strictly into the case's model and copy them into `cache_dir` by
+    content hash (workers load them from there): -> the hash, the case's `weights` field."""
+    import shutil
+
+    from ..define.problems import get_problem
+
+    state = read_weights(path)
+    inst = get_problem(case.problem).build(width=case.width, batch=case.batch, dtype=case.dtype, device="cpu",
+                                           seed=case.seed)  # fmt: skip
+    load_strict(inst.func, state, f"--weights {path}")
+    sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    dest = weights_path(sha, cache_dir)
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_suffix(f".{os.getpid()}.tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, dest)
+    return sha
+
+
+def start_state(case: Case, cache_dir: str | Path | None = None) -> dict | None:
+    """The weights a case starts from before any step: the user's (`case.weights`), else None (the seed's)."""
+    if not case.weights:
+        return None
+    path = weights_path(case.weights, cache_dir)
+    if not path.exists():
+        raise WeightsError(f"{path} is missing (weights {case.weights} of case {case.case_id}); pass --weights again")
+    return read_weights(path)
+
+
+def trained_state(case: Case, cache_dir: str | Path | None = None) -> dict:
+    """{name: tensor} of `func`'s state_dict after the case's `train_steps` from its start (the seed's initial
+    weights or the user's), cached; trained here if absent. No steps: the user's weights themselves."""
+    import torch
+
+    if not case.train_steps:
+        return start_state(case, cache_dir)
     path = trained_path(case, cache_dir)
     if not path.exists():
-        state, _ = train(case)
+        state, _ = train(case, cache_dir=cache_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
         np.savez(tmp, **{k: v.detach().cpu().numpy() for k, v in state.items()})
@@ -83,11 +169,8 @@ def trained_state(case: Case, cache_dir: str | Path | None = None) -> dict:
 
 
 def apply_trained(func, case: Case, cache_dir: str | Path | None = None) -> None:
-    """Load the case's trained state into `func` (strict: every key, every shape)."""
-    state = trained_state(case, cache_dir)
-    ref = func.state_dict()
-    func.load_state_dict({k: v.to(device=ref[k].device, dtype=ref[k].dtype) if k in ref else v
-                          for k, v in state.items()}, strict=True)  # fmt: skip
+    """Load the case's weights (trained, or the user's) into `func` (strict: every key, every shape)."""
+    load_strict(func, trained_state(case, cache_dir), f"{case.problem} (weights of case {case.case_id})")
 
 
 def synthetic_target(y0):
@@ -112,8 +195,9 @@ def training_loss(problem, inst):
     return lambda ys: torch.mean((ys[-1] - target) ** 2)
 
 
-def train(case: Case, steps: int | None = None) -> tuple[dict, list[float]]:
-    """Run the recipe for `steps` (default the case's `train_steps`): -> (func's state_dict, loss per step)."""
+def train(case: Case, steps: int | None = None, cache_dir: str | Path | None = None) -> tuple[dict, list[float]]:
+    """Run the recipe for `steps` (default the case's `train_steps`) from the case's start (`start_state`):
+    -> (func's state_dict, loss per step)."""
     import torch
 
     from ..define.problems import get_problem
@@ -123,6 +207,9 @@ def train(case: Case, steps: int | None = None) -> tuple[dict, list[float]]:
     torch.manual_seed(case.seed)
     problem = get_problem(case.problem)
     inst = problem.build(width=case.width, batch=case.batch, dtype=case.dtype, device=case.device, seed=case.seed)
+    start = start_state(case, cache_dir)
+    if start is not None:
+        load_strict(inst.func, start, f"{case.problem} (weights {case.weights})")
     return train_instance(inst, training_loss(problem, inst), steps, where=f"{case.problem} w={case.width}")
 
 
