@@ -109,6 +109,15 @@ def test_tiny_grid_at_0_and_2_steps_through_the_runner(tmp_path):
     loss = df.groupby(["method", "train_steps"])["loss"].median()
     assert loss["torch_direct", 0] != loss["torch_direct", 2]  # timed at other weights
     assert np.isclose(loss["torch_direct", 2], loss["torch_gq", 2], rtol=1e-4)  # both at the same weights
+    # The verdict: initial and trained columns side by side, ranked by the trained state.
+    from gqbench.report.figures import summarize
+    from gqbench.report.verdict import verdict_html, verdict_table
+
+    table = verdict_table(df, summarize(df))
+    assert len(table) == 1 and table.iloc[0]["ranked by"] == "step 2"
+    assert {"fastest", "fastest (step 2)", "GQ vs torch_direct", "GQ vs torch_direct (step 2)"} <= set(table)
+    assert table.iloc[0]["use"] == table.iloc[0]["fastest (step 2)"]
+    assert "ranks by the most trained state" in verdict_html(df, summarize(df))
 
 
 def _advise(tmp_path, *args):
