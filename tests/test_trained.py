@@ -115,8 +115,9 @@ def test_tiny_grid_at_0_and_2_steps_through_the_runner(tmp_path):
 
     table = verdict_table(df, summarize(df))
     assert len(table) == 1 and table.iloc[0]["ranked by"] == "step 2"
-    assert {"fastest", "fastest (step 2)", "GQ vs torch_direct", "GQ vs torch_direct (step 2)"} <= set(table)
-    assert table.iloc[0]["use"] == table.iloc[0]["fastest (step 2)"]
+    want = {"fastest (within reach)", "fastest (within reach, step 2)", "GQ vs torch_direct",
+            "GQ vs torch_direct (step 2)"}  # fmt: skip
+    assert want <= set(table) and table.iloc[0]["use"] == table.iloc[0]["fastest (within reach, step 2)"]
     assert "ranks by the most trained state" in verdict_html(df, summarize(df))
 
 

@@ -55,7 +55,7 @@ def verdict_table(df: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
             ok = g[(err <= reach(point["rtol"], err)) | err.isna()]
             fastest = ok.loc[ok["total_s"].idxmin()] if not ok.empty else None
             text = "-" if fastest is None else f"{fastest['label']} ({fastest['total_s']:.3g} s)"
-            row[f"fastest{suffix}"] = text
+            row["fastest (within reach)" if not steps else f"fastest (within reach, step {steps})"] = text
             row["use"], row["ranked by"] = text, "initial weights" if not steps else f"step {steps}"
             gq_label = preferred_gq(g.loc[g["method"].isin(QUAD_METHODS), "label"])
             by_label = g.set_index("label")
