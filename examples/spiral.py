@@ -2,8 +2,12 @@
 
     gqbench advise examples/spiral.py:make --rtol 1e-4
 
-The factory contract: make(*, width, batch, seed, dtype, device) -> (func, y0, t, loss). gqbench calls it
-in each fresh worker process, with the dtype and device of the case (float64 on CPU for the reference).
+The factory contract: make(*, width, batch, seed, dtype, device) -> (func, y0, t, loss[, target]). gqbench
+calls it in each fresh worker process, with the dtype and device of the case (float64 on CPU for the
+reference). The optional fifth element is what trained states fit (`gqbench advise ... --train-steps 200`):
+here the loss itself, a fit to the observed spiral, is the training task. To measure at weights you trained
+yourself: `torch.save(func.state_dict(), "model.pt")`, then `gqbench advise examples/spiral.py:make
+--weights model.pt`.
 """
 
 from __future__ import annotations
@@ -45,4 +49,4 @@ def make(*, width: int = 32, batch: int = 16, seed: int, dtype: torch.dtype, dev
     def loss(ys):
         return (ys - data).pow(2).mean()
 
-    return func, y0.to(dtype=dtype, device=device), t.to(dtype=dtype, device=device), loss
+    return func, y0.to(dtype=dtype, device=device), t.to(dtype=dtype, device=device), loss, loss

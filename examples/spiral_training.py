@@ -20,7 +20,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from gqbench.training.experiments import Dataset, ODEExperiment
+from gqbench.define.experiments import Dataset, ODEExperiment
 
 
 class SpiralField(nn.Module):

@@ -74,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     adv.add_argument("--threads", type=int, default=2, help="torch/BLAS threads per case (default 2)")
     adv.add_argument("--repeats", type=int, default=7, help="paired timing rounds (default 7)")
     adv.add_argument("--timeout", type=float, default=120.0, help="seconds per case (default 120)")
+    adv.add_argument("--weights", type=Path, metavar="MODEL.pt",
+                     help="measure at your weights: a state_dict of func saved with torch.save(func.state_dict(), "
+                          "path), loaded strictly (default: make's initial weights, where GQ looks best)")  # fmt: skip
+    adv.add_argument("--train-steps", type=int, default=0, metavar="N",
+                     help="measure after N steps of the training recipe (direct backprop, Adam lr 1e-3) toward "
+                          "make's training target, its optional 5th element (from --weights if given)")  # fmt: skip
     adv.add_argument("--out", type=Path, help="results folder (default reports/advise/<problem>-<file hash>)")
     adv.add_argument("--no-report", action="store_true", help="do not write OUT/index.html")
     adv.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -153,7 +159,7 @@ def _list(args) -> int:
         print(f"  {name:16s} batch {p.default_batch:<4d} {p.description}")
     print("  your own: 'path/to/model.py:make' or 'pkg.module:make', make(*, width, batch, seed, dtype, device) "
           "-> (func, y0, t, loss); try: gqbench advise examples/spiral.py:make --rtol 1e-4")  # fmt: skip
-    from .training import TRAINING_PROBLEMS
+    from .define.training_problems import TRAINING_PROBLEMS
 
     print("training problems (cases with epochs):")
     for name, p in TRAINING_PROBLEMS.items():
@@ -271,7 +277,7 @@ def _advise(args) -> int:
     table = advise(args.problem, rtol=args.rtol or [1e-4], atol=args.atol, width=args.width, batch=args.batch,
                    dtype=args.dtype, solver=args.solver, device=args.device, threads=args.threads,
                    repeats=args.repeats, timeout=args.timeout, out=args.out, report=not args.no_report,
-                   progress=not args.quiet)  # fmt: skip
+                   progress=not args.quiet, weights=args.weights, train_steps=args.train_steps)  # fmt: skip
     print_advice(table, seconds=time.perf_counter() - started)
     return 0
 
@@ -286,6 +292,13 @@ def print_advice(table, seconds: float | None = None) -> None:
     from .results.advice import REACH
 
     console = Console(width=200, highlight=False)
+    if table.attrs.get("weights"):
+        console.print(f"Gradients {escape(table.attrs['weights'])}.")
+        if table.attrs.get("initial_only"):
+            warn = ("initial weights only -- a neural ODE's field is smoothest there; as it trains, NFE and GQ's "
+                    "quadrature nodes grow and the ranking can change. Rerun with --weights model.pt (your trained "
+                    "func.state_dict()) or --train-steps N.")  # fmt: skip
+            console.print(f"[yellow]warning: {warn}[/yellow]")
     point = ["problem", "width", "batch", "rtol", "atol", "dtype"]
     table = table.sort_values(["rtol", "atol"], ascending=False, kind="stable")  # loose tolerances first
     for (problem, width, batch, rtol, atol, dtype), g in table.groupby(point, sort=False):

@@ -164,3 +164,19 @@ def test_quadrature_labels():
     assert common.is_quadrature("torch_gq[n=2]") and not common.is_quadrature("torch_adjoint")
     assert common.POINTS["torch_gq[n=2]"]["quad_order"] == [2] and "gtol" not in common.POINTS["torch_gq[n=2]"]
     assert not math.isnan(common._median([1.0, float("nan"), 3.0]))
+
+
+def test_trained_benchmarks_run_at_the_trained_state(monkeypatch, tmp_path):
+    from benchmarks import trained
+
+    monkeypatch.setattr(trained, "WIDTH", 8)
+    monkeypatch.setattr(trained, "STEPS", 2)
+    monkeypatch.setenv("ASV_CONF_DIR", str(tmp_path))
+    monkeypatch.setattr(trained, "_RUNS", {})
+    case = trained.trained_case("torch_gq[adaptive]")
+    assert case.train_steps == 2 and case.label == "torch_gq[adaptive]"
+    bench = trained.TrainedQuadrature()
+    bench.setup("torch_gq[adaptive]")
+    bench.time_gradient("torch_gq[adaptive]")
+    assert bench.track_quad_nodes("torch_gq[adaptive]") > 0 and bench.track_nfe_bwd("torch_gq[adaptive]") > 0
+    assert len(list((tmp_path / ".asv" / "references").rglob("trained-workload_l-w8-*t2-*.npz"))) == 1

@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from gqbench import Case
+from gqbench.define.experiments import G1D, ODE_METHODS, exact
 from gqbench.define.grid import GridSpecError, load_preset, parse_spec
-from gqbench.training import TRAINING_PROBLEMS, AbstractTrainingProblem
+from gqbench.define.training_problems import TRAINING_PROBLEMS, AbstractTrainingProblem
 from gqbench.training import claims as tc
-from gqbench.training.experiments import G1D, ODE_METHODS
+from gqbench.training import run_problem
 from gqbench.training.loop import run_case
-from gqbench.training.toy_gradient import exact
 
 pytest.importorskip("sklearn", reason="the train extra (scikit-learn) is not installed")
 
@@ -118,7 +118,7 @@ def test_toy_gradient_matches_the_closed_form_and_tightens(method):
     errs = {}
     for tol in (1e-4, 1e-9):
         case = _case(method, problem="toy_gradient", rtol=tol, atol=tol, dtype="float64", epochs=1, lr=None)
-        (row,), tables = toy.run(case=case)
+        (row,), tables = run_problem(toy, case=case)
         assert row["status"] == "ok" and [r["T"] for r in tables["toy_gradient"]] == list(toy.horizons)
         errs[tol] = max(r["grad_rel_err"] for r in tables["toy_gradient"])
         assert all(math.isfinite(r["err_T"]) for r in tables["toy_gradient"])  # dL/dT too
@@ -209,3 +209,29 @@ def test_train_smoke_killed_then_resumed_then_reported(tmp_path):
     page = (out / "index.html").read_text()
     for part in ("The paper's claims, re-run", "fig-train-epoch-time", "fig-train-curves", "fig-toy-gradient"):
         assert part in page
+
+
+def test_claims_say_at_which_epochs_gq_is_faster():
+    """GQ faster than direct backprop in epochs 1-3, slower from 4 on (its cost drifts as the model trains)."""
+    df = _epochs_frame(1.0)
+    drift = (df["method"] == "torch_gq") & (df["epoch"] >= 4)
+    df.loc[drift, "epoch_s"] *= 3.0  # 2x -> 6x of its early cost: slower than direct's 2x
+    t = tc.claims_table(df, None)
+    direct = t.loc[t["claim"].str.startswith("GQ trains faster than direct"), "measured"].iloc[0]
+    assert "GQ faster at epochs 1-3 (of 1-5)" in direct, direct
+    slow = tc.claims_table(_epochs_frame(4.0), None)
+    assert slow["measured"].str.contains("GQ faster at no epoch").any()
+    from gqbench.training.figures import fig_train_cost
+
+    df["quad_nodes"] = np.where(df["method"] == "torch_gq", 2.0 + df["epoch"], np.nan)
+    fig = fig_train_cost(df)
+    assert fig is not None and {tr.name for tr in fig.data} >= {"torch_gq[adaptive]", "torch_direct"}
+
+
+def test_epoch_rows_count_quadrature_nodes():
+    exp = G1D("g1d", "", 8, 32, 2, 0.01)
+    (row,), tables = run_case(exp, case=_case("torch_gq", epochs=2))
+    assert row["status"] == "ok" and row["quad_nodes"] > 0
+    assert all(r["quad_nodes"] > 0 for r in tables["epochs"] if r["epoch"] >= 1)
+    (row,), tables = run_case(exp, case=_case("torch_direct", epochs=1))
+    assert math.isnan(tables["epochs"][-1]["quad_nodes"])  # no quadrature: NaN, not 0

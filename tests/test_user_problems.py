@@ -54,6 +54,7 @@ def test_advise_names_a_method_with_intervals(in_repo, tmp_path, capsys):
             "--out", str(out), "--quiet"]  # fmt: skip
     assert main(argv) == 0
     text = capsys.readouterr().out
+    assert "measured at the initial weights (make's, seed 0)" in text and "warning: initial weights only" in text
     chosen = re.search(r"at rtol 0\.001: use (torch\w+(\[[^\]]*\])?)", text)  # torch_* or torchode_*
     assert chosen, text
     assert re.search(r"\d+\.\d\dx \[\d+\.\d\d, \d+\.\d\d\]", text), text  # a speed-up with its 95% interval

@@ -28,12 +28,15 @@ CASE_FIELDS = (
     "epochs",
     "ncosines",
     "lr",
+    "train_steps",
+    "weights",
 )
 # Fields that make a case's method what it is; cases equal in the rest are timed side by side.
 METHOD_FIELDS = ("method", "quadrature", "gtol", "quad_order", "backward_state", "warm_start")
 # The fields of the experiment methods are compared on (one gradient measurement; training runs add
 # epochs, ncosines and lr).
-MATCH = ["problem", "width", "batch", "rtol", "atol", "solver", "device", "dtype", "seed", "threads"]
+MATCH = ["problem", "width", "batch", "rtol", "atol", "solver", "device", "dtype", "seed", "threads", "train_steps",
+         "weights"]  # fmt: skip
 # Methods whose speed-up over the others is what gqbench reports.
 QUAD_METHODS = ("torch_gq", "jax_gq")
 
@@ -65,19 +68,31 @@ class Case:
     epochs: int | None = None  # set: a training run (gqbench.training), else one gradient measurement
     ncosines: int | None = None  # Wong–Zakai noise terms (torch_gq on SDE training problems)
     lr: float | None = None  # Adam's learning rate (training problems that take it from the case)
+    # One gradient at the weights after this many steps of `gqbench.measurement.trained`'s fixed recipe
+    # (0: the problem's initial weights, as before the axis existed).
+    train_steps: int = 0
+    # A user's own weights for `func` (`gqbench advise --weights`): 16 hex digits of the file's sha256; the
+    # file is copied into the references folder as weights-<this>.pt. "": the problem's own initial weights.
+    weights: str = ""
 
     def to_dict(self) -> dict:
         return {f: getattr(self, f) for f in CASE_FIELDS}
 
     @classmethod
     def from_dict(cls, data: dict) -> Case:
-        return cls(**{f: data[f] for f in CASE_FIELDS if f in data})
+        fields = {f: data[f] for f in CASE_FIELDS if f in data}
+        for late in ("train_steps", "weights"):  # older rows: missing or NaN
+            if fields.get(late) is None or fields[late] != fields[late]:
+                fields.pop(late, None)
+        if "train_steps" in fields:
+            fields["train_steps"] = int(fields["train_steps"])
+        return cls(**fields)
 
     @property
     def case_id(self) -> str:
         canon = {k: (float(v) if isinstance(v, float) else v) for k, v in self.to_dict().items()}
         # Fields added after the first release hash only when set, so earlier ids stay valid.
-        for late in ("warm_start", "quadrature", "epochs", "ncosines", "lr"):
+        for late in ("warm_start", "quadrature", "epochs", "ncosines", "lr", "train_steps", "weights"):
             # warm_start=False (cold, no longer the default) hashes; None hashes like before.
             if canon[late] is None or (not canon[late] and late != "warm_start"):
                 del canon[late]
@@ -103,8 +118,12 @@ class Case:
         return f"{self.method}[{','.join(opts)}]" if opts else self.method
 
     @property
-    def reference_key(self) -> tuple[str, int, int, int]:
-        """Cases sharing this key share one float64 reference gradient."""
+    def reference_key(self) -> tuple:
+        """Cases sharing this key share one float64 reference gradient (and, trained, one trained state:
+        the weights depend on the dtype and device they were trained in)."""
+        if self.train_steps or self.weights:
+            return (self.problem, self.width, self.batch, self.seed, self.train_steps, self.dtype, self.device,
+                    self.weights)  # fmt: skip
         return (self.problem, self.width, self.batch, self.seed)
 
     def with_(self, **changes) -> Case:

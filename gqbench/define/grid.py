@@ -18,10 +18,16 @@ Rules:
 - `problem` also takes a user's factory, "pkg.module:make" or "path/to/file.py:make"
   (`gqbench.define.user_problems`): it is imported here, so a bad path stops the spec; its signature's
   defaults of width and batch are the defaults.
-- Training problems (`gqbench.training`, e.g. sde_ou, images): every case trains for `epochs` (default: the
-  problem's) with Adam at `lr` (default: the problem's, on problems that take it from the case);
+- Training problems (`gqbench.define.training_problems`, e.g. sde_ou, images): every case trains for
+  `epochs` (default: the problem's) with Adam at `lr` (default: the problem's, on problems that take it from the case);
   `ncosines` (Wong–Zakai noise terms) applies to torch_gq on SDE problems only. All three are None on
   gradient problems. A name that is both (g1d, spheres, sines) trains only when the spec gives `epochs`.
+- `train_steps` (gradient problems; default [0], the initial weights): each value N > 0 times every method's
+  gradient at the weights after N steps of one fixed training recipe (`gqbench.measurement.trained`:
+  direct backprop, Adam, the problem's task or a synthetic target), trained once per (problem, width,
+  batch, seed, steps, dtype) and cached beside the references; the reference gradient is taken there too.
+- `weights` (set by `gqbench advise --weights FILE`): a user's state_dict, by the hash of its file, that
+  cases start from instead of the seed's initial weights (then `train_steps` train on from them).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -51,6 +58,7 @@ DEFAULT_AXES = dict(
     dtype=["float32"],
     seed=[0],
     threads=[2],
+    train_steps=[0],
 )
 SOLVERS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")  # adaptive: tolerances mean something
 BACKWARD_STATES = ("backsolve", "interpolate")
@@ -165,9 +173,9 @@ def parse_spec(
 
 
 def _expand(axes: dict, where: str) -> list[Case]:
-    from ..training import TRAINING_PROBLEMS
     from .methods import METHODS, TrainingOnly
     from .problems import PROBLEMS
+    from .training_problems import TRAINING_PROBLEMS
     from .user_problems import UserProblem, UserProblemError, is_user_problem, training_problem
 
     for key in axes:
@@ -205,9 +213,13 @@ def _expand(axes: dict, where: str) -> list[Case]:
     for d in ax["device"]:
         if not isinstance(d, str) or not (d == "cpu" or d == "cuda" or d.startswith("cuda:")):
             _fail(where, "device", f'value {d!r} is not a device; use "cpu", "cuda" or "cuda:N"')
-    for key in ("width", "batch", "seed", "threads", "quad_order", "epochs", "ncosines"):
+    for key in ("width", "batch", "seed", "threads", "quad_order", "epochs", "ncosines", "train_steps"):
         for v in ax.get(key, []):
-            _positive(where, key, v, integer=True, zero_ok=key == "seed")
+            _positive(where, key, v, integer=True, zero_ok=key in ("seed", "train_steps"))
+    for v in ax.get("weights", []):
+        if not isinstance(v, str) or (v and not re.fullmatch(r"[0-9a-f]{16}", v)):
+            _fail(where, "weights", f"value {v!r} is not a weights hash; `gqbench advise --weights FILE` sets it "
+                  "(16 hex digits of the file's sha256, the file copied to the references folder)")  # fmt: skip
     for v in ax.get("quad_order", []):
         if v > 64:
             _fail(where, "quad_order", f"value {v} is above 64; use 1..64 nodes per interval")
@@ -244,6 +256,11 @@ def _expand(axes: dict, where: str) -> list[Case]:
             trainers = ", ".join(n for n, t in TRAINING_PROBLEMS.items() if not t.unsupported(method))
             _fail(where, "method", f"{method!r} trains only ({trainers}); give it its own [[grid]] with those problems")
         epochs = [None] if training is None else ax.get("epochs", [training.default_epochs])
+        steps = ax["train_steps"] if training is None else [0]
+        starts = ax.get("weights", [""]) if training is None else [""]
+        if training is not None and any(ax["train_steps"]):
+            _fail(where, "train_steps", f"does not apply to training problem {problem_name!r} (it trains by epochs);"
+                  " give train_steps only to gradient problems, in their own [[grid]]")  # fmt: skip
         wong_zakai = training is not None and training.noise_axis and method == "torch_gq"
         noise = ax.get("ncosines", [DEFAULT_NCOSINES]) if wong_zakai else [None]
         lrs = ax.get("lr", [training.default_lr]) if training is not None else [None]
@@ -263,8 +280,8 @@ def _expand(axes: dict, where: str) -> list[Case]:
             else [(None, None, None, None, None)]
         )
         points = itertools.product(widths, batches, tols, quad_points, ax["solver"], ax["device"], ax["dtype"],
-                                   ax["seed"], ax["threads"], epochs, noise, lrs)  # fmt: skip
-        for w, b, (rtol, atol), (q, g, n, bs, ws), solver, device, dtype, seed, threads, ep, nc, lr in points:
+                                   ax["seed"], ax["threads"], epochs, noise, lrs, steps, starts)  # fmt: skip
+        for w, b, (rtol, atol), (q, g, n, bs, ws), solver, device, dtype, seed, threads, ep, nc, lr, ts, u in points:
             cases.append(
                 Case(
                     method=method,
@@ -286,6 +303,8 @@ def _expand(axes: dict, where: str) -> list[Case]:
                     epochs=ep,
                     ncosines=nc,
                     lr=None if lr is None else float(lr),
+                    train_steps=ts,
+                    weights=u,
                 )
             )
     return cases

@@ -10,6 +10,7 @@ import abc
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -54,12 +55,14 @@ class ProblemInstance:
 
     `ys` is the solution at every time in `t`, shape (len(t), batch, dim), as torchdiffeq returns it.
     Gradients are taken with respect to `params` (the parameters of `func`, in order) and `y0`.
+    `target`: what trained states fit (`gqbench.measurement.trained`), when a user's make gives one.
     """
 
     func: nn.Module
     y0: torch.Tensor
     t: torch.Tensor
     loss: Callable[[torch.Tensor], torch.Tensor]
+    target: Any = None
 
     @property
     def params(self) -> tuple[torch.Tensor, ...]:
@@ -73,6 +76,8 @@ class AbstractProblem(abc.ABC):
     state_dim: int
     default_batch: int
     default_width: int = 64
+    # The loss is a training task (trained states minimise it); else they fit a synthetic target.
+    loss_is_task: ClassVar[bool] = False
 
     def build(
         self,
@@ -130,6 +135,8 @@ class WorkloadL(AbstractProblem):
 class G1D(AbstractProblem):
     """The paper's g1d: x in {-1, 1} -> -x, augmented by zeros; an ODE cannot do it without them."""
 
+    loss_is_task: ClassVar[bool] = True
+
     depth: int = 2
 
     def _make(self, *, width, batch, gen):
@@ -143,6 +150,8 @@ class G1D(AbstractProblem):
 @dataclasses.dataclass(frozen=True)
 class NestedSpheres(AbstractProblem):
     """2-D nested annuli: inner disc (r < 0.5) -> -1, ring (1 < r < 1.5) -> +1; 3 zeros appended."""
+
+    loss_is_task: ClassVar[bool] = True
 
     depth: int = 2
 
@@ -161,6 +170,8 @@ class NestedSpheres(AbstractProblem):
 @dataclasses.dataclass(frozen=True)
 class Sines(AbstractProblem):
     """Second-order ODE on [x, v] fitted to x(t) = a sin(t + phi) at 10 times in [0, 2 pi]."""
+
+    loss_is_task: ClassVar[bool] = True
 
     depth: int = 2
     n_obs: int = 10

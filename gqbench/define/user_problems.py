@@ -6,8 +6,14 @@ problem's name is accepted (grid specs, `gqbench run/profile/advise`, `gqbench.C
 
 `ys` is the solution at every time in `t` (what `odeint` returns). Gradients are taken with respect to
 every parameter of `func` and to y0. Defaults of `width`/`batch` in the signature are the grid's defaults.
-A name may instead point at a training problem, an instance of `gqbench.training.AbstractTrainingProblem`
-(e.g. of an `ODEExperiment` subclass: data, model, loss, metric): its cases train (`epochs`).
+
+Optionally, a training target as a fifth element, `return func, y0, t, loss, target`: either a tensor shaped
+like y0 (trained states fit y(t_end) to it in mean squared error) or a callable `train_loss(ys) -> scalar`.
+Trained states (`train_steps`, `gqbench advise --train-steps N`) minimise it; without one they fit the
+synthetic target of `gqbench.measurement.trained`. Four-element factories stay valid.
+A name may instead point at a training problem, an instance of
+`gqbench.define.training_problems.AbstractTrainingProblem` (e.g. of an `ODEExperiment` subclass: data,
+model, loss, metric): its cases train (`epochs`).
 
 Names resolve against the problem root, `$GQBENCH_PROBLEM_ROOT` or else the working directory: a file
 path relative to it, a module importable from it (as `python -m` would). The runner puts its root into
@@ -35,7 +41,7 @@ from .problems import DTYPES, AbstractProblem, ProblemInstance
 
 ROOT_ENV = "GQBENCH_PROBLEM_ROOT"
 KEYWORDS = ("width", "batch", "seed", "dtype", "device")
-CONTRACT = "make(*, width, batch, seed, dtype, device) -> (func, y0, t, loss)"
+CONTRACT = "make(*, width, batch, seed, dtype, device) -> (func, y0, t, loss[, target])"
 
 
 class UserProblemError(GridSpecError):
@@ -159,9 +165,9 @@ def load_factory(name: str):
 
 
 def training_problem(name: str):
-    """The user's training problem `name` names (an instance of `gqbench.training.AbstractTrainingProblem`, e.g.
+    """The user's training problem `name` names (an instance of `AbstractTrainingProblem`, e.g.
     of an `ODEExperiment` subclass: data, model, loss, metric), or None when it names something else."""
-    from ..training import AbstractTrainingProblem
+    from .training_problems import AbstractTrainingProblem
 
     obj = load_object(name)
     return obj if isinstance(obj, AbstractTrainingProblem) else None
@@ -225,11 +231,12 @@ class UserProblem(AbstractProblem):
         except Exception as exc:  # noqa: BLE001 -- the user's code: one line naming the call
             raise UserProblemError(f"{call} raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]}; "
                                    "fix make so that this call works") from None  # fmt: skip
-        if not isinstance(out, (tuple, list)) or len(out) != 4:
+        if not isinstance(out, (tuple, list)) or len(out) not in (4, 5):
             got = f"a {type(out).__name__}" + (f" of {len(out)}" if isinstance(out, (tuple, list)) else "")
-            raise UserProblemError(f"{call} returned {got}; return the 4-tuple (func, y0, t, loss)")
-        func, y0, t, loss = out
-        return ProblemInstance(func=func, y0=y0, t=t, loss=loss)
+            raise UserProblemError(f"{call} returned {got}; return the 4-tuple (func, y0, t, loss) or the 5-tuple "
+                                   "(func, y0, t, loss, target)")  # fmt: skip
+        func, y0, t, loss, *target = out
+        return ProblemInstance(func=func, y0=y0, t=t, loss=loss, target=target[0] if target else None)
 
     def _make(self, *, width, batch, gen):  # build() calls the user's factory instead
         raise NotImplementedError
@@ -273,6 +280,12 @@ def check(name: str, *, width: int, batch: int | None, dtype: str, device: str, 
             fail(f"{label} is {p_dtype(x)} for dtype={dtype}; create it with dtype=dtype")
     if y0.ndim < 1 or y0.shape[0] != batch:
         fail(f"y0 has shape {tuple(y0.shape)} for batch={batch}; make it (batch, ...)")
+    target = inst.target
+    if target is not None and not callable(target):
+        if not isinstance(target, torch.Tensor) or target.shape != y0.shape:
+            got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+            fail(f"target is {got} for y0 of shape {tuple(y0.shape)}; return a tensor shaped like y0 (y(t_end) "
+                 "is fitted to it) or a callable train_loss(ys) -> scalar")  # fmt: skip
     if t.ndim != 1 or len(t) < 2:
         fail(f"t has shape {tuple(t.shape)}; give a 1-D tensor of at least 2 observation times")
     steps = t[1:] - t[:-1]

@@ -15,6 +15,7 @@ from ..define.grid import RunSettings
 from ..define.methods import get_method
 from ..measurement.launch import Worker, WorkerFailed, run_to_end
 from ..measurement.measure import failure_rows, reference_path
+from ..measurement.trained import trained_path
 
 
 def group_key(case: Case) -> tuple:
@@ -165,10 +166,28 @@ def _precheck(case: Case, out_dir: Path, settings: RunSettings, ref_dir: Path, f
         return failure_rows(case, "error", f"{type(exc).__name__}: {exc}")
     if reason:
         return failure_rows(case, "skipped", reason)
+    if case.train_steps and case.epochs is None and not trained_path(case, ref_dir).exists():
+        # The trained state before any worker of the group starts: trained once, not inside a case's timeout.
+        key = ("trained", *case.reference_key)
+        if key not in failed_refs:
+            job = dict(kind="trained", case=case.to_dict(), reference_dir=str(ref_dir))
+            try:
+                msg = run_to_end(job, case, out_dir / "logs" / "trained.log", settings.reference_timeout)
+                if msg.get("error"):
+                    raise WorkerFailed("error", msg["error"])
+            except WorkerFailed as exc:
+                failed_refs[key] = str(exc)
+                console.print(f"[yellow]trained state for {key[1:]} failed: {escape(str(exc))}")
+        if key in failed_refs:
+            return failure_rows(case, "error", f"no trained state at train_steps={case.train_steps}: "
+                                               f"{failed_refs[key]}")  # fmt: skip
     if method.needs_reference and case.epochs is None and not reference_path(case, ref_dir).exists():
         key = case.reference_key
         if key not in failed_refs:
-            job = dict(kind="reference", case=case.with_(dtype="float64").to_dict(), reference_dir=str(ref_dir))
+            # Untrained: one reference per (problem, width, batch, seed) whatever the dtype; trained: the dtype
+            # the weights were trained in matters (the reference itself is float64 either way).
+            ref_case = case if case.train_steps or case.weights else case.with_(dtype="float64")
+            job = dict(kind="reference", case=ref_case.to_dict(), reference_dir=str(ref_dir))
             try:
                 run_to_end(job, case, out_dir / "logs" / "reference.log", settings.reference_timeout)
             except WorkerFailed as exc:

@@ -33,8 +33,9 @@ HARNESS_VERSION = "3"
 Skip = Unsupported
 
 
-def prepare(case: Case) -> AbstractRun:
-    """Threads, seed, problem and method set up; the next forward()/backward() is timed work."""
+def prepare(case: Case, cache_dir: str | Path | None = None) -> AbstractRun:
+    """Threads, seed, problem (at its trained state when `case.train_steps`, from the cache in `cache_dir`:
+    `gqbench.measurement.trained`) and method set up; the next forward()/backward() is timed work."""
     import torch
 
     from ..define.problems import get_problem
@@ -48,6 +49,10 @@ def prepare(case: Case) -> AbstractRun:
     problem = get_problem(case.problem).build(
         width=case.width, batch=case.batch, dtype=case.dtype, device=case.device, seed=case.seed
     )
+    if case.train_steps or case.weights:
+        from .trained import apply_trained
+
+        apply_trained(problem.func, case, cache_dir)
     return method.build(case=case, problem=problem)
 
 
@@ -118,10 +123,10 @@ def _maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def warm_up(case: Case, warmup: int = 1) -> tuple[AbstractRun, float]:
+def warm_up(case: Case, warmup: int = 1, cache_dir: str | Path | None = None) -> tuple[AbstractRun, float]:
     """`prepare` the case and make `warmup` untimed calls: -> (run, setup seconds)."""
     t0 = time.perf_counter()
-    run = prepare(case)
+    run = prepare(case, cache_dir)
     setup_s = time.perf_counter() - t0
     untimed_calls(run, warmup)
     return run, setup_s
@@ -169,12 +174,14 @@ def time_call(run: AbstractRun, rewarm: int = 0) -> dict:
     )
 
 
-def alternate(cases: list[Case], warmup: int = 1, repeats: int = 7, rewarm: int = 0) -> list[dict]:
+def alternate(
+    cases: list[Case], warmup: int = 1, repeats: int = 7, rewarm: int = 0, cache_dir: str | Path | None = None
+) -> list[dict]:
     """Every case of a comparison group prepared in THIS process and timed round by round, the order
     rotating each round, each timed call after `rewarm` untimed ones (as the runner's workers): the
     in-process check of the runner's ratios (`benchmarks/alternate.py`, one fresh worker per group).
     -> one row per sample, with its `round`."""
-    runs = {case: warm_up(case, warmup)[0] for case in cases}
+    runs = {case: warm_up(case, warmup, cache_dir)[0] for case in cases}
     rows = []
     for r in range(repeats):
         k = r % len(cases)
@@ -279,7 +286,7 @@ def measure(
     here, as in the runner's workers, which also `return_freed_memory()`).
     """
     if run is None:
-        run, setup_s = warm_up(case, warmup)
+        run, setup_s = warm_up(case, warmup, reference_dir)
     else:
         setup_s = 0.0
         untimed_calls(run, warmup)
@@ -308,7 +315,13 @@ def reference_dir(cache_dir: str | Path | None = None) -> Path:
 
 
 def reference_path(case: Case, cache_dir: str | Path | None = None) -> Path:
-    """A user problem's file name carries a hash of its source file: an edited model gets a new reference."""
+    """A user problem's file name carries a hash of its source file: an edited model gets a new reference.
+    At a trained state, the reference is the trained state's (its file's name, `reference-` before it)."""
+    if case.train_steps or case.weights:
+        from .trained import trained_path
+
+        path = trained_path(case, cache_dir)
+        return path.with_name("reference-" + path.name)
     problem, width, batch, seed = case.reference_key
     stem = problem
     if ":" in problem:  # "pkg.module:make" / "file.py:make" (imported only then: it loads torch)
@@ -324,7 +337,7 @@ def reference_gradients(case: Case, *, cache_dir: str | Path | None = None) -> l
     if path.exists():
         with np.load(path) as z:
             return [z[f"g{i}"] for i in range(len(z.files))]
-    grads = compute_reference(case)
+    grads = compute_reference(case, cache_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
     np.savez(tmp, **{f"g{i}": g for i, g in enumerate(grads)})
@@ -332,8 +345,9 @@ def reference_gradients(case: Case, *, cache_dir: str | Path | None = None) -> l
     return grads
 
 
-def compute_reference(case: Case) -> list[np.ndarray]:
-    """Closed form where the problem has one, else float64 direct backprop through dopri8."""
+def compute_reference(case: Case, cache_dir: str | Path | None = None) -> list[np.ndarray]:
+    """Closed form where the problem has one, else float64 direct backprop through dopri8; at the case's
+    trained state (cast to float64) when `train_steps` is set."""
     import torch
     import torchdiffeq
 
@@ -342,6 +356,10 @@ def compute_reference(case: Case) -> list[np.ndarray]:
     torch.set_num_threads(case.threads)
     problem = get_problem(case.problem)
     inst = problem.build(width=case.width, batch=case.batch, dtype="float64", device="cpu", seed=case.seed)
+    if case.train_steps or case.weights:
+        from .trained import apply_trained
+
+        apply_trained(inst.func, case, cache_dir)
     exact = problem.exact_gradients(inst)
     if exact is None:
         y0 = inst.y0.detach().requires_grad_(True)

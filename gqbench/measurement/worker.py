@@ -5,6 +5,7 @@ Messages go to the parent as JSON lines on file descriptor FD (stdout and stderr
 and go to the case's log). Commands come on stdin, one per line.
 
 kind "reference": computes and caches the float64 reference gradient, then sends {"rows": []}.
+kind "trained": trains and caches the case's trained state (`train_steps`), then sends {"rows": []}.
 kind "check": builds each of `problems` (user problems: name, width, batch, dtype, device, seed) and tests its
   contract -> {"errors": [one line each]}; the runner does this before any case starts.
 kind "profile": `gqbench profile`'s traced steps -> {"profile": phases} (or {"error": ...}).
@@ -73,6 +74,16 @@ def serve(job: dict, send, commands) -> None:
         reference_gradients(case, cache_dir=job.get("reference_dir"))
         send({"rows": []})
         return
+    if job["kind"] == "trained":
+        from .trained import trained_state
+
+        try:
+            trained_state(case, job.get("reference_dir"))
+        except Exception as exc:  # noqa: BLE001 -- the runner turns it into the cases' error rows
+            send({"rows": [], "error": one_line(exc)})
+            return
+        send({"rows": []})
+        return
     if job["kind"] == "check":
         send({"errors": _check_problems(job["problems"])})
         return
@@ -89,7 +100,10 @@ def serve(job: dict, send, commands) -> None:
 
         try:
             cases = [Case.from_dict(c) for c in job["cases"]]
-            send({"rows": alternate(cases, job.get("warmup", 1), job["repeats"], job.get("rewarm", 0))})
+            rows = alternate(
+                cases, job.get("warmup", 1), job["repeats"], job.get("rewarm", 0), job.get("reference_dir")
+            )
+            send({"rows": rows})
         except BaseException as exc:  # noqa: BLE001 -- reported as the group's first case's error
             fail(exc)
         return
@@ -105,7 +119,7 @@ def serve(job: dict, send, commands) -> None:
         if next(commands, "").strip() != "setup":  # set-up and warm-up one worker at a time, on command
             return
     try:
-        run, setup_s = warm_up(case, job.get("warmup", 1))
+        run, setup_s = warm_up(case, job.get("warmup", 1), job.get("reference_dir"))
     except BaseException as exc:  # noqa: BLE001 -- every failure of a case becomes a row
         return fail(exc)
     send({"ready": True})
@@ -150,12 +164,13 @@ def _check_problems(problems: list[dict]) -> list[str]:
 
 
 def _run_training(case, job: dict) -> dict:
-    from ..training import get_training_problem
+    from ..define.training_problems import get_training_problem
+    from ..training import run_problem
     from .measure import classify, failure_rows, one_line
 
     try:
         problem = get_training_problem(case.problem)
-        rows, tables = problem.run(case=case, cache_dir=job.get("reference_dir"))
+        rows, tables = run_problem(problem, case=case, cache_dir=job.get("reference_dir"))
     except BaseException as exc:  # noqa: BLE001 -- every failure of a case becomes a row
         if isinstance(exc, KeyboardInterrupt):
             raise

@@ -45,6 +45,8 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """One row per finished (`status == "ok"`) case: medians over repeats and the quartiles of
     the backward and total times (`*_q25`, `*_q75`; `bwd_iqr_s` = their spread)."""
     ok = df[df["status"] == "ok"].copy()
+    for col, default in (("train_steps", 0), ("weights", "")):  # tables from before these case fields
+        ok[col] = ok[col].fillna(default) if col in ok else default
     cols = [*KEYS, *MEDIANS, "bwd_iqr_s", "tolerance", "panel", "device_kind", "peak_mem_mib", "total_s"]
     if ok.empty:
         return pd.DataFrame(columns=list(dict.fromkeys(cols)))

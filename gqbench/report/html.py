@@ -351,11 +351,15 @@ def render(
     from plotly.offline import get_plotlyjs
 
     training = df["epochs"].notna() if "epochs" in df else pd.Series(False, index=df.index)
-    summary = summarize(df[~training])  # the gradient figures; training cases have their own section
+    # The figures show the initial weights (one point per width); trained states (`train_steps`) are in the
+    # verdict's trained columns. Training cases have their own section.
+    trained = df["train_steps"].fillna(0) > 0 if "train_steps" in df else pd.Series(False, index=df.index)
+    summary = summarize(df[~training & ~trained])
+    gradient = df[~training]
     sections: list[tuple[str, str]] = []
     if not summary.empty:
         for make in FIGURES:
-            fig = make(summary, samples=df[~training]) if make in SAMPLE_FIGURES else make(summary)
+            fig = make(summary, samples=df[~training & ~trained]) if make in SAMPLE_FIGURES else make(summary)
             if fig is not None:  # None: nothing of this kind was measured (e.g. no problem at two widths)
                 sections.append((make.__name__, _figure_div(fig, make.__name__)))
         for make in OPTIONAL_FIGURES:
@@ -396,7 +400,7 @@ def render(
 <script type="text/javascript">{get_plotlyjs()}</script>
 </head>
 <body><h1>{html.escape(title)}</h1>
-{verdict_html(df[~training], summary)}
+{verdict_html(gradient, summarize(gradient))}
 <nav>{nav} <a href="#status">Cases and failures</a> <a href="#environment">Environment</a></nav>
 {body}
 <h2 id="status">Cases</h2>
@@ -411,7 +415,7 @@ def _sde_rows(epochs: pd.DataFrame | None) -> pd.Series | None:
     """Which epoch rows belong to SDE training problems (their own section)."""
     if epochs is None:
         return None
-    from ..training import TRAINING_PROBLEMS
+    from ..define.training_problems import TRAINING_PROBLEMS
 
     sde = [n for n, p in TRAINING_PROBLEMS.items() if p.noise_axis]
     return epochs["problem"].isin(sde)

@@ -27,51 +27,84 @@ def preferred_gq(labels) -> str | None:
     return next((x for x in labels if x.split("[")[0] in QUAD_METHODS), None)
 
 
+def _state(steps) -> str:
+    """A column's weights: "" at the initial weights, " (step N)" after N steps of the training recipe."""
+    return "" if not steps else f" (step {int(steps)})"
+
+
 def verdict_table(df: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per problem x width x tolerance; columns per weights state: at the initial weights (no suffix)
+    and after N training steps (" (step N)", where `train_steps` measured them). `ranked by` says which
+    state the row's verdict (`use`) comes from: the most trained one measured, else the initial weights."""
     if summary.empty:
         return pd.DataFrame()
     sp = paired_speedups(df)
+    if "train_steps" not in summary:
+        summary = summary.assign(train_steps=0)
+    if "train_steps" not in sp:
+        sp = sp.assign(train_steps=0)
     rows = []
-    for key, g in summary.groupby(POINT, sort=True):
+    for key, point_rows in summary.groupby(POINT, sort=True):
         point = dict(zip(POINT, key))
-        err = g["grad_rel_err"]
-        # A gradient its method could not certify (GQ's warning) is not ranked, however close it came.
-        uncertified = g["certified"].eq(False).fillna(False) if "certified" in g else pd.Series(False, index=g.index)
-        ok = g[((err <= reach(point["rtol"], err)) | err.isna()) & ~uncertified]
-        fastest = ok.loc[ok["total_s"].idxmin()] if not ok.empty else None
-        gq_label = preferred_gq(g.loc[g["method"].isin(QUAD_METHODS), "label"])
         row = dict(point)
-        row["fastest (within reach)"] = "-" if fastest is None else f"{fastest['label']} ({fastest['total_s']:.3g} s)"
-        if uncertified.any():
-            row["fastest (within reach)"] += " · not ranked, uncertified: " + ", ".join(g.loc[uncertified, "label"])
-        by_label = g.set_index("label")
-        if gq_label is not None:
-            here = sp[(sp["gq"] == gq_label) & np.logical_and.reduce([sp[c] == point[c] for c in POINT])]
-            for _, s in here.iterrows():
-                row[f"GQ vs {s['baseline']}"] = _ratio_text(s, "total")
-            row["GQ"] = gq_label
-        names = {gq_label: "GQ"}  # the GQ column names the setting
-        for lab in [gq_label, "torch_direct", "torch_adjoint"]:
-            if lab in by_label.index:
-                row[f"error {names.get(lab, lab)}"] = by_label.loc[lab, "grad_rel_err"]
-        for lab in [gq_label, "torch_direct"]:
-            if lab in by_label.index:
-                row[f"peak MiB {names.get(lab, lab)}"] = by_label.loc[lab, "peak_mem_mib"]
+        states = sorted(int(v) for v in point_rows["train_steps"].fillna(0).unique())
+        for steps in states:
+            g = point_rows[point_rows["train_steps"].fillna(0) == steps]
+            suffix = _state(steps)
+            err = g["grad_rel_err"]
+            # A gradient its method could not certify (GQ's warning) is not ranked, however close it came.
+            uncertified = g["certified"].eq(False).fillna(False) if "certified" in g else pd.Series(False, g.index)
+            ok = g[((err <= reach(point["rtol"], err)) | err.isna()) & ~uncertified]
+            fastest = ok.loc[ok["total_s"].idxmin()] if not ok.empty else None
+            text = "-" if fastest is None else f"{fastest['label']} ({fastest['total_s']:.3g} s)"
+            if uncertified.any():
+                text += " · not ranked, uncertified: " + ", ".join(g.loc[uncertified, "label"])
+            row["fastest (within reach)" if not steps else f"fastest (within reach, step {steps})"] = text
+            row["use"], row["ranked by"] = text, "initial weights" if not steps else f"step {steps}"
+            gq_label = preferred_gq(g.loc[g["method"].isin(QUAD_METHODS), "label"])
+            by_label = g.set_index("label")
+            if gq_label is not None:
+                here = sp[(sp["gq"] == gq_label) & (sp["train_steps"].fillna(0) == steps)
+                          & np.logical_and.reduce([sp[c] == point[c] for c in POINT])]  # fmt: skip
+                for _, s in here.iterrows():
+                    row[f"GQ vs {s['baseline']}{suffix}"] = _ratio_text(s, "total")
+                row["GQ"] = gq_label
+            names = {gq_label: "GQ"}  # the GQ column names the setting
+            for lab in [gq_label, "torch_direct", "torch_adjoint"]:
+                if lab in by_label.index:
+                    row[f"error {names.get(lab, lab)}{suffix}"] = by_label.loc[lab, "grad_rel_err"]
+            for lab in [gq_label, "torch_direct"]:
+                if lab in by_label.index and not steps:  # memory hardly moves with the weights
+                    row[f"peak MiB {names.get(lab, lab)}"] = by_label.loc[lab, "peak_mem_mib"]
         rows.append(row)
     table = pd.DataFrame(rows)
+    if (table["ranked by"] == "initial weights").all():
+        table = table.drop(columns=["use", "ranked by"])  # no trained state: "fastest" is the verdict
     # Point, verdict, GQ's speed-ups, errors, memory (not in order of first appearance: a problem
     # without the adjoint must not push "GQ vs torch_adjoint" to the far right).
     first = [c for c in POINT if table[c].nunique() > 1 or c not in ("device", "dtype")]
-    groups = [[c for c in table if c.startswith(p)] for p in ("fastest", "GQ", "GQ vs ", "error ", "peak ")]
+    groups = [[c for c in table if c.startswith(p)] for p in ("use", "ranked by", "fastest", "GQ", "GQ vs ",
+                                                               "error ", "peak ")]  # fmt: skip
     ordered = first + [c for g in groups for c in dict.fromkeys(sorted(g, key=_baseline_order))]
     return table[list(dict.fromkeys(ordered))]
 
 
 def _baseline_order(col: str) -> tuple:
-    """GQ first, then direct backprop, the adjoint, the seminorm adjoint, the rest by name."""
-    tail = col.rsplit(" ", 1)[-1]
+    """GQ first, then direct backprop, the adjoint, the seminorm adjoint, the rest by name; each method's
+    initial-weights column before its trained ones (step N, by N)."""
+    base, _, steps = col.partition(" (step ")
+    tail = base.rsplit(" ", 1)[-1]
     rank = next((i for i, k in enumerate(("gq", "direct", "adjoint", "seminorm")) if k in tail.lower()), 4)
-    return rank, col
+    return rank, base, int(steps.rstrip(")") or 0)
+
+
+def _ranks_note(table: pd.DataFrame) -> str:
+    """Which weights the verdict ranks by, where trained states were measured."""
+    if "ranked by" not in table:
+        return "all at the models' initial weights (no train_steps measured); "
+    return ("columns without a suffix are at the initial weights, \"(step N)\" after N steps of the training "
+            "recipe (direct backprop, Adam; gqbench.measurement.trained); <b>use</b> ranks by the most trained state "
+            "measured at that point (<b>ranked by</b>), since that is where users' gradients are taken; ")  # fmt: skip
 
 
 def _constant_note(df: pd.DataFrame) -> str:
@@ -107,15 +140,18 @@ def sentences(df: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
         if gq_label is None:
             continue
         s = sp[(sp["problem"] == problem) & (sp["gq"] == gq_label)]
+        if "train_steps" not in s:
+            s = s.assign(train_steps=0)
         parts = []
-        for base, b in s.groupby("baseline", sort=True):
+        for (steps, base), b in s.groupby([s["train_steps"].fillna(0), "baseline"], sort=True):
             widths = f"w = {b['width'].min()}" + (f"-{b['width'].max()}" if b["width"].nunique() > 1 else "")
-            parts.append(_speed_phrase(b, base, widths))
+            parts.append(_speed_phrase(b, base, widths + (f" after {int(steps)} training steps" if steps else "")))
         errs = g.set_index("label")["grad_rel_err"]
         err_txt = ""
         if gq_label in errs and "torch_adjoint" in errs:
-            mine = g[g["label"] == gq_label].set_index(["width", "rtol"])["grad_rel_err"]
-            adj = g[g["label"] == "torch_adjoint"].set_index(["width", "rtol"])["grad_rel_err"]
+            at = [c for c in ("width", "rtol", "train_steps") if c in g]
+            mine = g[g["label"] == gq_label].set_index(at)["grad_rel_err"]
+            adj = g[g["label"] == "torch_adjoint"].set_index(at)["grad_rel_err"]
             ratio = (mine / adj).dropna()
             if len(ratio):
                 lo, hi = f"{ratio.min():.2g}", f"{ratio.max():.2g}"
@@ -153,7 +189,8 @@ def verdict_html(df: pd.DataFrame, summary: pd.DataFrame) -> str:
     text = "".join(f"<li>{s}</li>" for s in sentences(df, summary))
     note = (
         "<p class='note'>Per problem, width and tolerance: the fastest method (forward + backward) among those "
-        f"whose gradient error is within {REACH:g}x of max(rtol, the best error reached there); GQ's speed-up "
+        f"whose gradient error is within {REACH:g}x of max(rtol, the best error reached there); {_ranks_note(table)}"
+        "GQ's speed-up "
         "over each baseline (baseline time / GQ time, whole step, paired by round) with its 95% interval "
         f"{_covers_note(df)} (~1: the interval includes 1); relative gradient errors; peak memory"
         f"{_constant_note(df)}.</p>"

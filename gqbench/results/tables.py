@@ -16,12 +16,12 @@ from ..define.case import CASE_FIELDS
 
 _INTS = (
     "width", "batch", "quad_order", "seed", "threads", "repeat", "round", "process", "warmup", "epochs", "ncosines",
-    "quad_unconverged", "backsolve_fallbacks",
+    "quad_unconverged", "backsolve_fallbacks", "train_steps",
 )  # fmt: skip
 _STRINGS = (
     "machine",
     "case_id", "label", "method", "problem", "quadrature", "backward_state", "solver", "device", "dtype", "status",
-    "error",
+    "error", "weights",
 )  # fmt: skip
 MEASURES = (
     "repeat",
@@ -139,6 +139,15 @@ def frame(rows: list[dict]) -> pd.DataFrame:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(dtype)
     for col in _STRINGS:
         df[col] = df[col].astype("string")
+    return _late_defaults(df)
+
+
+def _late_defaults(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows from before a case field existed mean its default (groupings would drop them as missing)."""
+    for col, default, dtype in (("train_steps", 0, "Int64"), ("weights", "", "string")):
+        df[col] = (
+            df[col].fillna(default).astype(dtype) if col in df else pd.Series(default, index=df.index, dtype=dtype)
+        )
     return df
 
 
@@ -162,4 +171,4 @@ def load_results(out_dir: str | Path) -> pd.DataFrame:
         if not (out_dir / "cases").is_dir():
             raise FileNotFoundError(f"{path} does not exist; run `gqbench run --out {out_dir}` first")
         return rebuild_results(out_dir)
-    return pd.read_parquet(path)
+    return _late_defaults(pd.read_parquet(path))

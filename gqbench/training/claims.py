@@ -5,7 +5,8 @@ Verdict rules (per experiment, at its largest width):
 - speed claims: GQ's time per epoch over the baseline's with `ratio_ci`'s 95 % interval over seeds (each seed's
   median epoch ratio; over the trained epochs with one seed); "confirmed" when the whole interval is below 1,
   "not confirmed" otherwise (GQ slower, or no clear difference); "not measurable here" without both methods
-  or without an interval;
+  or without an interval; beside it, the epochs at which GQ was faster (per epoch: the interval over seeds
+  below 1, or with one seed the ratio below 1), since the cost drifts as the model trains;
 - "especially for large models": the GQ/direct ratio at the largest width below the one at the smallest;
 - "same final accuracy": |mean GQ - mean direct| of the last epoch's validation metric within twice the larger
   of their seed-to-seed standard deviations (needs two seeds or more of each);
@@ -20,7 +21,7 @@ import html
 import numpy as np
 import pandas as pd
 
-from .figures import GQ, epoch_ratios, final_metrics, largest_width
+from .figures import GQ, epoch_ratios, epoch_spans, epochs_faster, final_metrics, largest_width
 
 CONFIRMED, NOT_CONFIRMED, NOT_MEASURABLE = "confirmed", "not confirmed", "not measurable here"
 COLUMNS = ["claim", "experiment", "measured", "verdict"]
@@ -71,7 +72,9 @@ def _speed_claims(epochs: pd.DataFrame) -> list[dict]:
             x = x.iloc[0]
             verdict = _speed_verdict(x)
             faster.append(verdict == CONFIRMED)
-            measured = f"GQ / {base.removeprefix('torch_')} = {_fmt_ratio(x)}"
+            # Over the whole run the verdict may hide a drift: say at which epochs GQ was faster.
+            when = epoch_spans(epochs_faster(epochs, problem, x["width"], gq, base))
+            measured = f"GQ / {base.removeprefix('torch_')} = {_fmt_ratio(x)}; GQ faster {when}"
             rows.append(
                 dict(claim=claim, experiment=f"{problem} (width {x['width']})", measured=measured, verdict=verdict)
             )

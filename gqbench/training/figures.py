@@ -1,7 +1,8 @@
 """The report's "Training" section (the paper's neural-ODE experiments): pure functions, tables in, plotly out.
 
 `epochs`: `epochs.parquet` rows of ODE experiments (case fields, epoch, fwd_s, bwd_s, step_s, epoch_s, wall_s,
-nfe_fwd, nfe_bwd, loss, val_metric, metric, peak_mem_bytes); epoch 0 is the untrained model (validation only).
+nfe_fwd, nfe_bwd, quad_nodes, loss, val_metric, metric, peak_mem_bytes); epoch 0 is the untrained model
+(validation only).
 `toy`: `toy_gradient.parquet` (case fields, T, err_a, err_z0, err_T, grad_rel_err). A figure function returns
 None when its data are absent.
 """
@@ -23,6 +24,7 @@ TITLES = {
     "training": "Training (the paper's experiments)",
     "fig_train_epoch_time": "Training: time per epoch vs width",
     "fig_train_nfe": "Training: NFE per epoch over training",
+    "fig_train_cost": "Training: time and quadrature nodes per epoch over training",
     "fig_train_curves": "Training: loss and metric vs epoch and wall-clock",
     "fig_train_final": "Training: final metric per method",
     "fig_toy_gradient": "Toy gradient: error vs T",
@@ -33,6 +35,10 @@ NOTES = {
     "percentile.",
     "fig_train_nfe": "Forward (solid) and backward (dotted) function evaluations summed over each epoch, at each "
     "experiment's largest width, mean over seeds. A growing count means the learnt dynamics get stiffer.",
+    "fig_train_cost": "Time per epoch (forward + backward + optimiser step) and GQ's quadrature nodes summed over "
+    "each epoch, against the epoch, at each experiment's largest width, median over seeds: the drift of each "
+    "method's cost as the model trains (GQ's nodes and backward NFE grow as the field stiffens). The first "
+    "epoch holds the warm-up.",
     "fig_train_curves": "Median over seeds at each experiment's largest width. Wall-clock is the summed training "
     "time (validation excluded): the time to reach a target metric is read off the right-hand columns.",
     "fig_train_final": "Validation metric after the last epoch, one point per seed, at each experiment's largest "
@@ -59,8 +65,8 @@ def per_epoch_summary(epochs: pd.DataFrame) -> pd.DataFrame:
     g = trained(epochs).groupby(["problem", "label", "method", "width"])
     out = g["epoch_s"].median().rename("epoch_s").to_frame()
     out["q25"], out["q75"] = g["epoch_s"].quantile(0.25), g["epoch_s"].quantile(0.75)
-    for c in ("fwd_s", "bwd_s", "step_s", "nfe_fwd", "nfe_bwd", "peak_mem_bytes"):
-        out[c] = g[c].median()
+    for c in ("fwd_s", "bwd_s", "step_s", "nfe_fwd", "nfe_bwd", "quad_nodes", "peak_mem_bytes"):
+        out[c] = g[c].median() if c in trained(epochs) else float("nan")
     out["seeds"] = g["seed"].nunique()
     return out.reset_index()
 
@@ -85,6 +91,43 @@ def epoch_ratios(epochs: pd.DataFrame) -> pd.DataFrame:
                 rows.append(dict(problem=problem, width=width, gq=gq_label, baseline=base, ratio=r.point, low=r.lo,
                                  high=r.hi, over=over))  # fmt: skip
     return pd.DataFrame(rows, columns=["problem", "width", "gq", "baseline", "ratio", "low", "high", "over"])
+
+
+def epochs_faster(epochs: pd.DataFrame, problem: str, width: int, gq_label: str, base: str) -> list[tuple]:
+    """Per trained epoch: (epoch, GQ's time / the baseline's, holds) where `holds` says GQ was faster at that
+    epoch: the 95% interval over seeds (each seed's ratio at that epoch) lies below 1, or with one seed the
+    ratio itself is below 1."""
+    d = epochs[(epochs["problem"] == problem) & (epochs["width"] == width) & (epochs["epoch"] >= 1)]
+    g, b = d[d["label"] == gq_label], d[d["method"] == base]
+    out = []
+    for epoch in sorted(set(g["epoch"]) & set(b["epoch"])):
+        ge, be = g[g["epoch"] == epoch], b[b["epoch"] == epoch]
+        r = ratio_ci(ge["epoch_s"].to_numpy(), be["epoch_s"].to_numpy(), paired=False, clusters=ge["seed"].to_numpy(),
+                     clusters_den=be["seed"].to_numpy(), matched=True, min_samples=2)  # fmt: skip
+        holds = bool(r.hi < 1) if r.hi == r.hi else bool(r.point < 1)
+        out.append((int(epoch), float(r.point), holds))
+    return out
+
+
+def epoch_spans(per_epoch: list[tuple]) -> str:
+    """ "at epochs 1-12, 30 (of 1-40)" from `epochs_faster`'s rows; "at no epoch (of 1-40)" when none."""
+    if not per_epoch:
+        return "no common epochs"
+    held = [e for e, _, ok in per_epoch if ok]
+    first, last = per_epoch[0][0], per_epoch[-1][0]
+    spans, start, prev = [], None, None
+    for e in held:
+        if start is None:
+            start = prev = e
+        elif e == prev + 1:
+            prev = e
+        else:
+            spans.append((start, prev))
+            start = prev = e
+    if start is not None:
+        spans.append((start, prev))
+    text = ", ".join(f"{a}" if a == z else f"{a}-{z}" for a, z in spans)
+    return f"at epochs {text} (of {first}-{last})" if spans else f"at no epoch (of {first}-{last})"
 
 
 def final_metrics(epochs: pd.DataFrame) -> pd.DataFrame:
@@ -129,6 +172,24 @@ def fig_train_nfe(epochs: pd.DataFrame) -> go.Figure | None:
     fig.update_xaxes(matches=None, showticklabels=True)
     rows = -(-long["problem"].nunique() // 3)
     return _style(fig, TITLES["fig_train_nfe"], height=320 * rows + 100)
+
+
+def fig_train_cost(epochs: pd.DataFrame) -> go.Figure | None:
+    d = largest_width(epochs[epochs["epoch"] >= 1])
+    if d.empty:
+        return None
+    if "quad_nodes" not in d:  # tables from before the column
+        d = d.assign(quad_nodes=float("nan"))
+    m = d.groupby(["problem", "label", "epoch"])[["epoch_s", "quad_nodes"]].median().reset_index()
+    names = {"epoch_s": "time per epoch (s)", "quad_nodes": "quadrature nodes per epoch"}
+    long = m.melt(id_vars=["problem", "label", "epoch"], value_vars=list(names), var_name="panel", value_name="y")
+    long = long.dropna(subset=["y"]).assign(panel=lambda x: x["panel"].map(names))
+    if long.empty:
+        return None
+    fig = px.line(long, x="epoch", y="y", color="label", facet_row="problem", facet_col="panel",
+                  category_orders={"panel": list(names.values())})  # fmt: skip
+    fig.update_yaxes(matches=None, showticklabels=True, title_text="")
+    return _style(fig, TITLES["fig_train_cost"], height=260 * long["problem"].nunique() + 120)
 
 
 def fig_train_curves(epochs: pd.DataFrame) -> go.Figure | None:
@@ -178,7 +239,7 @@ def fig_toy_gradient(toy: pd.DataFrame | None) -> go.Figure | None:
 def section_figures(epochs: pd.DataFrame | None, toy: pd.DataFrame | None) -> list[tuple[str, go.Figure]]:
     out = []
     if epochs is not None and not epochs.empty:
-        for make in (fig_train_epoch_time, fig_train_nfe, fig_train_curves, fig_train_final):
+        for make in (fig_train_epoch_time, fig_train_nfe, fig_train_cost, fig_train_curves, fig_train_final):
             fig = make(epochs)
             if fig is not None:
                 out.append((make.__name__, fig))

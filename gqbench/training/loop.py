@@ -3,7 +3,8 @@
 Fair to every method: the same initial weights (the case's seed), the same batch order (a generator seeded
 by the case's seed), Adam at the case's `lr`, the same threads. Per step, forward (encoder, solve, loss),
 backward and the optimiser step are timed apart, the device synchronised before each clock read, under
-the default allocator. Per epoch: those times summed, forward and backward NFE summed, the mean training
+the default allocator. Per epoch: those times summed, forward and backward NFE and (GQ) quadrature nodes
+summed (`quad_nodes`, NaN for methods without quadrature), the mean training
 loss, the validation metric (the model solved with torchdiffeq's odeint under no_grad at the case's solver
 and tolerances -- the same evaluation for every method, outside the timed phases) and the peak memory.
 Epoch 0 is the untrained model (validation only). A run whose loss turns non-finite stops there: its
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from ..define.case import Case
-from .experiments import DATA_SEED, Dataset, ODEExperiment
+from ..define.experiments import DATA_SEED, Dataset, ODEExperiment
 
 
 class Diverged(FloatingPointError):
@@ -43,6 +44,7 @@ class CountedSolve:
         self.field = field if self.own_stats else impls.NFECounter(field)
         self._stats = None
         self.nfe_forward = self.nfe_backward = 0
+        self.quad_nodes = float("nan")  # GQ's quadrature nodes of the last backward (NaN: not a quadrature method)
 
     def __call__(self, field, y0, t):
         if self.own_stats:
@@ -57,6 +59,8 @@ class CountedSolve:
 
     def after_backward(self) -> None:
         self.nfe_backward = self._stats.nfe_backward if self.own_stats else self.field.nfe - self.nfe_forward
+        if self.own_stats:
+            self.quad_nodes = self._stats.quad_nodes
 
 
 def train(experiment: ODEExperiment, case: Case, data: Dataset, *, on_epoch: Callable | None = None):
@@ -91,9 +95,10 @@ def train(experiment: ODEExperiment, case: Case, data: Dataset, *, on_epoch: Cal
             on_epoch(row)
 
     validate(dict(epoch=0, fwd_s=0.0, bwd_s=0.0, step_s=0.0, epoch_s=0.0, wall_s=0.0, nfe_fwd=0, nfe_bwd=0,
-                  loss=math.nan, peak_mem_bytes=math.nan, batches=0))  # fmt: skip
+                  quad_nodes=math.nan, loss=math.nan, peak_mem_bytes=math.nan, batches=0))  # fmt: skip
     for epoch in range(1, case.epochs + 1):
-        row = dict(epoch=epoch, fwd_s=0.0, bwd_s=0.0, step_s=0.0, nfe_fwd=0, nfe_bwd=0, loss=0.0, batches=0)
+        row = dict(epoch=epoch, fwd_s=0.0, bwd_s=0.0, step_s=0.0, nfe_fwd=0, nfe_bwd=0, quad_nodes=0.0, loss=0.0,
+                   batches=0)  # fmt: skip
         perm = torch.randperm(n, generator=order).to(case.device)
         try:
             with PeakMemory(case.device, baseline=baseline) as mem:
@@ -119,6 +124,7 @@ def train(experiment: ODEExperiment, case: Case, data: Dataset, *, on_epoch: Cal
                     row["step_s"] += d - c
                     row["nfe_fwd"] += solve.nfe_forward
                     row["nfe_bwd"] += solve.nfe_backward
+                    row["quad_nodes"] += solve.quad_nodes  # summed over the epoch's batches, as the NFE
                     row["loss"] += value * len(idx) / n
                     row["batches"] += 1
         except Exception as exc:  # noqa: BLE001 -- a failing run keeps its epochs and becomes a failure row
@@ -159,7 +165,7 @@ def run_case(experiment: ODEExperiment, *, case: Case, cache_dir=None):
     metrics = [r["val_metric"] for r in epochs]
     best = (max if experiment.higher_is_better else min)(metrics)
     row = dict(key, repeat=0, fwd_s=med("fwd_s"), bwd_s=med("bwd_s"), step_s=med("step_s"), epoch_s=med("epoch_s"),
-               nfe_fwd=med("nfe_fwd"), nfe_bwd=med("nfe_bwd"),
+               nfe_fwd=med("nfe_fwd"), nfe_bwd=med("nfe_bwd"), quad_nodes=med("quad_nodes"),
                peak_mem_bytes=max((r["peak_mem_bytes"] for r in trained), default=math.nan),
                grad_rel_err=math.nan, loss=last["loss"], val_metric=last["val_metric"], best_val_metric=best,
                metric=experiment.metric_name, epochs_done=len(trained), train_s=last["wall_s"],

@@ -12,69 +12,51 @@ as numbers: they give no gradient with respect to T (its error is NaN for them).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
-from . import AbstractTrainingProblem
-from .experiments import TRAIN_METHODS
+from ..define.experiments import Z0, A, ToyGradient, exact
 
-A, Z0 = 0.2, 10.0
-
-
-def exact(T: float) -> dict[str, float]:
-    """(z(T), dL/da, dL/dz0, dL/dT) in closed form."""
-    e = math.exp(2 * A * T)
-    return dict(z=Z0 * math.exp(A * T), a=2 * T * Z0**2 * e, z0=2 * Z0 * e, T=2 * A * Z0**2 * e)
+__all__ = ["A", "Z0", "ToyGradient", "exact", "run_case"]
 
 
-@dataclasses.dataclass(frozen=True)
-class ToyGradient(AbstractTrainingProblem):
-    name: str = "toy_gradient"
-    description: str = "dz/dt = a z, loss z(T)^2: gradient w.r.t. a, z0 and T against the closed form as T grows"
-    methods: tuple[str, ...] = TRAIN_METHODS
-    default_width: int = 1
-    default_batch: int = 1
-    default_epochs: int = 1
-    default_lr: float | None = None
-    horizons: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0)
+def run_case(problem: ToyGradient, *, case, cache_dir=None):
+    """One toy case: -> ([results row], {"toy_gradient": a row per horizon})."""
+    import torch
 
-    def run(self, *, case, cache_dir=None):
-        import torch
+    from ..measurement.measure import Skip
+    from .loop import CountedSolve
 
-        from ..measurement.measure import Skip
-        from .loop import CountedSolve
-
-        if case.device.startswith("cuda") and not torch.cuda.is_available():
-            raise Skip(f"device={case.device} but torch.cuda.is_available() is False on this machine")
-        torch.set_num_threads(case.threads)
-        dtype = getattr(torch, case.dtype)
-        key = dict(case.to_dict(), case_id=case.case_id)
-        rows = []
-        for T in self.horizons:
-            field = _field(dtype, case.device)
-            solve = CountedSolve(case, field)
-            z0 = torch.tensor([Z0], dtype=dtype, device=case.device, requires_grad=True)
-            horizon = torch.tensor(T, dtype=dtype, device=case.device, requires_grad=True)
-            t = torch.stack([torch.zeros_like(horizon), horizon])
-            loss = solve(field, z0, t)[-1].pow(2).sum()
-            loss.backward()
-            solve.after_backward()
-            ref = exact(T)
-            got = dict(a=field.a.grad, z0=z0.grad, T=horizon.grad)
-            err = {k: math.nan if g is None else abs(float(g.sum()) - ref[k]) / abs(ref[k]) for k, g in got.items()}
-            known = [k for k in ("a", "z0", "T") if got[k] is not None]
-            num = math.sqrt(sum((float(got[k].sum()) - ref[k]) ** 2 for k in known))
-            rel = num / math.sqrt(sum(ref[k] ** 2 for k in known))
-            rows.append(dict(key, T=T, err_a=err["a"], err_z0=err["z0"], err_T=err["T"], grad_rel_err=rel,
-                             loss_rel_err=abs(float(loss.detach()) - ref["z"] ** 2) / ref["z"] ** 2,
-                             nfe_fwd=solve.nfe_forward, nfe_bwd=solve.nfe_backward))  # fmt: skip
-        last = rows[-1]
-        finite = all(math.isfinite(r["grad_rel_err"]) for r in rows)
-        row = dict(key, repeat=0, fwd_s=math.nan, bwd_s=math.nan, peak_mem_bytes=math.nan, nfe_fwd=last["nfe_fwd"],
-                   nfe_bwd=last["nfe_bwd"], grad_rel_err=last["grad_rel_err"], loss=math.nan, compile_s=math.nan,
-                   setup_s=0.0, warmup=0, status="ok" if finite else "nan",
-                   error="" if finite else "non-finite gradient")  # fmt: skip
-        return [row], dict(toy_gradient=rows)
+    if case.device.startswith("cuda") and not torch.cuda.is_available():
+        raise Skip(f"device={case.device} but torch.cuda.is_available() is False on this machine")
+    torch.set_num_threads(case.threads)
+    dtype = getattr(torch, case.dtype)
+    key = dict(case.to_dict(), case_id=case.case_id)
+    rows = []
+    for T in problem.horizons:
+        field = _field(dtype, case.device)
+        solve = CountedSolve(case, field)
+        z0 = torch.tensor([Z0], dtype=dtype, device=case.device, requires_grad=True)
+        horizon = torch.tensor(T, dtype=dtype, device=case.device, requires_grad=True)
+        t = torch.stack([torch.zeros_like(horizon), horizon])
+        loss = solve(field, z0, t)[-1].pow(2).sum()
+        loss.backward()
+        solve.after_backward()
+        ref = exact(T)
+        got = dict(a=field.a.grad, z0=z0.grad, T=horizon.grad)
+        err = {k: math.nan if g is None else abs(float(g.sum()) - ref[k]) / abs(ref[k]) for k, g in got.items()}
+        known = [k for k in ("a", "z0", "T") if got[k] is not None]
+        num = math.sqrt(sum((float(got[k].sum()) - ref[k]) ** 2 for k in known))
+        rel = num / math.sqrt(sum(ref[k] ** 2 for k in known))
+        rows.append(dict(key, T=T, err_a=err["a"], err_z0=err["z0"], err_T=err["T"], grad_rel_err=rel,
+                         loss_rel_err=abs(float(loss.detach()) - ref["z"] ** 2) / ref["z"] ** 2,
+                         nfe_fwd=solve.nfe_forward, nfe_bwd=solve.nfe_backward))  # fmt: skip
+    last = rows[-1]
+    finite = all(math.isfinite(r["grad_rel_err"]) for r in rows)
+    row = dict(key, repeat=0, fwd_s=math.nan, bwd_s=math.nan, peak_mem_bytes=math.nan, nfe_fwd=last["nfe_fwd"],
+               nfe_bwd=last["nfe_bwd"], grad_rel_err=last["grad_rel_err"], loss=math.nan, compile_s=math.nan,
+               setup_s=0.0, warmup=0, status="ok" if finite else "nan",
+               error="" if finite else "non-finite gradient")  # fmt: skip
+    return [row], dict(toy_gradient=rows)
 
 
 def _field(dtype, device):
