@@ -52,6 +52,10 @@ _BACKSOLVE_BUDGET = 5
 # observation time further than this many tolerances (RMS) from the forward's y there.
 _Z_BOUND = 10.0
 _Z_MISMATCH = 1e4
+# ... or once the backsolved adjoint exceeds this multiple of the largest |dL/dy| (Robertson kinetics at rtol
+# 1e-3: z 1e3 tolerances off at t_4, a 1e14 and the gradient 4.5e15 off; a legitimately growing adjoint --
+# an expanding field -- only costs the fallback's re-solve there).
+_A_BOUND = 1e8
 # The adaptive rule's nodes: at most this many per evaluation of the backward solve (or G8 per interval).
 _NODES_PER_EVAL = 2
 
@@ -379,6 +383,8 @@ def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
             else _Z_BOUND
             * (float(sol.abs().max()) + float(cfg.atol if not torch.is_tensor(cfg.atol) else cfg.atol.max()))
         )
+        g_max = float(grad_sol.abs().max())
+        a_bound = _A_BOUND * g_max if fwd is None and 0 < g_max < math.inf else None
         atol = float(cfg.adjoint_atol)
         if fwd is not None:
             atol *= _adjoint_scale(sol, grad_sol)
@@ -386,7 +392,8 @@ def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
             with record_function("gq::backward_solve"):
                 path = _sweep.sweep(brhs, state, times, jump, solver_cls=SOLVERS[cfg.adjoint_method],
                                     rtol=float(cfg.adjoint_rtol), atol=atol, options=opts,
-                                    first_step=first, max_evals=budget, z_bound=z_bound)  # fmt: skip
+                                    first_step=first, max_evals=budget, z_bound=z_bound,
+                                    a_bound=a_bound)  # fmt: skip
             if fwd is None:
                 check(0, path.end[0])
             break

@@ -146,6 +146,7 @@ def sweep(
     first_step: float | None,
     max_evals: int | None = None,
     z_bound: float | None = None,
+    a_bound: float | None = None,
 ) -> Sweep:
     """Solve d state/dt = rhs(t, state) from times[-1] down the list to times[0].
 
@@ -153,6 +154,8 @@ def sweep(
     `first_step`: the size of the first step (a warm start); None uses torchdiffeq's heuristic.
     `max_evals`: give up (SweepFailed) after this many evaluations of `rhs`.
     `z_bound`: give up when |state[0]| (backsolved z) exceeds it anywhere: z has left the forward's path.
+    `a_bound`: ... or when |state[1]| (the adjoint) does (with `z_bound` only): a z a little off a stiff
+    field's slow manifold sees its fast modes unstable backwards, and a explodes while z stays bounded.
     """
     tab = solver_cls.tableau
     dtype, device = state.dtype, state.device
@@ -246,10 +249,13 @@ def sweep(
             if z_bound is None:
                 ratio = float(ratio)  # the step's one host read
             else:
-                ratio, z_max = torch.stack([ratio, y1.view(shape)[0].abs().max()]).tolist()
+                ratio, z_max, a_max = torch.stack([ratio, *y1.view(shape).reshape(2, -1).abs().max(1).values]).tolist()
                 if z_max > z_bound:  # NaN compares False: left to the non-finite check below
                     raise SweepFailed(f"backsolved z reached {z_max:.3g} at t = {sign * tau1:.6g}, "
                                       f"beyond {z_bound:.3g} (10x the forward's largest |y|)")  # fmt: skip
+                if a_bound is not None and a_max > a_bound:
+                    raise SweepFailed(f"the adjoint reached {a_max:.3g} at t = {sign * tau1:.6g}, beyond {a_bound:.3g} "
+                                      "(1e8x the largest |dL/dy|)")  # fmt: skip
             if not math.isfinite(ratio):
                 nonfinite += 1
                 rejected += 1

@@ -199,3 +199,19 @@ def test_the_harness_records_an_uncertified_gradient_and_does_not_rank_it(tmp_pa
     assert adv.loc["torch_direct", "recommended"]
     verdict = verdict_table(df, summarize(df))
     assert "uncertified: " + gq_label in verdict["fastest (within reach)"].iloc[0]
+
+
+def test_an_adjoint_that_explodes_while_z_stays_bounded_switches_to_the_forward():
+    """The stress suite's kinetics at rtol 1e-3, atol 1e-5: backsolved z is 1e3 tolerances off the forward at
+    t_4 -- under the mismatch limit -- but a reaches 1e14 and the gradient was 4.5e15 off, silently. The
+    adjoint's own bound (1e8 x the largest |dL/dy|) catches it; the kept forward gives the gradient."""
+    from gqbench.define.stress_problems import kinetics
+
+    f, y0, t, loss = kinetics(dtype=torch.float64)[:4]
+    ref = _grads(lambda f_, y, t_: torchdiffeq.odeint(f_, y, t_, rtol=1e-12, atol=1e-12, method="dopri8",
+                                                      options=dict(step_t=t_)), f, y0, t, loss)  # fmt: skip
+    with gq_stats() as s:
+        g, caught = _quiet(lambda: _grads(lambda f_, y, t_: odeint_adjoint_gq(f_, y, t_, rtol=1e-3, atol=1e-5), f, y0,
+                                          t, loss))  # fmt: skip
+    assert s.backsolve_fallbacks == 1 and len(caught) == 1 and "the adjoint reached" in str(caught[0].message)
+    assert _err(g, ref) < 1e-2  # the bound: 10 x max(rtol, direct backprop's 1.2e-3)
