@@ -140,7 +140,7 @@ def test_the_users_jump_times_become_panel_edges():
 def test_a_backsolve_that_drifts_from_the_forward_switches_to_it():
     """Robertson kinetics at rtol 1e-8: the backsolved z stays bounded but arrives at t_1 far from the
     forward's y there, and a with it (the gradient was 4.5e16 off, as torchdiffeq's adjoint is). The
-    mismatch is caught at the observation time; the kept forward gives the gradient, with one warning."""
+    drift is caught (a's bound, or z's mismatch at t_1); the kept forward gives the gradient, with one warning."""
     f = Robertson()
     y0 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
     t = torch.tensor([0.0, 1.0, 10.0], dtype=torch.float64)
@@ -151,9 +151,11 @@ def test_a_backsolve_that_drifts_from_the_forward_switches_to_it():
     with gq_stats() as s:
         g, caught = _quiet(lambda: _grads(lambda f_, y, t_: odeint_adjoint_gq(f_, y, t_, rtol=1e-8, atol=1e-10), f, y0,
                                           t, loss))  # fmt: skip
-    assert s.backsolve_fallbacks == 1 and s.z_mismatch > 1e4
+    assert s.backsolve_fallbacks == 1
     assert _err(g, ref) < 1e-6
-    assert len(caught) == 1 and "tolerances from the forward's y" in str(caught[0].message)
+    # caught by the adjoint's bound on the way to t_1, or by the z check there
+    msg = str(caught[0].message) if len(caught) == 1 else ""
+    assert "tolerances from the forward's y" in msg or "the adjoint reached" in msg, caught
     assert "backward_state='interpolate'" in str(caught[0].message)
 
 
