@@ -29,17 +29,22 @@ _LOSS_PROBLEMS = ("workload_l", "linear", "g1d", "spheres", "sines", "oscillator
 MAX_STEPS = 4096  # diffrax's default; also sizes RecursiveCheckpointAdjoint's checkpoints
 
 
+_CONFIGURED: int | None = None  # the threads _configure_jax set XLA up with before jax's import (preload, then build)
+
+
 def _configure_jax(case) -> bool:
     """Thread count and GPU allocator behaviour must be set before jax is first imported.
-    Returns False when jax was already imported (then XLA keeps its own thread pool)."""
+    Returns False when jax was imported before, not by this function (then XLA keeps its own thread pool)."""
+    global _CONFIGURED
     if "jax" in sys.modules:
-        return False
+        return _CONFIGURED == case.threads
     flags = f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={case.threads}"
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
     if case.device.startswith("cuda"):
         os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # measure what the case uses
     else:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU case must not grab a GPU
+    _CONFIGURED = case.threads
     return True
 
 
@@ -67,9 +72,15 @@ class _JaxMethod(AbstractMethod):
     def adjoint(self, case):
         raise NotImplementedError
 
+    def preload(self, case):
+        if _configure_jax(case):
+            import diffrax  # noqa: F401 -- jax under it
+            import jax
+
+            jax.config.update("jax_enable_x64", case.dtype == "float64")
+
     def build(self, *, case, problem):
-        applied = _configure_jax(case)
-        if not applied:
+        if not _configure_jax(case):
             warnings.warn("jax was imported before the case was built; XLA threads not aligned", stacklevel=2)
         import jax
 

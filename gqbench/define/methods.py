@@ -73,6 +73,16 @@ class AbstractMethod(abc.ABC):
                 return "device=cuda but torch.cuda.is_available() is False on this machine"
         return None
 
+    def preload(self, case: Case) -> None:
+        """Import what `build` will need. The runner's workers call it while a process set starts up together
+        (imports side by side, nothing timed yet), so each worker's one-at-a-time set-up is short."""
+        import torch
+
+        import impls  # noqa: F401 -- the torch methods' adapters (torchdiffeq, scipy under it)
+
+        x = torch.ones(1, requires_grad=True)  # torch's first autograd.grad with grad_outputs imports sympy (~0.3 s)
+        torch.autograd.grad(x * x, x, torch.ones(1))
+
     @abc.abstractmethod
     def build(self, *, case: Case, problem: ProblemInstance) -> AbstractRun:
         """Set up (move data, wrap func, compile) so that the next forward()/backward() is timed work."""
@@ -234,6 +244,10 @@ class Torchode(AbstractMethod):
         if case.solver not in STEP_METHODS:
             return f"solver {case.solver!r} has no torchode counterpart here (have {', '.join(STEP_METHODS)})"
         return super().unsupported(case)
+
+    def preload(self, case):
+        super().preload(case)
+        import torchode  # noqa: F401
 
     def solver(self, case: Case):
         """`solve(func, y0, t)` (an `impls.TorchodeSolver`, reused across calls: a compiled solve stays compiled)."""
