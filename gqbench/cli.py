@@ -248,7 +248,11 @@ def _print_speedups(df) -> None:
            "ONE process (it does not cover a rerun: use --processes)")  # fmt: skip
     table = Table(title=f"GQ speed-up (baseline time / GQ time): {how}; * = interval includes 1",
                   title_justify="left")  # fmt: skip
-    for col in ("problem", "width", "rtol", "GQ", "baseline", "backward", "fwd + bwd", "interval over"):
+    # Gradients at trained weights (`train_steps`, `weights`) get a column: otherwise their rows read as repeats.
+    trained = bool(sp["train_steps"].fillna(0).astype(int).any() or sp["weights"].fillna("").astype(bool).any())
+    cols = ("problem", "width", "rtol", *(("weights",) if trained else ()), "GQ", "baseline", "backward", "fwd + bwd",
+            "interval over")  # fmt: skip
+    for col in cols:
         table.add_column(col, justify="right" if col in ("width", "rtol", "backward", "fwd + bwd") else "left",
                          no_wrap=True)  # fmt: skip
 
@@ -258,7 +262,9 @@ def _print_speedups(df) -> None:
         return f"{s:.2f}x [{lo:.2f}, {hi:.2f}]{star}" if lo == lo else f"{s:.2f}x (n<3)"
 
     for _, r in sp.iterrows():
-        cells = (r["problem"], str(r["width"]), f"{r['rtol']:g}", r["gq"], r["baseline"], cell(r, "bwd"),
+        steps = int(r["train_steps"]) if r["train_steps"] == r["train_steps"] else 0
+        at = ("file" if r["weights"] else f"step {steps}" if steps else "initial",) if trained else ()
+        cells = (r["problem"], str(r["width"]), f"{r['rtol']:g}", *at, r["gq"], r["baseline"], cell(r, "bwd"),
                  cell(r, "total"), r["covers"])  # fmt: skip
         table.add_row(*map(escape, cells))  # labels like torch_gq[adaptive] are not rich markup
     Console(width=200).print(table)
