@@ -595,48 +595,52 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
         fz = flat(out["z_nodes"])
         probe = jnp.concatenate([fa, fa * fz], 1).astype(f_t)  # (nodes, size)
         fallback = len(PROBE_ORDERS) - 1  # G16
+        # Every level's panels at once (compile time: one gather and one contraction, not one per level): row p of
+        # the blocks is a panel of level seg[p]; per-level figures are segment reductions over its panels.
+        levels, seg = PROBE_MAX_LEVEL + 1, T.seg
+        seg_sum = functools.partial(jax.ops.segment_sum, segment_ids=seg, num_segments=levels)
+        width = (half_all / T.panels).astype(f_t)  # (levels,): a panel's half-width over the interval's
+        vals = probe[T.blocks]  # (all panels, block, size)
+        integrals = width[seg][:, None, None] * jnp.einsum("rk,pks->prs", T.w_rules, vals)
+        ref_norm = jnp.sqrt(jnp.sum(seg_sum(integrals[:, -1]) ** 2, -1))  # (levels,)
+        abs_int = width[seg][:, None] * jnp.einsum("k,pks->ps", T.w_rules[-1], jnp.abs(vals))
+        abs_norm = jnp.sqrt(jnp.sum(seg_sum(abs_int) ** 2, -1))
+        errs = jnp.sqrt(jnp.sum((integrals[:, :-1] - integrals[:, -1:]) ** 2, -1))  # (all panels, 8)
+        budget = jnp.maximum(PROBE_SAFETY * quad_rtol * ref_norm, ROUNDOFF_C * eps * abs_norm) / T.panels
+        ok = errs <= budget[seg][:, None]
+        passed_all = jax.ops.segment_min(ok.any(1).astype(i32), seg, levels) > 0
+        first = jnp.where(ok.any(1), jnp.argmax(ok, 1), fallback).astype(i32)
+        ch_all = jax.ops.segment_max(first, seg, levels)  # one order for all panels of a level
+        tot_all = jnp.concatenate([seg_sum(errs**2), jnp.zeros((levels, 1), f_t)], 1)  # per order, G16's own: 0
+        sums = seg_sum(errs)
+        best_r_all = jnp.argmin(sums, 1).astype(i32)
+        best_all = jnp.take_along_axis(sums, best_r_all[:, None], 1)[:, 0]
         found = roundoff = done = jnp.bool_(False)
         level = choice = i32(PROBE_MAX_LEVEL)
         e_sq = ref_sq = jnp.zeros((), f_t)
-        totals, prev = [], None
-        for lev in range(PROBE_MAX_LEVEL + 1):  # static: cheap sums over saved values
-            panels = 2**lev
-            vals = probe[T.layout[lev, :panels]]  # (panels, block, size)
-            integrals = (half_all / panels) * jnp.einsum("rk,pks->prs", T.w_rules, vals)
-            ref = jnp.sum(integrals[:, -1], 0)
-            ref_norm = jnp.sqrt(jnp.sum(ref**2))
-            abs_int = (half_all / panels) * jnp.einsum("k,pks->s", T.w_rules[-1], jnp.abs(vals))
-            abs_norm = jnp.sqrt(jnp.sum(abs_int**2))
-            errs = jnp.sqrt(jnp.sum((integrals[:, :-1] - integrals[:, -1:]) ** 2, -1))  # (panels, 8)
-            budget = jnp.maximum(PROBE_SAFETY * quad_rtol * ref_norm, ROUNDOFF_C * eps * abs_norm) / panels
-            ok = errs <= budget
-            passed = ok.any(1).all()
-            first = jnp.where(ok.any(1), jnp.argmax(ok, 1), fallback)
-            ch = jnp.max(first).astype(i32)  # one order for all panels
-            tot = jnp.concatenate([jnp.sum(errs**2, 0), jnp.zeros((1,), f_t)])  # per order, G16's own: 0
-            best_r = jnp.argmin(jnp.sum(errs, 0)).astype(i32)
-            best = jnp.sum(errs[:, best_r])
-            totals.append(tot)
+        prev = None
+        for lev in range(levels):  # static: scalar logic only
+            passed, ch, tot, best_r = passed_all[lev], ch_all[lev], tot_all[lev], best_r_all[lev]
             if lev == PROBE_MAX_LEVEL:
                 ch = jnp.where(passed, ch, fallback)
             take = ~done & (passed | (lev == PROBE_MAX_LEVEL))
             if prev is not None:  # the estimate stopped falling: round-off/noise, not resolution
-                stalled = ~done & ~passed & (best >= ROUNDOFF_RATIO * prev[0])
+                stalled = ~done & ~passed & (best_all[lev] >= ROUNDOFF_RATIO * prev[0])
                 level, choice = jnp.where(stalled, lev - 1, level), jnp.where(stalled, prev[1], choice)
                 e_sq, ref_sq = jnp.where(stalled, prev[2], e_sq), jnp.where(stalled, prev[3], ref_sq)
                 roundoff, found = roundoff | stalled, found
                 done = done | stalled
                 take = take & ~stalled
             level, choice = jnp.where(take, lev, level), jnp.where(take, ch, choice)
-            e_sq, ref_sq = jnp.where(take, tot[ch], e_sq), jnp.where(take, ref_norm**2, ref_sq)
+            e_sq, ref_sq = jnp.where(take, tot[ch], e_sq), jnp.where(take, ref_norm[lev] ** 2, ref_sq)
             found, done = found | (passed & ~done), done | passed
-            prev = (best, best_r, tot[best_r], ref_norm**2)
+            prev = (best_all[lev], best_r, tot[best_r], ref_norm[lev] ** 2)
         order = T.orders[choice]
         # The cost cap: fewer panels (never below one) until panels * order fits.
         fit = jnp.floor(jnp.log2(jnp.maximum(cap, 1) / order)).astype(i32)
         capped = (jnp.left_shift(1, level) * order > cap) & (fit < level)
         level = jnp.where(capped, jnp.maximum(fit, 0), level)
-        e_sq = jnp.where(capped, jnp.stack(totals)[level, choice], e_sq)
+        e_sq = jnp.where(capped, tot_all[level, choice], e_sq)
         return dict(level=level, choice=choice, order=order, e_sq=e_sq, ref_sq=ref_sq, found=found & ~capped,
                     roundoff=roundoff, capped=capped)  # fmt: skip
 
@@ -1039,13 +1043,20 @@ class _ProbeTables(eqx.Module):
     w_gl: Any  # (rules, 16): the Gauss-Legendre weights of each candidate order, padded
     offsets: Any  # (rules,): where each rule's nodes start in the block
     orders: Any  # (rules,)
+    blocks: Any  # (all levels' panels, block): layout's used rows, level by level
+    seg: Any  # (all levels' panels,): each row's level (static)
+    panels: Any  # (levels,): 2**level
 
     @staticmethod
     def build(dtype):
         u, layout, w_rules, w_gl, offsets = _probe_numpy()
         f = lambda x: jnp.asarray(x, dtype=dtype)
         i = lambda x: jnp.asarray(x, dtype=jnp.int32)
-        return _ProbeTables(f(u), i(layout), f(w_rules), f(w_gl), i(offsets), i(PROBE_ORDERS))
+        counts = [2**lev for lev in range(PROBE_MAX_LEVEL + 1)]
+        blocks = np.concatenate([layout[lev, :n] for lev, n in enumerate(counts)])
+        seg = np.repeat(np.arange(len(counts)), counts)
+        return _ProbeTables(f(u), i(layout), f(w_rules), f(w_gl), i(offsets), i(PROBE_ORDERS), i(blocks), seg,
+                            f(counts))
 
 
 @functools.cache
