@@ -109,7 +109,7 @@ COST_NFE, COST_EXTRA = 2, 16
 JUMP_REJECTS, JUMP_COLLAPSE = 2, 1e-3
 FALLBACK_BYTES = 8 << 20  # the fallback's dense buffer (the interval's forward re-solved), at most
 MISMATCH_RMS = 100.0  # backsolved z vs the forward's y at t_lo, RMS in units of atol + rtol * |y|
-CHUNK_NARROW, CHUNKS_NARROW, CHUNK_WIDE = 2, 4, 16  # node-VJP blocks: <= 8 nodes in blocks of 2, else of 16
+CHUNK = 2  # node-VJP block: the probe rule usually takes 2-8 nodes per interval (the old narrow block; many nodes loop)
 
 _lax_loop = functools.partial(eqxi.while_loop, kind="lax")
 
@@ -924,18 +924,14 @@ def _scale(tree, w):
 
 def _chunked_vjp(params, static, count, gather, zero):
     """sum over nodes j < count of the weighted a^T df/dtheta, `gather(j)` -> (t, z, w*a) for a block of
-    node indices (weight 0 past count). A loop over fixed-width blocks: two traced VJPs (narrow for a
-    few nodes, wide for many) instead of one branch per width -- compile time, not run time, was the
-    cost of the branches."""
+    node indices (weight 0 past count). A loop over blocks of CHUNK nodes: ONE traced VJP (compile time;
+    a branch per block width, even two, cost more to compile than the few padded nodes cost to run)."""
 
-    def run(width):
-        def body(i, acc):
-            t, z, wa = gather(i * width + jnp.arange(width, dtype=jnp.int32))
-            return jtu.tree_map(jnp.add, acc, _node_vjp(params, static, t, z, wa))
+    def body(i, acc):
+        t, z, wa = gather(i * CHUNK + jnp.arange(CHUNK, dtype=jnp.int32))
+        return jtu.tree_map(jnp.add, acc, _node_vjp(params, static, t, z, wa))
 
-        return lax.fori_loop(0, (count + width - 1) // width, body, zero)
-
-    return lax.cond(count <= CHUNKS_NARROW * CHUNK_NARROW, lambda: run(CHUNK_NARROW), lambda: run(CHUNK_WIDE))
+    return lax.fori_loop(0, (count + CHUNK - 1) // CHUNK, body, zero)
 
 
 def _tree_finite(tree):
