@@ -1051,8 +1051,9 @@ class _ProbeTables(eqx.Module):
         counts = [2**lev for lev in range(PROBE_MAX_LEVEL + 1)]
         blocks = np.concatenate([layout[lev, :n] for lev, n in enumerate(counts)])
         seg = np.repeat(np.arange(len(counts)), counts)
-        return _ProbeTables(f(u), i(layout), f(w_rules), f(w_gl), i(offsets), i(PROBE_ORDERS), i(blocks), seg,
-                            f(counts))
+        return _ProbeTables(
+            f(u), i(layout), f(w_rules), f(w_gl), i(offsets), i(PROBE_ORDERS), i(blocks), seg, f(counts)
+        )
 
 
 @functools.cache
