@@ -235,6 +235,7 @@ def _print_speedups(df) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from .define.case import MATCH
     from .results.ratios import paired_speedups
 
     if "epochs" in df:
@@ -243,10 +244,17 @@ def _print_speedups(df) -> None:
     if sp.empty:
         return
     several = bool((sp["processes"] > 1).all())
+    # A GQ gradient the code could not certify (it warned) is marked: its speed-up is not like for like.
+    key = [c for c in MATCH if c in sp and c in df]
+    bad = set()
+    if "certified" in df:
+        uncertified = df[df["certified"].astype("boolean").eq(False).fillna(False)]
+        bad = set(uncertified[[*key, "label"]].itertuples(index=False, name=None))
     how = ("geometric mean of the processes' median ratios, 95% interval over processes (Student's t): what a rerun "
            "should land in" if several else "median of the rounds' ratios, 95% bootstrap interval over the rounds of "
            "ONE process (it does not cover a rerun: use --processes)")  # fmt: skip
-    table = Table(title=f"GQ speed-up (baseline time / GQ time): {how}; * = interval includes 1",
+    table = Table(title=f"GQ speed-up (baseline time / GQ time): {how}; * = interval includes 1; (uncertified) = GQ "
+                        "warned that it could not vouch for that gradient",
                   title_justify="left")  # fmt: skip
     # Gradients at trained weights (`train_steps`, `weights`) get a column: otherwise their rows read as repeats.
     trained = bool(sp["train_steps"].fillna(0).astype(int).any() or sp["weights"].fillna("").astype(bool).any())
@@ -264,7 +272,8 @@ def _print_speedups(df) -> None:
     for _, r in sp.iterrows():
         steps = int(r["train_steps"]) if r["train_steps"] == r["train_steps"] else 0
         at = ("file" if r["weights"] else f"step {steps}" if steps else "initial",) if trained else ()
-        cells = (r["problem"], str(r["width"]), f"{r['rtol']:g}", *at, r["gq"], r["baseline"], cell(r, "bwd"),
+        gq = r["gq"] + (" (uncertified)" if (*(r[c] for c in key), r["gq"]) in bad else "")
+        cells = (r["problem"], str(r["width"]), f"{r['rtol']:g}", *at, gq, r["baseline"], cell(r, "bwd"),
                  cell(r, "total"), r["covers"])  # fmt: skip
         table.add_row(*map(escape, cells))  # labels like torch_gq[adaptive] are not rich markup
     Console(width=200).print(table)

@@ -125,7 +125,19 @@ def test_printed_speedups_keep_the_labels(capsys):
     df = pd.DataFrame(rows("torch_direct", [2.0] * 5) + rows("torch_gq", [1.0] * 5, quadrature="adaptive"))
     _print_speedups(df)
     out = capsys.readouterr().out
-    assert "torch_gq[adaptive]" in out and "2.00x" in out
+    assert "torch_gq[adaptive]" in out and "2.00x" in out and "torch_gq[adaptive] (uncertified)" not in out
+
+
+def test_printed_speedups_mark_uncertified_gq_and_trained_weights(capsys):
+    """A GQ gradient that warned is marked in the closing table; trained-state rows say at which weights."""
+    from gqbench.cli import _print_speedups
+
+    warned = [dict(r, certified=False) for r in rows("torch_gq", [1.0] * 5, quadrature="adaptive", train_steps=40)]
+    initial = rows("torch_direct", [2.0] * 5) + rows("torch_gq", [1.0] * 5, quadrature="adaptive")
+    df = pd.DataFrame(rows("torch_direct", [2.0] * 5, train_steps=40) + warned + initial)
+    _print_speedups(df)
+    out = capsys.readouterr().out
+    assert out.count("torch_gq[adaptive] (uncertified)") == 1 and "step 40" in out and "initial" in out
 
 
 def test_paired_ratio_is_the_median_of_per_round_ratios():
