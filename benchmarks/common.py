@@ -195,14 +195,15 @@ def _settings(gq):
 _RUNS: dict = {}
 
 
-def prepared_run(case):
-    """`gqbench.prepare(case)` plus the preset's warm-up calls, once per process."""
+def prepared_run(case, cache_dir=None):
+    """`gqbench.prepare(case, cache_dir)` plus the preset's warm-up calls, once per process. `cache_dir`: where
+    trained states (and references) live, for cases at trained weights."""
     run = _RUNS.get(case)
     if run is None:
         gq = _gqbench()
         skip = getattr(gq, "Skip", None)
         try:
-            run = gq.prepare(case)
+            run = gq.prepare(case) if cache_dir is None else gq.prepare(case, cache_dir)
         except Exception as exc:
             if skip is not None and isinstance(exc, skip):
                 raise NotImplementedError(str(exc)) from None

@@ -10,6 +10,7 @@ Commits from before the `train_steps` axis skip (NotImplementedError in setup).
 from __future__ import annotations
 
 from . import common
+from .timing import _Timed
 
 PROBLEM, WIDTH, BATCH, RTOL, STEPS = "workload_l", 100, 200, 1e-3, 40
 METHODS = {"torch_direct": {}, "torch_adjoint": {}, "torch_gq[adaptive]": dict(quadrature=["adaptive"])}
@@ -26,32 +27,16 @@ def trained_case(label: str):
     return case
 
 
-_RUNS: dict = {}
-
-
 def trained_run(label: str):
-    """The prepared run at the trained state, warmed up, once per process."""
-    if label not in _RUNS:
-        gq = common._gqbench()
-        run = gq.prepare(trained_case(label), common.reference_dir(gq))
-        for _ in range(2):
-            run.forward()
-            run.backward()
-        _RUNS.clear()
-        _RUNS[label] = run
-    return _RUNS[label]
+    """The prepared run at the trained state, warmed up, once per process (`common.prepared_run`)."""
+    return common.prepared_run(trained_case(label), common.reference_dir(common._gqbench()))
 
 
-class TrainedGradient:
+class TrainedGradient(_Timed):
     """Forward and backward at the trained state; NFE and (GQ) quadrature nodes as tracked figures."""
 
     params = [list(METHODS)]
     param_names = ["method"]
-    version = common.VERSION
-    number = 1
-    repeat = (5, 20, 10.0)
-    rounds = 1
-    warmup_time = 0.0
     timeout = 900.0
 
     def setup(self, method):

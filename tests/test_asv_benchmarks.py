@@ -167,12 +167,12 @@ def test_quadrature_labels():
 
 
 def test_trained_benchmarks_run_at_the_trained_state(monkeypatch, tmp_path):
-    from benchmarks import trained
+    from benchmarks import common, trained
 
     monkeypatch.setattr(trained, "WIDTH", 8)
     monkeypatch.setattr(trained, "STEPS", 2)
     monkeypatch.setenv("ASV_CONF_DIR", str(tmp_path))
-    monkeypatch.setattr(trained, "_RUNS", {})
+    monkeypatch.setattr(common, "_RUNS", {})
     case = trained.trained_case("torch_gq[adaptive]")
     assert case.train_steps == 2 and case.label == "torch_gq[adaptive]"
     bench = trained.TrainedQuadrature()
