@@ -240,3 +240,46 @@ class CubicHermite:
         y0, y1 = self.y.index_select(0, k), self.y.index_select(0, k + 1)
         f0, f1 = self.f.index_select(0, k), self.f.index_select(0, k + 1)
         return c[0] * y0 + c[1] * f0 + c[2] * y1 + c[3] * f1
+
+
+class Stitched:
+    """Dense outputs of consecutive intervals read as one (the per-interval backward solves): a time is read
+    off the part whose span holds it. Parts may come in any order and be of either kind above."""
+
+    evals_needed = 0
+
+    def __init__(self, parts: list):
+        lows = [float(p.breakpoints()[0]) for p in parts]
+        order = sorted(range(len(parts)), key=lows.__getitem__)
+        self.parts = [parts[k] for k in order]
+        self.starts = torch.tensor([lows[k] for k in order[1:]], dtype=torch.float64)
+
+    def breakpoints(self) -> torch.Tensor:
+        return torch.cat([p.breakpoints().cpu().to(torch.float64) for p in self.parts])
+
+    def select(self, idx: torch.Tensor, keep: int = 0) -> Stitched:
+        out = object.__new__(Stitched)
+        out.parts, out.starts = [p.select(idx, keep) for p in self.parts], self.starts
+        return out
+
+    def _read(self, s: torch.Tensor, read) -> tuple[torch.Tensor, ...]:
+        s = s.reshape(-1)
+        if len(self.parts) == 1:
+            return read(self.parts[0], s)
+        k = torch.searchsorted(self.starts, s.detach().cpu().to(torch.float64), right=True)
+        outs = None
+        for j in k.unique().tolist():
+            where = (k == j).nonzero().reshape(-1).to(s.device)
+            vals = read(self.parts[j], s.index_select(0, where))
+            if outs is None:
+                outs = tuple(v.new_empty((len(s), *v.shape[1:])) for v in vals)
+            for o, v in zip(outs, vals):
+                o.index_copy_(0, where, v)
+        return outs
+
+    def __call__(self, s: torch.Tensor) -> torch.Tensor:
+        out = self._read(s, lambda p, x: (p(x),))[0]
+        return out[0] if s.dim() == 0 else out
+
+    def value_and_derivative(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._read(s, lambda p, x: p.value_and_derivative(x))

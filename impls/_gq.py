@@ -25,7 +25,7 @@ from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 from torchdiffeq._impl.solvers import FixedGridODESolver
 
 from . import _panels, _sweep
-from ._dense import StepRecorder
+from ._dense import StepRecorder, Stitched
 from ._panels import choose_panels
 from ._quadrature import MAX_QUAD_ORDER, gauss_kronrod, gauss_legendre, quad_order_from_gtol
 from ._rhs import FlatRHS, StepSizes, flatten, unflatten
@@ -235,28 +235,55 @@ class _GQAdjoint(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_sol: torch.Tensor, _grad_event_t: torch.Tensor):
-        cfg = ctx.prob.config
-        if _sweep.supported(SOLVERS[cfg.adjoint_method], cfg.adjoint_options, cfg.adjoint_rtol, cfg.adjoint_atol):
+        if _recordable(ctx.prob.config.adjoint_method):
             return _backward_by_sweep(ctx, grad_sol)
         return _backward_per_interval(ctx, grad_sol)
 
 
+def _recordable(method: str) -> bool:
+    """A solver whose steps we can follow into a dense output (adaptive Runge-Kutta, fixed grids)."""
+    return issubclass(SOLVERS[method], (RKAdaptiveStepsizeODESolver, FixedGridODESolver))
+
+
 def _backward_per_interval(ctx, grad_sol: torch.Tensor):
-    """Solvers the sweep does not drive (fixed grids, scipy, special options): one torchdiffeq solve per
-    interval, G2/K5 panels on each with the interval's own error test."""
+    """Adjoint solvers without a dense output we can follow (scipy_solver): one torchdiffeq solve per
+    interval, G2/K5 panels on each with the interval's own error test, nodes re-solved. Checked as the
+    sweep is (`_ZCheck`, finite states); a failed backsolve switches to the kept forward when the forward
+    solver can keep one, and is said in the warning when it cannot."""
+    prob, cfg, rhs = ctx.prob, ctx.prob.config, ctx.prob.rhs
+    t, sol = ctx.saved_tensors
+    need_t = ctx.needs_input_grad[2]
+    nfe_start = rhs.nfe
+    dense, ctx.dense = ctx.dense, None
+    fallback = suspect = None
+    while True:
+        try:
+            quad, a, orders = _per_interval_pass(ctx, grad_sol, dense, need_t, strict=_recordable(cfg.method))
+            break
+        except _sweep.SweepFailed as exc:
+            _no_fallback(cfg, exc, kept=dense is not None)
+            dense, fallback = _forward_dense(prob, sol[0], t), str(exc)
+    suspect = quad.suspect
+    t_grad = _t_grad(ctx, quad, grad_sol) if need_t else None
+    error = float(quad.err_sq.sqrt() / _norm(quad.grads)) if quad.err_sq is not None else None
+    _report(prob, rhs.nfe - nfe_start, quad, orders[::-1], error, fallback, suspect=suspect)
+    return (None, a, t_grad, *quad.grads)
+
+
+def _per_interval_pass(ctx, grad_sol: torch.Tensor, dense, need_t: bool, strict: bool):
+    """One backward pass of `_backward_per_interval`: (quadrature, dL/dy0, nodes per interval). A backsolved
+    z that leaves the forward's path raises `SweepFailed` when `strict` (a fallback exists), else is kept
+    in `quad.suspect` for the warning."""
     prob, cfg, rhs = ctx.prob, ctx.prob.config, ctx.prob.rhs
     t, sol = ctx.saved_tensors
     params = prob.params
-    need_t = ctx.needs_input_grad[2]
-    nfe_start = rhs.nfe
     grads = [torch.zeros_like(p) for p in params]
     quad = _Quadrature(prob, grads, need_t)
-
-    dense, ctx.dense = ctx.dense, None
+    quad.suspect = None
     if dense is not None and dense.evals_needed:
         rhs.nfe += dense.evals_needed
         dense.fill(quad.rhs_batch)
-
+    check = _ZCheck(sol, cfg, prob.stats) if dense is None else None
     brhs = _BacksolveRHS(rhs) if dense is None else _InterpRHS(rhs, dense)
     atol = cfg.adjoint_atol if dense is None else cfg.adjoint_atol * _adjoint_scale(sol, grad_sol)
     a = grad_sol[-1].clone()
@@ -269,6 +296,16 @@ def _backward_per_interval(ctx, grad_sol: torch.Tensor):
         state = torch.stack([sol[i], a]) if dense is None else a
         with record_function("gq::backward_solve"):
             path = _BackwardPath(brhs, state, t_hi, t_lo, cfg, opts, atol)
+        end = path.end
+        if not bool(torch.isfinite(end).all()):
+            raise _sweep.SweepFailed(f"the backward state is not finite at t[{i - 1}]")
+        if check is not None:
+            try:
+                check(i - 1, end[0])
+            except _sweep.SweepFailed as exc:
+                if strict:
+                    raise
+                quad.suspect = quad.suspect or str(exc)
         if ctx.orders is not None:
             x, w = gauss_legendre(ctx.orders[i - 1], dtype=t.dtype, device=t.device)
             orders.append(quad.integrate_rule(path, dense, t_lo, t_hi, x, w))
@@ -276,18 +313,27 @@ def _backward_per_interval(ctx, grad_sol: torch.Tensor):
             orders.append(quad.integrate_adaptive(path, dense, t_lo, t_hi))
         else:
             orders.append(0)
-        end = path.end
         a = (end if dense is not None else end[1]) + grad_sol[i - 1]
+    return quad, a, orders
 
-    t_grad = _t_grad(ctx, quad, grad_sol) if need_t else None
 
-    error = float(quad.err_sq.sqrt() / _norm(grads)) if quad.err_sq is not None else None
-    _report(prob, rhs.nfe - nfe_start, quad, orders[::-1], error)
-    return (None, a, t_grad, *grads)
+def _no_fallback(cfg: _Config, exc: Exception, kept: bool) -> None:
+    """Raise when a failed backward solve has nothing left to fall back on: it already read z off the kept
+    forward solution, or the forward solver keeps none."""
+    if kept:
+        raise RuntimeError(
+            f"odeint_adjoint_gq: the backward solve of the adjoint failed ({exc}); "
+            "loosen adjoint_rtol/adjoint_atol or use another adjoint_method."
+        ) from None
+    if not _recordable(cfg.method):
+        raise RuntimeError(
+            f"odeint_adjoint_gq: solving z backwards failed ({exc}) and method={cfg.method!r} keeps no dense "
+            "forward solution to fall back on; use an adaptive Runge-Kutta or fixed-grid method."
+        ) from None
 
 
 def _report(prob: _Problem, nfe_backward: int, quad: _Quadrature, orders: list[int], error: float | None,
-            fallback: str | None = None, located: int = 0) -> None:  # fmt: skip
+            fallback: str | None = None, located: int = 0, suspect: str | None = None) -> None:  # fmt: skip
     """One backward pass's counts into the caller's `gq_stats()`, if any, and its one warning if the
     gradient cannot be vouched for (a fallback, panels left unconverged, an estimate above quad_rtol)."""
     cfg = prob.config
@@ -295,6 +341,9 @@ def _report(prob: _Problem, nfe_backward: int, quad: _Quadrature, orders: list[i
     if fallback is not None:
         reasons.append(f"solving z backwards failed ({fallback}), so z was read off the re-solved forward")
         fixes.append("pass backward_state='interpolate' to skip the failed attempt")
+    if suspect is not None:
+        reasons.append(f"{suspect}, and method={prob.config.method!r} keeps no forward solution to fall back on")
+        fixes.append("use an adaptive Runge-Kutta or fixed-grid method (the fallback reads z off its solution)")
     if quad.unconverged:
         reasons.append(f"{quad.unconverged} quadrature panel(s) unconverged after {quad.nodes} nodes "
                        f"(cap {_NODES_PER_EVAL}x the backward solve's {nfe_backward} evaluations)")  # fmt: skip
@@ -346,8 +395,9 @@ def _t_grad(ctx, quad: _Quadrature, grad_sol: torch.Tensor) -> torch.Tensor:
 
 
 def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
-    """One backward solve across all observation times (`_sweep`), then one batched quadrature over
-    every interval's panels -- the adaptive rule's panels chosen from free probes (`_panels`)."""
+    """One backward solve across all observation times (`_sweep`; for fixed grids and options it does not
+    take, torchdiffeq's solves per interval, stitched: `_solve_per_interval`), then one batched quadrature
+    over every interval's panels -- the adaptive rule's panels chosen from free probes (`_panels`)."""
     prob, cfg, rhs = ctx.prob, ctx.prob.config, ctx.prob.rhs
     t, sol = ctx.saved_tensors
     params, need_t, times = prob.params, ctx.needs_input_grad[2], ctx.t_host
@@ -372,7 +422,9 @@ def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
         else:
             brhs, state = _InterpRHS(rhs, fwd), grad_sol[-1]
             jump = lambda i, y: y + grad_sol[i]  # noqa: E731
-        opts = {k: v for k, v in cfg.adjoint_options.items() if k != "first_step"}
+        one_sweep = _sweep.supported(SOLVERS[cfg.adjoint_method], cfg.adjoint_options, cfg.adjoint_rtol,
+                                     cfg.adjoint_atol)  # fmt: skip
+        opts = {k: v for k, v in cfg.adjoint_options.items() if k != "first_step" or not one_sweep}
         # A backsolve that needs many times the forward's evaluations is leaving the forward's path
         # (an attracting limit cycle run backwards): keeping the forward is cheaper than finishing.
         budget = None if fwd is not None else _BACKSOLVE_BUDGET * ctx.nfe_forward + 100
@@ -390,19 +442,19 @@ def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
             atol *= _adjoint_scale(sol, grad_sol)
         try:
             with record_function("gq::backward_solve"):
-                path = _sweep.sweep(brhs, state, times, jump, solver_cls=SOLVERS[cfg.adjoint_method],
-                                    rtol=float(cfg.adjoint_rtol), atol=atol, options=opts,
-                                    first_step=first, max_evals=budget, z_bound=z_bound,
-                                    a_bound=a_bound)  # fmt: skip
+                if one_sweep:
+                    path = _sweep.sweep(brhs, state, times, jump, solver_cls=SOLVERS[cfg.adjoint_method],
+                                        rtol=float(cfg.adjoint_rtol), atol=atol, options=opts,
+                                        first_step=first, max_evals=budget, z_bound=z_bound,
+                                        a_bound=a_bound)  # fmt: skip
+                else:
+                    path = _solve_per_interval(brhs, state, t, jump, cfg, opts, ctx.first_steps, atol,
+                                               z_bound, a_bound)  # fmt: skip
             if fwd is None:
                 check(0, path.end[0])
             break
         except _sweep.SweepFailed as exc:
-            if fwd is not None:
-                raise RuntimeError(
-                    f"odeint_adjoint_gq: the backward solve of the adjoint failed ({exc}); "
-                    "loosen adjoint_rtol/adjoint_atol or use another adjoint_method."
-                ) from None
+            _no_fallback(cfg, exc, kept=fwd is not None)
             # Backsolving z is unstable here (an attracting limit cycle, contractive dynamics, stiff
             # kinetics): keep the forward solution instead -- solve the forward again recording it --
             # and solve a alone. Said in the call's one warning (`_report`).
@@ -457,6 +509,40 @@ def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
     _report(prob, rhs.nfe - nfe_start, quad, orders, panels.error if panels is not None else float("nan"), fallback,
             located=len(breaks))  # fmt: skip
     return (None, a, t_grad, *grads)
+
+
+def _solve_per_interval(brhs, state, t, jump, cfg: _Config, opts: dict, first_steps, atol: float,
+                        z_bound: float | None, a_bound: float | None) -> _sweep.Sweep:  # fmt: skip
+    """The backward path by torchdiffeq's own solve on each interval t_i -> t_{i-1} (fixed grids; options the
+    sweep does not take), each recorded and all stitched into one dense output. Checked as the sweep is: a
+    solve that stops, a state that is not finite or leaves the bounds raises `SweepFailed`, and `jump`
+    (z against the forward's y) runs at every observation time."""
+    parts, y = [], state
+    for i in range(len(t) - 1, 0, -1):
+        o = dict(opts)
+        if first_steps is not None:
+            o["first_step"] = first_steps[i]
+        try:
+            path = _BackwardPath(brhs, y, t[i], t[i - 1], cfg, o, atol)
+        except (AssertionError, RuntimeError) as exc:  # torchdiffeq's "underflow in dt", max_num_steps
+            raise _sweep.SweepFailed(f"the solve over [t[{i - 1}], t[{i}]] stopped: {exc}") from None
+        end = path.end
+        if isinstance(brhs, _BacksolveRHS):  # [z, a]
+            z_max, a_max = torch.stack([end[0].abs().max(), end[1].abs().max()]).tolist()  # one host read
+        else:
+            z_max = a_max = float(end.abs().max())
+        if not (math.isfinite(z_max) and math.isfinite(a_max)):
+            raise _sweep.SweepFailed(f"the backward state is not finite at t[{i - 1}]")
+        if z_bound is not None and z_max > z_bound:
+            raise _sweep.SweepFailed(f"backsolved z reached {z_max:.3g} at t[{i - 1}], beyond {z_bound:.3g}")
+        if a_bound is not None and a_max > a_bound:
+            raise _sweep.SweepFailed(f"the adjoint reached {a_max:.3g} at t[{i - 1}], beyond {a_bound:.3g}")
+        parts.append(path.dense)
+        y = jump(i - 1, end) if i > 1 else end
+    lo, hi = sorted((float(t[0]), float(t[-1])))
+    breaks = sorted({float(x) for key in ("step_t", "jump_t") if opts.get(key) is not None
+                     for x in torch.as_tensor(opts[key]).reshape(-1).tolist() if lo < x < hi})  # fmt: skip
+    return _sweep.Sweep(dense=Stitched(parts), end=y, steps=0, rejected=0, breaks=breaks)
 
 
 def _adjoint_scale(sol: torch.Tensor, grad_sol: torch.Tensor) -> float:
@@ -539,7 +625,7 @@ class _BackwardPath:
             if self.dense.evals_needed:
                 self.dense.fill(lambda ts, ys: torch.stack([brhs(tj, yj) for tj, yj in zip(ts, ys)]))
         else:
-            out = torchdiffeq.odeint(brhs, state, span, **self.kw)
+            out = _complete(torchdiffeq.odeint(brhs, state, span, **self.kw), 2)
         self.end = out[-1]
 
     def edges(self) -> torch.Tensor:
@@ -561,8 +647,15 @@ class _BackwardPath:
             return self.dense(s)
         order = torch.argsort(s, descending=bool(self.t_hi > self.t_lo))
         span = torch.cat([self.t_hi.reshape(1), s[order]])
-        out = torchdiffeq.odeint(self.brhs, self.state, span, **self.kw)[1:]
+        out = _complete(torchdiffeq.odeint(self.brhs, self.state, span, **self.kw), len(span))[1:]
         return out[torch.argsort(order)]
+
+
+def _complete(out: torch.Tensor, n: int) -> torch.Tensor:
+    """scipy's solvers return only the points reached when they stop early (torchdiffeq passes that on)."""
+    if len(out) != n:
+        raise _sweep.SweepFailed(f"the backward solve stopped after {len(out) - 1} of {n - 1} output times")
+    return out
 
 
 class _ZCheck:

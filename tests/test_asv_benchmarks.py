@@ -6,15 +6,11 @@ from __future__ import annotations
 import importlib
 import itertools
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
 import gqbench
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ is not installed
-from benchmarks import common, timing, tracking  # noqa: E402
+from benchmarks import common, timing, tracking
 
 
 def test_labels_are_the_harness_expansion_of_the_preset():
