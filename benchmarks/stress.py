@@ -139,7 +139,7 @@ def verdict_table(df: pd.DataFrame) -> pd.DataFrame:
         gq, adj, direct = by.get("gq", {}), by.get("adjoint", {}), by.get("direct", {})
         lines.append(dict(
             problem=gq["problem_key"][: gq["problem_key"].rindex("]") + 1], dtype=gq["dtype"], rtol=gq["rtol"],
-            atol=gq["atol"],
+            atol=gq["atol"], solver=_solver_label(gq),
             weights=gq["weights"], gq_err=gq.get("grad_rel_err"), adj_err=adj.get("grad_rel_err"),
             direct_err=direct.get("grad_rel_err"), err_bound=gq["error_bound"], gq_cost=gq.get("cost"),
             adj_nfe_bwd=adj.get("nfe_bwd"), cost_bound=gq["cost_bound"], gq_s=gq.get("wall_s"),
@@ -151,6 +151,11 @@ def verdict_table(df: pd.DataFrame) -> pd.DataFrame:
         table["err_x"] = table["gq_err"].astype(float) / table["err_bound"]
         table["cost_x"] = table["gq_cost"].astype(float) / table["cost_bound"]
     return table
+
+
+def _solver_label(row: dict) -> str:
+    solver, steps = row.get("solver") or "dopri5", row.get("grid_steps") or 0
+    return f"{solver} ({int(steps)} steps)" if steps and steps == steps else solver
 
 
 def _fmt(x, spec=".1e") -> str:
@@ -168,7 +173,7 @@ def _verdict(bad: list[str], status: str) -> str:
 
 
 def markdown(table: pd.DataFrame, only_failures: bool = False) -> str:
-    head = ("| problem | dtype | rtol | weights | GQ err | bound | x | adj err | direct err | GQ cost | bound "
+    head = ("| problem | dtype | solver | rtol | weights | GQ err | bound | x | adj err | direct err | GQ cost | bound "
             "| x | GQ s | adj s | warned | verdict | status (direct/adjoint/gq) |")  # fmt: skip
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in table.to_dict("records"):
@@ -176,7 +181,8 @@ def markdown(table: pd.DataFrame, only_failures: bool = False) -> str:
         if only_failures and not bad:
             continue
         lines.append(
-            f"| {r['problem']} | {r['dtype']} | {r['rtol']:.0e} | {r['weights']} | {_fmt(r['gq_err'])} "
+            f"| {r['problem']} | {r['dtype']} | {r.get('solver', 'dopri5')} | {r['rtol']:.0e} | {r['weights']} "
+            f"| {_fmt(r['gq_err'])} "
             f"| {_fmt(r['err_bound'])} | {_fmt(r['err_x'], '.2g')} | {_fmt(r['adj_err'])} | {_fmt(r['direct_err'])} "
             f"| {_fmt(r['gq_cost'], '.0f')} | {_fmt(r['cost_bound'], '.0f')} | {_fmt(r['cost_x'], '.2g')} "
             f"| {_fmt(r['gq_s'], '.2f')} | {_fmt(r['adj_s'], '.2f')} "
@@ -189,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fast", action="store_true", help="the small subset (< ~3 min on 2 idle cores)")
     p.add_argument("--families", default=None, help=f"comma-separated subset of: {', '.join(FAMILIES)}")
+    p.add_argument("--match", default=None, help="only cases whose id contains this (e.g. -rk4- or -euler-)")
     p.add_argument("--out", default="reports/stress", help="output folder (stress.parquet, .csv, .md)")
     p.add_argument("--cache", default=None, help="trained weights and references (default OUT/cache)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per case and method")
@@ -198,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     families = args.families.split(",") if args.families else None
     cases = stress_cases(fast=args.fast, families=families)
+    if args.match:
+        cases = [c for c in cases if args.match in c.case_id]
     if args.list:
         print("\n".join(c.case_id for c in cases), f"\n{len(cases)} cases", sep="")
         return

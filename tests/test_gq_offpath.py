@@ -230,20 +230,19 @@ def _robertson_problem(t_end: float):
     return f, y0, t, loss, ref
 
 
-@pytest.mark.parametrize(("method", "step", "t_end"), [("rk4", 4e-3, 10.0), ("euler", 1e-2, 2.0)])
-def test_fixed_grid_backsolve_failures_switch_to_the_forward(method, step, t_end):
+@pytest.mark.parametrize(("method", "step", "bound"), [("rk4", 4e-3, 1e-7), ("euler", 2e-3, 1e-3)])
+def test_fixed_grid_backsolve_failures_switch_to_the_forward(method, step, bound):
     """Fixed grids took torchdiffeq's solves per interval, with no check at all: Robertson with rk4 at
-    h = 4e-3 gave a NaN gradient (torchdiffeq's adjoint too), with euler at h = 1e-2 one 3x further off than
-    direct backprop's (the adjoint's 6.5e-3 against 2.3e-3), both silently. Now the per-interval solves are
-    checked as the sweep is (bounds, z against the forward's y) and fall back to the kept forward grid."""
-    f, y0, t, loss, ref = _robertson_problem(t_end)
+    h = 4e-3 gave a NaN gradient, with euler at h = 2e-3 one 1.5e12 off (torchdiffeq's adjoint: the same),
+    silently. Now the per-interval solves are checked as the sweep is (bounds, finite states, z against
+    the forward's y) and fall back to the kept forward grid (direct backprop: 2.4e-8 and 4.8e-5)."""
+    f, y0, t, loss, ref = _robertson_problem(10.0)
     kw = dict(method=method, options=dict(step_size=step))
-    direct = _err(_grads(lambda f_, y, t_: torchdiffeq.odeint(f_, y, t_, **kw), f, y0, t, loss), ref)
     with gq_stats() as s:
         g, caught = _quiet(lambda: _grads(lambda f_, y, t_: odeint_adjoint_gq(f_, y, t_, **kw), f, y0, t, loss))
     assert s.backsolve_fallbacks == 1, s
     assert len(caught) == 1 and "solving z backwards failed" in str(caught[0].message), caught
-    assert _err(g, ref) < 1.5 * direct, (_err(g, ref), direct)
+    assert _err(g, ref) < bound
 
 
 def test_fixed_grid_quadrature_stays_within_the_node_cap():

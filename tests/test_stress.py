@@ -32,6 +32,8 @@ SUBSET = {
     "kinetics[w0,b1,s0]-init-float64-r1e-08-a1e-10": (),  # was 2e10 off, silently
     "contractive[w0,b8,s0]-init-float64-r1e-06-a1e-06": (),
     "conv[w8,b2,s0,channels=2]-init-float32-r1e-06-a1e-06": (),
+    "kinetics[w0,b1,s0]-init-float64-r1e-07-a1e-09-rk4-n2500": (),  # was a NaN gradient, silently (fixed grid)
+    "square_wave[w4,b8,s0]-init-float64-r1e-07-a1e-07-rk4-n500": (),  # was ~10x the nodes of the backward NFE
 }
 FAST = {c.case_id: c for c in stress_cases(fast=True)}
 

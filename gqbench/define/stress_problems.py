@@ -286,6 +286,10 @@ class StressCase:
     knobs: tuple[tuple[str, object], ...] = ()
     train_steps: int = 0
     train_lr: float = 1e-2
+    # The solver every method uses: dopri5 at (rtol, atol), or a fixed grid of `grid_steps` equal steps over
+    # the span (rk4, euler, midpoint: torchdiffeq's step_size); rtol/atol then only set GQ's quadrature.
+    solver: str = "dopri5"
+    grid_steps: int = 0
 
     @property
     def weights(self) -> str:
@@ -302,7 +306,15 @@ class StressCase:
 
     @property
     def case_id(self) -> str:
-        return f"{self.problem_key}-{self.dtype}-r{self.rtol:.0e}-a{self.atol:.0e}"
+        grid = f"-{self.solver}-n{self.grid_steps}" if self.solver != "dopri5" else ""
+        return f"{self.problem_key}-{self.dtype}-r{self.rtol:.0e}-a{self.atol:.0e}{grid}"
+
+    def solver_kwargs(self, t: torch.Tensor) -> dict:
+        """What every method passes to its solver besides (func, y0, t)."""
+        kw = dict(rtol=self.rtol, atol=self.atol, method=self.solver)
+        if self.grid_steps:
+            kw["options"] = dict(step_size=abs(float(t[-1] - t[0])) / self.grid_steps)
+        return kw
 
     def build(self, dtype: str | None = None):
         """(func, y0, t, loss) at initial weights, in `dtype` (default the case's)."""
@@ -336,7 +348,7 @@ def _tols(dtype: str, family: str) -> list[tuple[float, float]]:
 
 
 def _cases(family, knobs=(), *, dtypes=("float32", "float64"), trained=(0, 30), width=None, batch=None,
-           seed=0, tols=None, lr=1e-2):  # fmt: skip
+           seed=0, tols=None, lr=1e-2, grid=None):  # fmt: skip
     fam = FAMILIES[family]
     out = []
     for dtype in dtypes:
@@ -344,7 +356,26 @@ def _cases(family, knobs=(), *, dtypes=("float32", "float64"), trained=(0, 30), 
             for steps in trained:
                 w = fam.width if width is None else width
                 b = fam.batch if batch is None else batch
-                out.append(StressCase(family, dtype, rtol, atol, w, b, seed, tuple(knobs), steps, lr))
+                out.append(StressCase(family, dtype, rtol, atol, w, b, seed, tuple(knobs), steps, lr,
+                                      *(grid or ("dopri5", 0))))  # fmt: skip
+    return out
+
+
+def _fixed_grid_cases() -> list[StressCase]:
+    """Fixed grids (rk4, euler): no error control, so the bound is set by the adjoint's and direct backprop's
+    errors on the same grid; rtol = 1e-7 (torchdiffeq's default) only sets GQ's quadrature."""
+    out = []
+    for solver, n in (("rk4", 200), ("euler", 2000)):
+        grid = (solver, n)
+        out += [
+            *_cases("smooth_mlp", tols=[(1e-7, 1e-7)], trained=(0, 30), grid=grid),
+            *_cases("oscillator", tols=[(1e-7, 1e-7)], dtypes=("float64",), trained=(0,), grid=grid),
+            *_cases("square_wave", tols=[(1e-7, 1e-7)], dtypes=("float64",), trained=(0,), grid=grid),
+            *_cases("contractive", tols=[(1e-7, 1e-7)], dtypes=("float64",), trained=(0,), grid=grid),
+        ]
+    # Robertson needs short steps for the forward to be stable at all (rk4 h = 4e-3, euler h = 2e-3 over 10)
+    out += _cases("kinetics", tols=[(1e-7, 1e-9)], dtypes=("float64",), trained=(0,), grid=("rk4", 2500))
+    out += _cases("kinetics", tols=[(1e-7, 1e-9)], dtypes=("float64",), trained=(0,), grid=("euler", 5000))
     return out
 
 
@@ -418,6 +449,8 @@ def stress_cases(fast: bool = False, families: list[str] | None = None) -> list[
             *_cases(
                 "conv", [("channels", 2)], width=8, batch=2, tols=[(1e-6, 1e-6)], dtypes=("float32",), trained=(0,)
             ),  # fmt: skip
+            *_cases("kinetics", tols=[(1e-7, 1e-9)], dtypes=("float64",), trained=(0,), grid=("rk4", 2500)),
+            *_cases("square_wave", tols=[(1e-7, 1e-7)], dtypes=("float64",), trained=(0,), grid=("rk4", 500)),
         ]
     else:
         drawn = drawn_knobs(1)
@@ -443,6 +476,7 @@ def stress_cases(fast: bool = False, families: list[str] | None = None) -> list[
             *_cases("conv", tols=[(1e-3, 1e-3), (1e-6, 1e-6), (1e-7, 1e-7)], dtypes=("float32",), trained=(0,)),
             *_cases("conv", tols=[(1e-6, 1e-6)], dtypes=("float64",), trained=(0,)),
             *_cases("workload_l", tols=[(1e-3, 1e-3)], dtypes=("float32",), trained=(0, 40, 80), lr=1e-3),
+            *_fixed_grid_cases(),
         ]
     if families:
         unknown = set(families) - set(FAMILIES)

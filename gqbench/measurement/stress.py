@@ -137,8 +137,8 @@ def reference(case: StressCase, cache_dir: str | Path) -> np.ndarray:
     return grads.numpy()
 
 
-def _solver(method: str, case: StressCase, counter: list):
-    kw = dict(rtol=case.rtol, atol=case.atol, method="dopri5")
+def _solver(method: str, case: StressCase, counter: list, t: torch.Tensor):
+    kw = case.solver_kwargs(t)
 
     def counted(func):
         wrapped = impls.NFECounter(func)
@@ -171,7 +171,7 @@ def measure(
     ref = reference(case, cache_dir)
     func, y0, t, loss = instance(case, cache_dir)
     counters: list = []
-    solve = _solver(method, case, counters)
+    solve = _solver(method, case, counters, t)
     stats = impls.GQStats()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -219,7 +219,8 @@ def measure(
 def case_row(case: StressCase) -> dict:
     return dict(case_id=case.case_id, problem_key=case.problem_key, family=case.family, dtype=case.dtype,
                 rtol=case.rtol, atol=case.atol, weights=case.weights, width=case.width, batch=case.batch,
-                seed=case.seed, knobs=str(dict(case.knobs)))  # fmt: skip
+                seed=case.seed, knobs=str(dict(case.knobs)), solver=case.solver,
+                grid_steps=case.grid_steps)  # fmt: skip
 
 
 def verdict(rows: list[dict]) -> dict:
