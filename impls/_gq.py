@@ -54,6 +54,8 @@ _Z_BOUND = 10.0
 _Z_MISMATCH = 1e4
 # ... with tolerances no tighter than this on fixed grids, in y's units: 1e4 x 1e-6 = 1% of y.
 _GRID_Z_RTOL = 1e-6
+# On a grid, the adaptive rule integrates to this fraction of the backsolved z's distance from the forward's y.
+_GRID_QUAD_FRACTION = 0.1
 # ... or once the backsolved adjoint exceeds this multiple of the largest |dL/dy| (Robertson kinetics at rtol
 # 1e-3: z 1e3 tolerances off at t_4, a 1e14 and the gradient 4.5e15 off; a legitimately growing adjoint --
 # an expanding field -- only costs the fallback's re-solve there).
@@ -80,6 +82,7 @@ class _Config:
     backward_state: str
     quad_batch: int | None
     warm_start: bool
+    quad_rtol_given: bool = True  # False: quad_rtol is the default (the adjoint rtol)
 
 
 @dataclasses.dataclass
@@ -335,10 +338,12 @@ def _no_fallback(cfg: _Config, exc: Exception, kept: bool) -> None:
 
 
 def _report(prob: _Problem, nfe_backward: int, quad: _Quadrature, orders: list[int], error: float | None,
-            fallback: str | None = None, located: int = 0, suspect: str | None = None) -> None:  # fmt: skip
+            fallback: str | None = None, located: int = 0, suspect: str | None = None,
+            quad_rtol: float | None = None) -> None:  # fmt: skip
     """One backward pass's counts into the caller's `gq_stats()`, if any, and its one warning if the
     gradient cannot be vouched for (a fallback, panels left unconverged, an estimate above quad_rtol)."""
     cfg = prob.config
+    quad_rtol = cfg.quad_rtol if quad_rtol is None else quad_rtol
     reasons, fixes = [], []
     if fallback is not None:
         reasons.append(f"solving z backwards failed ({fallback}), so z was read off the re-solved forward")
@@ -350,15 +355,15 @@ def _report(prob: _Problem, nfe_backward: int, quad: _Quadrature, orders: list[i
         reasons.append(f"{quad.unconverged} quadrature panel(s) unconverged after {quad.nodes} nodes "
                        f"(cap {_NODES_PER_EVAL}x the backward solve's {nfe_backward} evaluations)")  # fmt: skip
         fixes.append("if func jumps in t, pass its jump times as options=dict(jump_t=...)")
-    if error is not None and math.isfinite(error) and error > cfg.quad_rtol:
-        reasons.append(f"the quadrature's error estimate {error:.2g} exceeds quad_rtol={cfg.quad_rtol:.2g}")
+    if error is not None and math.isfinite(error) and error > quad_rtol:
+        reasons.append(f"the quadrature's error estimate {error:.2g} exceeds quad_rtol={quad_rtol:.2g}")
         if quad.roundoff:
             eps = torch.finfo(prob.params[0].dtype if prob.params else torch.float64).eps
             fixes.append(f"{quad.roundoff} panel(s) are at round-off: use float64, or rtol >= {100 * eps:.0e}")
         else:
             fixes.append("loosen rtol, or use quadrature='fixed' with a larger quad_order")
     if reasons and not any("estimate" in r for r in reasons) and error is not None and math.isfinite(error):
-        reasons.append(f"the quadrature's own error estimate is {error:.2g} (quad_rtol={cfg.quad_rtol:.2g})")
+        reasons.append(f"the quadrature's own error estimate is {error:.2g} (quad_rtol={quad_rtol:.2g})")
     if reasons:
         msg = ("odeint_adjoint_gq: this gradient is not certified: " + "; ".join(reasons) + ". Fix: "
                + "; ".join(dict.fromkeys(fixes)) + ".")  # fmt: skip
@@ -463,6 +468,11 @@ def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
             fwd, fallback = _forward_dense(prob, sol[0], t), str(exc)
     a = (path.end[1] if fwd is None else path.end) + grad_sol[0]
 
+    quad_rtol = cfg.quad_rtol
+    if fwd is None and not cfg.quad_rtol_given and issubclass(SOLVERS[cfg.adjoint_method], FixedGridODESolver):
+        # A grid has no tolerance (rtol is torchdiffeq's unused default): integrate to a tenth of how far the
+        # backsolved path itself is from the forward's, not to 1e-7 -- euler's a and z are 1e-3 off at best.
+        quad_rtol = max(quad_rtol, _GRID_QUAD_FRACTION * check.rel)
     breaks = path.breaks
     if fwd is not None and getattr(fwd, "steps", None) is not None:
         breaks = sorted({*breaks, *_forward_jumps(fwd, rhs, cfg, times)})
@@ -494,7 +504,7 @@ def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
                 seams = path.dense.breakpoints().cpu()
                 if fwd is not None:
                     seams = torch.unique(torch.cat([seams, fwd.breakpoints().cpu().to(seams)]))
-                panels = choose_panels(_probe(dense, kept), times, seams, cfg.quad_rtol,
+                panels = choose_panels(_probe(dense, kept), times, seams, quad_rtol,
                                        device=sol.device, dtype=sol.dtype,
                                        probe_size=2 * (sol[0].numel() if idx is None else len(idx)),
                                        edges=breaks, max_nodes=max_nodes)  # fmt: skip
@@ -509,7 +519,7 @@ def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
         grads = []
     t_grad = _t_grad(ctx, quad, grad_sol) if need_t else None
     _report(prob, rhs.nfe - nfe_start, quad, orders, panels.error if panels is not None else float("nan"), fallback,
-            located=len(breaks))  # fmt: skip
+            located=len(breaks), quad_rtol=quad_rtol)  # fmt: skip
     return (None, a, t_grad, *grads)
 
 
@@ -675,11 +685,16 @@ class _ZCheck:
             # y with a gradient as good as the adjoint's: only z leaving the path (1% of y or of max|y|) counts.
             self.rtol = max(self.rtol, _GRID_Z_RTOL)
             self.atol = max(self.atol, _GRID_Z_RTOL * float(sol.abs().max()))
+        self.rel = 0.0
 
     def __call__(self, i: int, z: torch.Tensor) -> None:
         y = self.sol[i]
         scale = torch.maximum(z.abs(), y.abs()).mul_(self.rtol).add_(self.atol)
-        ratio = float(torch.linalg.vector_norm((z - y) / scale) / math.sqrt(max(z.numel(), 1)))  # one host read
+        diff = z - y
+        ratio, rel = torch.stack([torch.linalg.vector_norm(diff / scale) / math.sqrt(max(z.numel(), 1)),
+                                  torch.linalg.vector_norm(diff) / torch.linalg.vector_norm(y)]).tolist()  # fmt: skip
+        if math.isfinite(rel):  # ||z - y|| / ||y||: how far the backsolved path is from the forward's
+            self.rel = max(self.rel, rel)
         if self.stats is not None:
             self.stats.z_mismatch = max(self.stats.z_mismatch, ratio) if math.isfinite(ratio) else ratio
         if not ratio <= _Z_MISMATCH:  # NaN included
@@ -1001,6 +1016,7 @@ def _check_inputs(func, y0, t, rtol, atol, method, options, event_fn, gtol, quad
         _fail(TypeError, "adjoint_params", adjoint_params, "adjoint_params must be a sequence of Tensors.")
     # Only parameters that need a gradient enter the autograd graph (as in torchdiffeq).
     params = tuple(p for p in adjoint_params if p.requires_grad)
+    quad_rtol_given = quad_rtol is not None
     quad_rtol = _min_tol(adjoint_rtol) if quad_rtol is None else quad_rtol
     quad_atol = _min_tol(adjoint_atol) if quad_atol is None else quad_atol
     _check_tol("quad_rtol", quad_rtol)
@@ -1010,6 +1026,6 @@ def _check_inputs(func, y0, t, rtol, atol, method, options, event_fn, gtol, quad
         adjoint_atol=adjoint_atol, adjoint_method=adjoint_method, adjoint_options=adjoint_options,
         quadrature=quadrature, gtol=None if gtol is None else float(gtol), quad_order=quad_order,
         quad_rtol=float(quad_rtol), quad_atol=float(quad_atol), backward_state=backward_state,
-        quad_batch=quad_batch, warm_start=warm_start,
+        quad_batch=quad_batch, warm_start=warm_start, quad_rtol_given=quad_rtol_given,
     )  # fmt: skip
     return cfg, params
