@@ -142,8 +142,8 @@ def verdict_table(df: pd.DataFrame) -> pd.DataFrame:
             atol=gq["atol"], solver=_solver_label(gq),
             weights=gq["weights"], gq_err=gq.get("grad_rel_err"), adj_err=adj.get("grad_rel_err"),
             direct_err=direct.get("grad_rel_err"), err_bound=gq["error_bound"], gq_cost=gq.get("cost"),
-            adj_nfe_bwd=adj.get("nfe_bwd"), cost_bound=gq["cost_bound"], gq_s=gq.get("wall_s"),
-            adj_s=adj.get("wall_s"), warned=gq["warned"], error_ok=gq["error_ok"], cost_ok=gq["cost_ok"],
+            adj_nfe_bwd=adj.get("nfe_bwd"), cost_bound=gq["cost_bound"], warned=gq["warned"],
+            error_ok=gq["error_ok"], cost_ok=gq["cost_ok"],
             status="/".join(str(by.get(m, {}).get("status")) for m in METHODS), case_id=case_id,
         ))  # fmt: skip
     table = pd.DataFrame(lines)
@@ -174,7 +174,7 @@ def _verdict(bad: list[str], status: str) -> str:
 
 def markdown(table: pd.DataFrame, only_failures: bool = False) -> str:
     head = ("| problem | dtype | solver | rtol | weights | GQ err | bound | x | adj err | direct err | GQ cost | bound "
-            "| x | GQ s | adj s | warned | verdict | status (direct/adjoint/gq) |")  # fmt: skip
+            "| x | warned | verdict | status (direct/adjoint/gq) |")  # fmt: skip
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in table.to_dict("records"):
         bad = [k for k, ok in (("err", r["error_ok"]), ("cost", r["cost_ok"])) if not ok]
@@ -185,7 +185,6 @@ def markdown(table: pd.DataFrame, only_failures: bool = False) -> str:
             f"| {_fmt(r['gq_err'])} "
             f"| {_fmt(r['err_bound'])} | {_fmt(r['err_x'], '.2g')} | {_fmt(r['adj_err'])} | {_fmt(r['direct_err'])} "
             f"| {_fmt(r['gq_cost'], '.0f')} | {_fmt(r['cost_bound'], '.0f')} | {_fmt(r['cost_x'], '.2g')} "
-            f"| {_fmt(r['gq_s'], '.2f')} | {_fmt(r['adj_s'], '.2f')} "
             f"| {'yes' if r['warned'] else ''} | {_verdict(bad, r['status'])} | {r['status']} |"
         )
     return "\n".join(lines)

@@ -51,7 +51,7 @@ def test_subset_is_in_the_fast_suite():
 
 @pytest.mark.parametrize("case_id", [pytest.param(k, marks=m) for k, m in SUBSET.items()])
 def test_case_within_bounds_or_warned(case_id, cache):
-    rows = [measure(FAST[case_id], m, cache, repeats=0) for m in METHODS]
+    rows = [measure(FAST[case_id], m, cache) for m in METHODS]
     v = verdict(rows)
     gq = rows[-1]
     detail = (f"GQ err {gq.get('grad_rel_err')} vs bound {v['error_bound']:.2e}, cost {gq.get('cost')} vs "

@@ -1,8 +1,9 @@
-"""One stress case, one method: gradient error against a float64 reference, cost, wall time, warnings.
+"""One stress case, one method: gradient error against a float64 reference, cost, warnings.
 
 The three methods are GQ's default (`impls.odeint_adjoint_gq`, no options), torchdiffeq's `odeint_adjoint`
-and direct backprop (`torchdiffeq.odeint`), all at the case's rtol/atol with dopri5. Cost is what the
-backward pays in evaluations of f: backward NFE, plus quadrature nodes for GQ (`impls.gq_stats()`).
+and direct backprop (`torchdiffeq.odeint`), all with the case's solver (dopri5 at its rtol/atol, or a fixed
+grid). Cost is what the backward pays in evaluations of f: backward NFE, plus quadrature nodes for GQ
+(`impls.gq_stats()`). Nothing here is timed: time is the runner's (`gqbench run`, `prepare`/`measure`).
 `verdict` applies issue 23's bounds to a case's three rows. Trained weights and references are cached
 on disk (`cache_dir`) keyed by the case's `problem_key`, so float32/float64 and every tolerance share them.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 import warnings
 from pathlib import Path
 
@@ -71,18 +71,15 @@ def instance(case: StressCase, cache_dir: str | Path, dtype: str | None = None):
 
 
 def flat_gradients(func, y0, t, loss, solve, counter: list | None = None) -> tuple[torch.Tensor, dict]:
-    """All parameter gradients, then y0's, flattened; the forward and backward times; and, when `solve`
-    wrapped func in an `NFECounter` (appended to `counter`), the forward and backward NFE."""
+    """All parameter gradients, then y0's, flattened; and, when `solve` wrapped func in an `NFECounter`
+    (appended to `counter`), the forward and backward NFE."""
     y0 = y0.detach().clone().requires_grad_(True)
     for q in func.parameters():
         q.grad = None
-    start = time.perf_counter()
     value = loss(solve(func, y0, t))
-    mid = time.perf_counter()
     nfe_fwd = counter[-1].nfe if counter else None
     value.backward()
-    end = time.perf_counter()
-    info = {"fwd_s": mid - start, "bwd_s": end - mid}
+    info = {}
     if counter:
         info.update(nfe_fwd=nfe_fwd, nfe_bwd=counter[-1].nfe - nfe_fwd)
     grads = [torch.zeros_like(q) if q.grad is None else q.grad for q in func.parameters()] + [y0.grad]
@@ -154,19 +151,8 @@ def _solver(method: str, case: StressCase, counter: list, t: torch.Tensor):
     raise ValueError(f"method {method!r}: use one of {', '.join(METHODS)}")
 
 
-def measure(
-    case: StressCase,
-    method: str,
-    cache_dir: str | Path,
-    *,
-    min_time: float = 1.0,
-    max_time: float = 20.0,
-    repeats: int = 3,
-) -> dict:
-    """One row: the case, the method, its gradient error, cost, timings, warnings and GQ's stats.
-
-    The first call gives the gradient, NFE, stats and warnings (and `first_s`, its wall time); later
-    calls give `wall_s`, the wall time per gradient."""
+def measure(case: StressCase, method: str, cache_dir: str | Path) -> dict:
+    """One row: the case, the method, its gradient error, cost, warnings and GQ's stats (one call)."""
     row = dict(case_row(case), method=method, status="ok", error="")
     ref = reference(case, cache_dir)
     func, y0, t, loss = instance(case, cache_dir)
@@ -177,11 +163,11 @@ def measure(
         warnings.simplefilter("always")
         try:
             with impls.gq_stats(stats):
-                grads, times = flat_gradients(func, y0, t, loss, solve, counters)
+                grads, nfe = flat_gradients(func, y0, t, loss, solve, counters)
         except Exception as exc:  # noqa: BLE001 -- a failing method is a row
             row.update(status="error", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
-            grads, times = None, {}
-    row.update({k: v for k, v in times.items() if k.startswith("nfe")})
+            grads, nfe = None, {}
+    row.update(nfe)
     row["warnings"] = " | ".join(f"{w.category.__name__}: {str(w.message)[:200]}" for w in caught)
     row["n_warnings"] = len(caught)
     gq_warnings = [
@@ -200,19 +186,6 @@ def measure(
         row["grad_rel_err"] = float(np.linalg.norm(g - ref) / np.linalg.norm(ref))
         if not np.isfinite(row["grad_rel_err"]):
             row["status"] = "nan"
-        # The first call pays one-off costs (torchdiffeq's adjoint: seconds on its first call in a
-        # process), so wall time is the median of `repeats` more calls; one more when the first took
-        # over `min_time`, none when it took over `max_time` (a pathological case: its first call).
-        first = times["fwd_s"] + times["bwd_s"]
-        n = repeats if first < min_time else (min(repeats, 1) if first < max_time else 0)
-        walls = []
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for _ in range(n):
-                info = flat_gradients(func, y0, t, loss, solve, counters)[1]
-                walls.append(info["fwd_s"] + info["bwd_s"])
-        row["wall_s"] = float(np.median(walls)) if walls else first
-        row.update(fwd_s=times["fwd_s"], bwd_s=times["bwd_s"], first_s=first)
     return row
 
 
