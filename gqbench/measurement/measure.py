@@ -139,7 +139,7 @@ def untimed_calls(run: AbstractRun, n: int) -> None:
         run.backward()
 
 
-def _minor_faults() -> int:
+def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
@@ -153,14 +153,14 @@ def time_call(run: AbstractRun, rewarm: int = 0) -> dict:
     adjoint at workload L w=2000 takes 0.3-0.7 M faults per backward depending on what ran earlier
     in the process -- and they say why a ratio moves between one process and another."""
     untimed_calls(run, rewarm)
-    fa = _minor_faults()
+    fa = minor_faults()
     a = time.perf_counter()
     run.forward()
     b = time.perf_counter()
-    fb = _minor_faults()
+    fb = minor_faults()
     run.backward()
     c = time.perf_counter()
-    fc = _minor_faults()
+    fc = minor_faults()
     return dict(
         fwd_s=b - a,
         bwd_s=c - b,

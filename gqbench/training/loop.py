@@ -68,7 +68,7 @@ def train(experiment: ODEExperiment, case: Case, data: Dataset, *, on_epoch: Cal
     (the error says which and where); the rows so far are returned either way."""
     import torch
 
-    from ..measurement.measure import PeakMemory, classify, one_line
+    from ..measurement.measure import PeakMemory, classify, minor_faults, one_line
 
     dtype = getattr(torch, case.dtype)
     data = data.to(case.device, dtype)
@@ -95,10 +95,11 @@ def train(experiment: ODEExperiment, case: Case, data: Dataset, *, on_epoch: Cal
             on_epoch(row)
 
     validate(dict(epoch=0, fwd_s=0.0, bwd_s=0.0, step_s=0.0, epoch_s=0.0, wall_s=0.0, nfe_fwd=0, nfe_bwd=0,
-                  quad_nodes=math.nan, loss=math.nan, peak_mem_bytes=math.nan, batches=0))  # fmt: skip
+                  quad_nodes=math.nan, loss=math.nan, peak_mem_bytes=math.nan, batches=0, bwd_page_faults=0,
+                  step_page_faults=0))  # fmt: skip
     for epoch in range(1, case.epochs + 1):
         row = dict(epoch=epoch, fwd_s=0.0, bwd_s=0.0, step_s=0.0, nfe_fwd=0, nfe_bwd=0, quad_nodes=0.0, loss=0.0,
-                   batches=0)  # fmt: skip
+                   batches=0, bwd_page_faults=0, step_page_faults=0)  # fmt: skip
         perm = torch.randperm(n, generator=order).to(case.device)
         try:
             with PeakMemory(case.device, baseline=baseline) as mem:
@@ -109,13 +110,19 @@ def train(experiment: ODEExperiment, case: Case, data: Dataset, *, on_epoch: Cal
                     loss = experiment.loss(pred=model(data.x_train[idx], data.t, solve), target=data.y_train[idx])
                     sync(case.device)
                     b = time.perf_counter()
+                    fb = minor_faults()
                     loss.backward()
                     sync(case.device)
                     c = time.perf_counter()
+                    fc = minor_faults()
                     solve.after_backward()
                     optimiser.step()
                     sync(case.device)
                     d = time.perf_counter()
+                    # Pages the step maps afresh: after a backward that freed little (GQ's), glibc has
+                    # returned the heap's top and Adam's temporaries fault it back in (docs/measuring.md).
+                    row["step_page_faults"] += minor_faults() - fc
+                    row["bwd_page_faults"] += fc - fb
                     value = float(loss.detach())
                     if not math.isfinite(value):
                         raise Diverged(f"training loss is {value} at epoch {epoch}, batch {row['batches'] + 1}")
