@@ -433,8 +433,12 @@ def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
                                      cfg.adjoint_atol)  # fmt: skip
         opts = {k: v for k, v in cfg.adjoint_options.items() if k != "first_step" or not one_sweep}
         # A backsolve that needs many times the forward's evaluations is leaving the forward's path
-        # (an attracting limit cycle run backwards): keeping the forward is cheaper than finishing.
-        budget = None if fwd is not None else _BACKSOLVE_BUDGET * ctx.nfe_forward + 100
+        # (an attracting limit cycle run backwards): keeping the forward is cheaper than finishing. The
+        # forward interpolates its outputs while the backsolve steps onto every t_i: one more step each.
+        budget = None
+        if fwd is None and one_sweep:
+            per_step = len(SOLVERS[cfg.adjoint_method].tableau.alpha) + 1
+            budget = _BACKSOLVE_BUDGET * (ctx.nfe_forward + per_step * (len(times) - 1)) + 100
         # Likewise a backsolved z far outside the range the forward solution ever took.
         z_bound = (
             None
