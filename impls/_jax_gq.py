@@ -561,8 +561,11 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
         probes = rule == "adaptive"
         nodes = jnp.clip((t_lo + t_hi) / 2 + (t_hi - t_lo) / 2 * T.u_sorted, t_lo, t_hi) if probes else None
         save = SaveAt(ts=nodes, t1=True, solver_state=True) if probes else SaveAt(t1=True, solver_state=True)
+        # Backsolving z may fail outright (max_steps on stiff kinetics): that is a divergence like any other,
+        # so the attempt reports it and the interval falls back instead of raising.
+        kw = dict(backward, dt0=dt_first, throw=False if backsolve else backward["throw"])
         sol = self._diffeqsolve(vf, _QuadratureSolver(step_solver, x_gk, w_k, w_e), t0=t_hi, t1=t_lo, y0=state,
-                                args=ctx, saveat=save, **dict(backward, dt0=dt_first))  # fmt: skip
+                                args=ctx, saveat=save, **kw)  # fmt: skip
         inner, k_sum, e_sum, h_range = sol.solver_state
         # A jump in t: the solver rejected steps and its steps collapsed (a smooth field's do not).
         collapsed = (sol.stats["num_rejected_steps"] >= JUMP_REJECTS) & (h_range[0] < JUMP_COLLAPSE * h_range[1])
@@ -573,7 +576,7 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
         last = lambda tree: jtu.tree_map(lambda p: p[-1], tree)
         out = dict(a_lo=last(a_path), k=k_sum, e=e_sum, h=carried(inner, h) if warm else h,
                    steps=sol.stats["num_steps"].astype(i32), collapsed=collapsed,
-                   z_end=None if z_path is None else last(z_path))  # fmt: skip
+                   z_end=None if z_path is None else last(z_path), failed=sol.result != RESULTS.successful)  # fmt: skip
         if probes:
             out["a_nodes"] = jtu.tree_map(lambda p: p[:-1], a_path)
             out["z_nodes"] = (jtu.tree_map(lambda p: p[:-1], z_path) if z_path is not None
@@ -671,7 +674,7 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
             enorm = _tree_norm(out["e"])
             ok_k = ~is_probe & (enorm <= tol_k(out["k"]))
             stalled = ~is_probe & ~ok_k & (c["enorm"] <= ROUNDOFF_RATIO**-1 * enorm) & (c["tries"] > 0)
-            mism = mismatch_of(out["z_end"], y_lo, out["a_lo"])
+            mism = mismatch_of(out["z_end"], y_lo, out["a_lo"]) | out["failed"]
             new = dict(c, out=out, nodes=nodes_sp, nfe=nfe_sp, enorm=enorm, mismatch=mism, used_k=~is_probe, ok=ok_k,
                        roundoff=stalled)  # fmt: skip
             if probes:
@@ -710,6 +713,7 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
             steps=i32(0),
             collapsed=jnp.bool_(False),
             z_end=z0(y_hi) if adj.backward_state == "backsolve" else None,
+            failed=jnp.bool_(False),
         )
         if probes:
             m = (T.u_sorted.shape[0],)
@@ -752,6 +756,17 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
         k_e_sq = jnp.where(use_k, _tree_norm(out["e"]) ** 2, 0).astype(f_t)
         unconverged = (~c["ok"] & ~c["roundoff"]) | capped
         lost = (c["fallback"] & ~c["fb_ok"]) if backsolve else jnp.bool_(False)  # the re-solve itself failed
+        if backsolve and backward["throw"]:  # failed with z off the re-solved forward too: as diffrax would
+            out = dict(
+                out,
+                a_lo=eqx.error_if(
+                    out["a_lo"],
+                    out["failed"],
+                    "GaussLegendreAdjoint: the backward solve "
+                    "failed even with z read off the re-solved forward (max_steps, or a "
+                    "step-size underflow); increase max_steps or loosen the tolerances.",
+                ),
+            )
         st = dict(nodes=(c["nodes"] + count).astype(i32), nfe=c["nfe"].astype(i32), refinements=c["tries"],
                   level=jnp.where(use_k, c["level"] - 1, 0).astype(i32), unconverged=unconverged,
                   roundoff=c["roundoff"], suspect=c["suspect"], mismatch=c["mismatch"] | lost,

@@ -594,3 +594,37 @@ def test_warning_once_per_call_and_silenced():
     assert not warned
     _, warned = _report_call(_decay_grad_fn(GaussLegendreAdjoint()), jnp.asarray([0.5, 1.0]), y0)
     assert not warned
+
+
+class _Robertson(eqx.Module):
+    logk: jax.Array
+
+    def __call__(self, t, y, args):
+        k1, k2, k3 = jnp.exp(self.logk)
+        a, b, c = y[0], y[1], y[2]
+        return jnp.stack([-k1 * a + k3 * b * c, k1 * a - k3 * b * c - k2 * b * b, k2 * b * b])
+
+
+@functools.cache
+def _robertson_grad_fn(adjoint, solver, rtol, atol, max_steps):
+    def loss(field):
+        sol = diffrax.diffeqsolve(diffrax.ODETerm(field), solver, 0.0, 10.0, None, jnp.asarray([1.0, 0.0, 0.0]),
+                                  None, saveat=diffrax.SaveAt(ts=jnp.asarray([1.0, 10.0])), adjoint=adjoint,
+                                  stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+                                  max_steps=max_steps)  # fmt: skip
+        return jnp.sum(sol.ys * jnp.asarray([1.0, 10.0, 1.0]))
+
+    return eqx.filter_jit(eqx.filter_grad(loss))
+
+
+def test_a_backsolve_that_fails_outright_falls_back():
+    """Robertson kinetics at rtol 1e-8: backsolving [z, a] runs into max_steps. The default raised diffrax's
+    "maximum number of solver steps" error (as BacksolveAdjoint does); it is a divergence like the others:
+    the interval falls back to z off the re-solved forward, and the gradient is right, with the warning."""
+    field = _Robertson(jnp.log(jnp.asarray([0.04, 3e2, 3e1])))
+    ref = _robertson_grad_fn(diffrax.RecursiveCheckpointAdjoint(), diffrax.Kvaerno5(), 1e-12, 1e-14, 100_000)(field)
+    reports = []
+    adjoint = GaussLegendreAdjoint(report=reports.append)
+    g, warned = _report_call(_robertson_grad_fn(adjoint, diffrax.Dopri5(), 1e-8, 1e-10, 20_000), field)
+    assert _rel_err(g.logk, ref.logk) < 1e-6
+    assert int(reports[-1]["gq_backsolve_fallbacks"]) >= 1 and len(warned) == 1
