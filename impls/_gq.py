@@ -260,7 +260,7 @@ def _backward_per_interval(ctx, grad_sol: torch.Tensor):
     need_t = ctx.needs_input_grad[2]
     nfe_start = rhs.nfe
     dense, ctx.dense = ctx.dense, None
-    fallback = suspect = None
+    fallback = None
     while True:
         try:
             quad, a, orders = _per_interval_pass(ctx, grad_sol, dense, need_t, strict=_recordable(cfg.method))
@@ -268,10 +268,9 @@ def _backward_per_interval(ctx, grad_sol: torch.Tensor):
         except _sweep.SweepFailed as exc:
             _no_fallback(cfg, exc, kept=dense is not None)
             dense, fallback = _forward_dense(prob, sol[0], t), str(exc)
-    suspect = quad.suspect
     t_grad = _t_grad(ctx, quad, grad_sol) if need_t else None
     error = float(quad.err_sq.sqrt() / _norm(quad.grads)) if quad.err_sq is not None else None
-    _report(prob, rhs.nfe - nfe_start, quad, orders[::-1], error, fallback, suspect=suspect)
+    _report(prob, rhs.nfe - nfe_start, quad, orders[::-1], error, fallback, suspect=quad.suspect)
     return (None, a, t_grad, *quad.grads)
 
 
@@ -284,7 +283,6 @@ def _per_interval_pass(ctx, grad_sol: torch.Tensor, dense, need_t: bool, strict:
     params = prob.params
     grads = [torch.zeros_like(p) for p in params]
     quad = _Quadrature(prob, grads, need_t)
-    quad.suspect = None
     if dense is not None and dense.evals_needed:
         rhs.nfe += dense.evals_needed
         dense.fill(quad.rhs_batch)
@@ -746,6 +744,8 @@ class _Quadrature:
         # Squared norms of each interval's K5 - G2 estimate (adaptive rule only): summed as if
         # independent, so no parameter-sized accumulator is kept across intervals.
         self.err_sq: torch.Tensor | None = None
+        # A backsolved z that left the forward's path with no fallback to take (scipy both ways): for the warning.
+        self.suspect: str | None = None
 
     def _chunk(self, n: int, state_numel: int) -> int:
         if self.prob.config.quad_batch is not None:
