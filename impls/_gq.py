@@ -556,9 +556,8 @@ def _solve_per_interval(brhs, state, t, jump, cfg: _Config, opts: dict, first_st
             raise _sweep.SweepFailed(f"the adjoint reached {a_max:.3g} at t[{i - 1}], beyond {a_bound:.3g}")
         parts.append(path.dense)
         y = jump(i - 1, end) if i > 1 else end
-    lo, hi = sorted((float(t[0]), float(t[-1])))
-    breaks = sorted({float(x) for key in ("step_t", "jump_t") if opts.get(key) is not None
-                     for x in torch.as_tensor(opts[key]).reshape(-1).tolist() if lo < x < hi})  # fmt: skip
+    span = [float(t[0]), float(t[-1])]
+    breaks = sorted({*_sweep.user_times(opts, "step_t", span), *_sweep.user_times(opts, "jump_t", span)})
     return _sweep.Sweep(dense=Stitched(parts), end=y, steps=0, rejected=0, breaks=breaks)
 
 

@@ -112,6 +112,8 @@ MISMATCH_RMS = 100.0  # backsolved z vs the forward's y at t_lo, RMS in units of
 CHUNK = 2  # node-VJP block: the probe rule usually takes 2-8 nodes per interval (the old narrow block; many nodes loop)
 
 _lax_loop = functools.partial(eqxi.while_loop, kind="lax")
+_FALLBACK_FAILED = ("GaussLegendreAdjoint: the backward solve failed even with z read off the re-solved forward "
+                    "(max_steps, or a step-size underflow); increase max_steps or loosen the tolerances.")  # fmt: skip
 
 
 def _fail(arg: str, value, why_and_fix: str):
@@ -757,16 +759,7 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
         unconverged = (~c["ok"] & ~c["roundoff"]) | capped
         lost = (c["fallback"] & ~c["fb_ok"]) if backsolve else jnp.bool_(False)  # the re-solve itself failed
         if backsolve and backward["throw"]:  # failed with z off the re-solved forward too: as diffrax would
-            out = dict(
-                out,
-                a_lo=eqx.error_if(
-                    out["a_lo"],
-                    out["failed"],
-                    "GaussLegendreAdjoint: the backward solve "
-                    "failed even with z read off the re-solved forward (max_steps, or a "
-                    "step-size underflow); increase max_steps or loosen the tolerances.",
-                ),
-            )
+            out = dict(out, a_lo=eqx.error_if(out["a_lo"], out["failed"], _FALLBACK_FAILED))
         st = dict(nodes=(c["nodes"] + count).astype(i32), nfe=c["nfe"].astype(i32), refinements=c["tries"],
                   level=jnp.where(use_k, c["level"] - 1, 0).astype(i32), unconverged=unconverged,
                   roundoff=c["roundoff"], suspect=c["suspect"], mismatch=c["mismatch"] | lost,

@@ -56,6 +56,13 @@ def supported(solver_cls: type, options: dict, rtol, atol) -> bool:
     )
 
 
+def user_times(options: dict, key: str, times: list[float]) -> list[float]:
+    """The user's `step_t` or `jump_t` strictly inside the span of `times`, ascending, as floats."""
+    lo, hi = min(times[0], times[-1]), max(times[0], times[-1])
+    v = options.get(key)
+    return sorted(x for x in ([] if v is None else torch.as_tensor(v).reshape(-1).tolist()) if lo < x < hi)
+
+
 @dataclasses.dataclass
 class Sweep:
     """The backward path: dense output over all steps, where each interval's steps are, the end state."""
@@ -174,14 +181,7 @@ def sweep(
     max_step = float(options.get("max_step", math.inf))
     norm = options.get("norm", _rms_norm)
     default_norm = norm is _rms_norm
-    lo_t, hi_t = min(times[0], times[-1]), max(times[0], times[-1])
-
-    def _host(key):
-        v = options.get(key)
-        vals = [] if v is None else torch.as_tensor(v).reshape(-1).tolist()
-        return sorted(x for x in vals if lo_t < x < hi_t)
-
-    user_steps, user_jumps = _host("step_t"), _host("jump_t")
+    user_steps, user_jumps = user_times(options, "step_t", times), user_times(options, "jump_t", times)
 
     # tau = sign * t increases along the solve; the solver works in tau as torchdiffeq's does.
     sign = 1.0 if times[0] > times[-1] else -1.0
@@ -304,7 +304,7 @@ def sweep(
     found, spent = locate_jumps(
         lambda t, y_: rhs(t.to(dtype), y_.view(shape)).reshape(-1) * sign, dense,
         list(torch.linalg.vector_norm(f1s - f0s, dim=1)), t0s, t1s, rej_before,
-        tol_t=max(_JUMP_TOL * rtol * span, 4 * math.ulp(max(abs(lo_t), abs(hi_t)))),
+        tol_t=max(_JUMP_TOL * rtol * span, 4 * math.ulp(max(abs(times[0]), abs(times[-1])))),
         fixed={*times, *user_steps, *user_jumps}, ends=lambda k: (f0s[k], f1s[k]), budget=max(64, evals),
     )  # fmt: skip
     breaks = sorted({*user_steps, *user_jumps, *found})
