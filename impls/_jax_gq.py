@@ -20,10 +20,13 @@ integrand itself decides (the "kronrod" attempts below, panels bisected while th
 where the probes do not converge or stop falling (round-off, dense-output noise), where the solve's
 steps collapsed with rejections (a jump in t: the dense output is smooth inside a step where f is
 not) and where a user jump time (ClipStepSizeController / PIDController(jump_ts=...)) lies inside
--- the steps land on it. Probe and kronrod attempts are ONE traced solve called from one loop
-(compile time). Cost cap: nodes <= COST_NFE x backward evaluations + COST_EXTRA per interval, in
-all; past it the last result is kept and counted unconverged. The backsolved z arriving at t_lo is
-checked against the forward's y there. What cannot be certified warns (`warn`).
+-- the steps land on it. Probe and kronrod attempts, and the backsolve fallback's forward re-solve,
+are ONE traced solve called from one loop (compile time). Cost cap: nodes <= COST_NFE x backward
+evaluations + COST_EXTRA per interval, in all; past it the last result is kept and counted
+unconverged. The backsolved z arriving at t_lo is checked against the forward's y there; a
+mismatch (or a solve that failed) re-solves the interval's forward from that y, its steps' dense
+output recorded in the solver state, and the attempt is redone with z read off it. What cannot be
+certified warns (`warn`).
 
 "kronrod", the former default. The backward solver is wrapped (`_QuadratureSolver`) so
 that every step it takes also integrates over that step with the nested Gauss-Kronrod pair G2/K5,
@@ -108,12 +111,14 @@ COST_NFE, COST_EXTRA = 2, 16
 # JUMP_COLLAPSE x its largest localised a jump in t: there the integrand decides (G2/K5 on the solver's steps).
 JUMP_REJECTS, JUMP_COLLAPSE = 2, 1e-3
 FALLBACK_BYTES = 8 << 20  # the fallback's dense buffer (the interval's forward re-solved), at most
+PROBE, FORWARD = -1, -2  # attempt levels below the kronrod ones (>= 0): the probe attempt, the forward re-solve
 MISMATCH_RMS = 100.0  # backsolved z vs the forward's y at t_lo, RMS in units of atol + rtol * |y|
 CHUNK = 2  # node-VJP block: the probe rule usually takes 2-8 nodes per interval (the old narrow block; many nodes loop)
 
 _lax_loop = functools.partial(eqxi.while_loop, kind="lax")
 _FALLBACK_FAILED = ("GaussLegendreAdjoint: the backward solve failed even with z read off the re-solved forward "
-                    "(max_steps, or a step-size underflow); increase max_steps or loosen the tolerances.")  # fmt: skip
+                    "(max_steps, a step-size underflow, or a re-solve longer than its 8 MiB buffer); increase "
+                    "max_steps, loosen the tolerances, or use backward_state='interpolate'.")  # fmt: skip
 
 
 def _fail(arg: str, value, why_and_fix: str):
@@ -539,36 +544,47 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
         spent = spent + jnp.stack([st["nodes"], st["nfe"]])
         return (a, grads, err_sq, level, h, spent), st
 
-    # Backsolve divergence: the interval's forward solved again from the forward's own y(t_lo), its dense
-    # output kept in a buffer of at most FALLBACK_BYTES (it is carried, zeros, by every backward pass).
-    y_bytes = sum(x.size * x.dtype.itemsize for x in jtu.tree_leaves(y0))
-    fb_steps = max(16, min(backward["max_steps"] or 4096, FALLBACK_BYTES // max(1, 8 * y_bytes)))
-    fwd_term = ODETerm(lambda t, y, ctx: _rhs(ctx[1], t, y, ctx[0]))
+    # Backsolve divergence: the interval's forward solved again from the forward's own y(t_lo) by the SAME traced
+    # solve as the backward attempts (level FORWARD: t_lo -> t_hi, state (y, y), no quadrature; one solve to
+    # compile, not two), its accepted steps' dense output recorded in the solver state, in a buffer of at most
+    # FALLBACK_BYTES; rejected steps leave no trace (diffrax keeps a step's solver state only when accepted). The
+    # buffer goes from attempt to attempt through the loop's carry and the solver state only (never `args`), so
+    # XLA updates it in place instead of copying it per attempt.
+    record, info = 0, None
+    if backsolve and rule in ERROR_CONTROLLED:
+        ctx0 = _QuadContext(params=params, static=static, dense=None, level=i32(FORWARD))
+        info = _step_info_struct(b_solver, vf, t0, (y0, y0), ctx0)
+        info_bytes = sum(x.size * x.dtype.itemsize for x in jtu.tree_leaves(info))
+        record = max(16, min(backward["max_steps"] or 4096, FALLBACK_BYTES // max(1, info_bytes)))
 
-    def resolve_forward(t_lo, t_hi, y_lo):
-        sol = self._diffeqsolve(fwd_term, solver, t0=t_lo, t1=t_hi, y0=y_lo, args=(args, terms),
-                                saveat=SaveAt(dense=True), stepsize_controller=stepsize_controller, dt0=dt0,
-                                max_steps=fb_steps, throw=False, adjoint=_NoAutodiff())  # fmt: skip
-        return sol.interpolation, sol.result == RESULTS.successful
-
-    def attempt(t_lo, t_hi, y_hi, a, h, level, fb=None):
-        """ONE backward solve t_hi -> t_lo (traced once, called from one loop): level < 0 the probe
-        attempt (saves at the probe nodes, no quadrature in the steps), level >= 0 a kronrod attempt
-        (G2/K5 on 2**level panels per step)."""
+    def attempt(t_lo, t_hi, y_hi, y_lo, a, h, level, fb=None):
+        """ONE solve (traced once, called from one loop): level >= 0 a kronrod attempt (G2/K5 on
+        2**level panels per step), PROBE the probe attempt (saves at the probe nodes, no quadrature in
+        the steps), both t_hi -> t_lo; FORWARD (backsolve) the interval's forward re-solved t_lo -> t_hi."""
         step_solver, dt_first = start(t_lo, t_hi, h)
         ctx = _QuadContext(params=params, static=static, dense=dense, level=level, t_end=-t_lo)
-        if fb is not None:  # backsolve: the forward re-solved over the interval, used when the flag is set
-            ctx = _QuadContext(params=params, static=static, dense=fb[0], level=level, t_end=-t_lo, use_dense=fb[1])
+        fwd = jnp.bool_(False)
         state = (y_hi, a) if adj.backward_state == "backsolve" else a
+        t_from, t_to = t_hi, t_lo
+        if fb is not None:  # backsolve: z read off the forward re-solved (in the buffer) when the flag is set
+            ctx = _QuadContext(params=params, static=static, dense=None, level=level, t_end=-t_lo, use_dense=fb[1])
+            fwd = level == FORWARD
+            state = jtu.tree_map(lambda f, b: jnp.where(fwd, f, b), (y_lo, y_lo), state)
+            t_from, t_to = jnp.where(fwd, t_lo, t_hi), jnp.where(fwd, t_hi, t_lo)
+            if dt_first is not None:
+                dt_first = jnp.where(fwd, -dt_first, dt_first)
         probes = rule == "adaptive"
-        nodes = jnp.clip((t_lo + t_hi) / 2 + (t_hi - t_lo) / 2 * T.u_sorted, t_lo, t_hi) if probes else None
+        nodes = None
+        if probes:
+            nodes = jnp.clip((t_lo + t_hi) / 2 + (t_hi - t_lo) / 2 * T.u_sorted, t_lo, t_hi)
+            nodes = jnp.where(fwd, nodes[::-1], nodes)  # as the solve meets them
         save = SaveAt(ts=nodes, t1=True, solver_state=True) if probes else SaveAt(t1=True, solver_state=True)
         # Backsolving z may fail outright (max_steps on stiff kinetics): that is a divergence like any other,
         # so the attempt reports it and the interval falls back instead of raising.
         kw = dict(backward, dt0=dt_first, throw=False if backsolve else backward["throw"])
-        sol = self._diffeqsolve(vf, _QuadratureSolver(step_solver, x_gk, w_k, w_e), t0=t_hi, t1=t_lo, y0=state,
-                                args=ctx, saveat=save, **kw)  # fmt: skip
-        inner, k_sum, e_sum, h_range = sol.solver_state
+        quad_solver = _QuadratureSolver(step_solver, x_gk, w_k, w_e, None if fb is None else fb[0])
+        sol = self._diffeqsolve(vf, quad_solver, t0=t_from, t1=t_to, y0=state, args=ctx, saveat=save, **kw)
+        inner, k_sum, e_sum, h_range, rec = sol.solver_state
         # A jump in t: the solver rejected steps and its steps collapsed (a smooth field's do not).
         collapsed = (sol.stats["num_rejected_steps"] >= JUMP_REJECTS) & (h_range[0] < JUMP_COLLAPSE * h_range[1])
         if adj.backward_state == "backsolve":
@@ -584,7 +600,7 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
             out["z_nodes"] = (jtu.tree_map(lambda p: p[:-1], z_path) if z_path is not None
                               else jax.vmap(dense.evaluate)(nodes))  # fmt: skip
             out["nodes"] = nodes
-        return out
+        return out, rec
 
     def select(out, t_lo, t_hi, cap):
         """The probe rule: the first level at which some order <= 8 fits every panel's share of the
@@ -593,59 +609,48 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
         (one for all panels) the nodes. A level whose summed best error is not below ROUNDOFF_RATIO
         of the level before is round-off or noise (the dense output's, too): not found, the integrand
         decides (kronrod); the level before is kept (`roundoff`) should the cost cap leave no room.
-        The nodes never exceed `cap` (fewer panels, counted unconverged)."""
+        The nodes never exceed `cap` (fewer panels, counted unconverged). Every level at once, in vector
+        ops over levels (compile time: no per-level scalar logic, no segment scatters)."""
         half_all = (t_hi - t_lo) / 2
         flat = lambda tree: jnp.concatenate([x.reshape(x.shape[0], -1) for x in jtu.tree_leaves(tree)], 1)
         fa = flat(out["a_nodes"])
         fz = flat(out["z_nodes"])
         probe = jnp.concatenate([fa, fa * fz], 1).astype(f_t)  # (nodes, size)
         fallback = len(PROBE_ORDERS) - 1  # G16
-        # Every level's panels at once (compile time: one gather and one contraction, not one per level): row p of
-        # the blocks is a panel of level seg[p]; per-level figures are segment reductions over its panels.
-        levels, seg = PROBE_MAX_LEVEL + 1, T.seg
-        seg_sum = functools.partial(jax.ops.segment_sum, segment_ids=seg, num_segments=levels)
-        width = (half_all / T.panels).astype(f_t)  # (levels,): a panel's half-width over the interval's
-        vals = probe[T.blocks]  # (all panels, block, size)
-        integrals = width[seg][:, None, None] * jnp.einsum("rk,pks->prs", T.w_rules, vals)
-        ref_norm = jnp.sqrt(jnp.sum(seg_sum(integrals[:, -1]) ** 2, -1))  # (levels,)
-        abs_int = width[seg][:, None] * jnp.einsum("k,pks->ps", T.w_rules[-1], jnp.abs(vals))
-        abs_norm = jnp.sqrt(jnp.sum(seg_sum(abs_int) ** 2, -1))
+        levels = PROBE_MAX_LEVEL + 1
+        width = (half_all / T.panels).astype(f_t)[T.seg]  # (all panels,): a panel's half-width
+        vals = probe[T.blocks]  # (all panels, block, size): row p is a panel of level seg[p]
+        integrals = width[:, None, None] * jnp.einsum("rk,pks->prs", T.w_rules, vals)
+        abs_int = width[:, None] * jnp.einsum("k,pks->ps", T.w_rules[-1], jnp.abs(vals))  # by G16
+        level_sum = lambda x: jnp.tensordot(T.member, x, 1)  # (levels, ...): a level's panels summed
+        ref_norm = jnp.sqrt(jnp.sum(level_sum(integrals[:, -1]) ** 2, -1))  # (levels,)
+        abs_norm = jnp.sqrt(jnp.sum(level_sum(abs_int) ** 2, -1))
         errs = jnp.sqrt(jnp.sum((integrals[:, :-1] - integrals[:, -1:]) ** 2, -1))  # (all panels, 8)
         budget = jnp.maximum(PROBE_SAFETY * quad_rtol * ref_norm, ROUNDOFF_C * eps * abs_norm) / T.panels
-        ok = errs <= budget[seg][:, None]
-        passed_all = jax.ops.segment_min(ok.any(1).astype(i32), seg, levels) > 0
-        first = jnp.where(ok.any(1), jnp.argmax(ok, 1), fallback).astype(i32)
-        ch_all = jax.ops.segment_max(first, seg, levels)  # one order for all panels of a level
-        tot_all = jnp.concatenate([seg_sum(errs**2), jnp.zeros((levels, 1), f_t)], 1)  # per order, G16's own: 0
-        sums = seg_sum(errs)
-        best_r_all = jnp.argmin(sums, 1).astype(i32)
-        best_all = jnp.take_along_axis(sums, best_r_all[:, None], 1)[:, 0]
-        found = roundoff = done = jnp.bool_(False)
-        level = choice = i32(PROBE_MAX_LEVEL)
-        e_sq = ref_sq = jnp.zeros((), f_t)
-        prev = None
-        for lev in range(levels):  # static: scalar logic only
-            passed, ch, tot, best_r = passed_all[lev], ch_all[lev], tot_all[lev], best_r_all[lev]
-            if lev == PROBE_MAX_LEVEL:
-                ch = jnp.where(passed, ch, fallback)
-            take = ~done & (passed | (lev == PROBE_MAX_LEVEL))
-            if prev is not None:  # the estimate stopped falling: round-off/noise, not resolution
-                stalled = ~done & ~passed & (best_all[lev] >= ROUNDOFF_RATIO * prev[0])
-                level, choice = jnp.where(stalled, lev - 1, level), jnp.where(stalled, prev[1], choice)
-                e_sq, ref_sq = jnp.where(stalled, prev[2], e_sq), jnp.where(stalled, prev[3], ref_sq)
-                roundoff, found = roundoff | stalled, found
-                done = done | stalled
-                take = take & ~stalled
-            level, choice = jnp.where(take, lev, level), jnp.where(take, ch, choice)
-            e_sq, ref_sq = jnp.where(take, tot[ch], e_sq), jnp.where(take, ref_norm[lev] ** 2, ref_sq)
-            found, done = found | (passed & ~done), done | passed
-            prev = (best_all[lev], best_r, tot[best_r], ref_norm[lev] ** 2)
+        ok = errs <= budget[T.seg][:, None]
+        any_ok = ok.any(1)
+        passed = level_sum(1 - any_ok.astype(f_t)) == 0  # (levels,): every panel has an order that fits
+        first = jnp.where(any_ok, jnp.argmax(ok, 1), fallback)
+        ch = jnp.max(jnp.where(T.member > 0, first[None], 0), 1).astype(i32)  # one order for all panels
+        tot = jnp.concatenate([level_sum(errs**2), jnp.zeros((levels, 1), f_t)], 1)  # per order; G16's own: 0
+        sums = level_sum(errs)
+        best_r = jnp.argmin(sums, 1).astype(i32)
+        best = jnp.min(sums, 1)
+        # The estimate stopped falling (round-off/noise, not resolution) at a level that did not pass.
+        stalled = jnp.concatenate([jnp.zeros(1, bool), ~passed[1:] & (best[1:] >= ROUNDOFF_RATIO * best[:-1])])
+        last = jnp.arange(levels) == PROBE_MAX_LEVEL
+        at = jnp.argmax(passed | stalled | last)  # the first level that decides
+        stop = stalled[at]  # the level before is kept, with its best order
+        level = jnp.where(stop, at - 1, at).astype(i32)
+        choice = jnp.where(stop, best_r[level], jnp.where(passed[at], ch[at], fallback)).astype(i32)
+        e_sq, ref_sq = tot[level, choice], ref_norm[level] ** 2
+        found, roundoff = passed[at], stop
         order = T.orders[choice]
         # The cost cap: fewer panels (never below one) until panels * order fits.
         fit = jnp.floor(jnp.log2(jnp.maximum(cap, 1) / order)).astype(i32)
         capped = (jnp.left_shift(1, level) * order > cap) & (fit < level)
         level = jnp.where(capped, jnp.maximum(fit, 0), level)
-        e_sq = jnp.where(capped, tot_all[level, choice], e_sq)
+        e_sq = jnp.where(capped, tot[level, choice], e_sq)
         return dict(level=level, choice=choice, order=order, e_sq=e_sq, ref_sq=ref_sq, found=found & ~capped,
                     roundoff=roundoff, capped=capped)  # fmt: skip
 
@@ -664,11 +669,26 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
             inside = jnp.any((jump_ts > t_lo) & (jump_ts < t_hi))
 
         def body(c):
-            fb = (c["fb_dense"], c["fallback"]) if backsolve else None
-            out = attempt(t_lo, t_hi, y_hi, a, h, c["level"], fb)
+            # z off the re-solved forward only where it fit its buffer (else the attempt repeats: a mismatch left).
+            fb = (c["rec"], c["fallback"] & c["fb_ok"]) if backsolve else None
+            out, rec = attempt(t_lo, t_hi, y_hi, y_lo, a, h, c["level"], fb)
             nfe = 0 if nfe_of is None else nfe_of(out["steps"])
             nfe = jnp.asarray(nfe, i32)
-            is_probe = c["level"] < 0
+            new = regular(c, out, nfe)
+            if not backsolve:
+                return new
+            # After the forward re-solve (its dense output is in `rec`): the attempt that missed, again. Scalars
+            # chosen, not a `lax.cond` over the carry: that would copy the probe nodes' states (and the buffer)
+            # every attempt. The forward's `out` is never read: an attempt always follows it.
+            fwd = c["level"] == FORWARD
+            after = dict(c, fb_ok=~out["failed"] & (rec[2] <= record), fallback=jnp.bool_(True), level=c["resume"],
+                         nfe=c["nfe"] + nfe)  # fmt: skip
+            pick = lambda x, y: jnp.where(fwd, x, y)
+            new = {k: v if k in ("out", "rec") else jtu.tree_map(pick, after[k], v) for k, v in new.items()}
+            return dict(new, rec=rec)
+
+        def regular(c, out, nfe):
+            is_probe = c["level"] == PROBE
             k_nodes = jnp.where(is_probe, 0, out["steps"] * len(x_gk) * jnp.left_shift(1, jnp.maximum(c["level"], 0)))
             k_nodes = k_nodes if n_params else jnp.zeros_like(k_nodes)
             nodes_sp, nfe_sp = c["nodes"] + k_nodes, c["nfe"] + nfe
@@ -695,12 +715,9 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
             fits = nodes_sp + pred <= COST_NFE * (spent[1] + nfe_sp + nfe) + COST_EXTRA * n_intervals - spent[0]
             new.update(level=nxt, done=~(more & fits) | (n_params == 0), capped=more & ~fits,
                        tries=c["tries"] + (~is_probe).astype(i32))  # fmt: skip
-            if backsolve:  # z missed the forward's y: solve the interval's forward again, read z off it, redo
+            if backsolve:  # z missed the forward's y: solve the interval's forward again (next), read z off it, redo
                 redo = mism & ~c["fallback"]
-                fb_dense, fb_ok = lax.cond(redo, lambda: resolve_forward(t_lo, t_hi, y_lo),
-                                           lambda: (c["fb_dense"], c["fb_ok"]))  # fmt: skip
-                new.update(fb_dense=fb_dense, fb_ok=fb_ok, fallback=c["fallback"] | redo,
-                           level=jnp.where(redo, c["level"], new["level"]), done=new["done"] & ~redo,
+                new.update(resume=c["level"], level=jnp.where(redo, FORWARD, new["level"]), done=new["done"] & ~redo,
                            tries=jnp.where(redo, c["tries"], new["tries"]), enorm=jnp.where(redo, c["enorm"], enorm),
                            capped=new["capped"] & ~redo)  # fmt: skip
             return new
@@ -720,14 +737,14 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
         if probes:
             m = (T.u_sorted.shape[0],)
             out0.update(a_nodes=z0(a, m), z_nodes=z0(y_hi, m), nodes=jnp.zeros(m, T.u_sorted.dtype))
-        init = dict(level=i32(-1) if probes else start_level, done=jnp.bool_(False), out=out0, nodes=i32(0),
+        init = dict(level=i32(PROBE) if probes else start_level, done=jnp.bool_(False), out=out0, nodes=i32(0),
                     nfe=i32(0), enorm=jnp.asarray(jnp.inf, f_t), mismatch=jnp.bool_(False), used_k=jnp.bool_(False),
                     ok=jnp.bool_(False), roundoff=jnp.bool_(False), capped=jnp.bool_(False), tries=i32(0),
                     suspect=jnp.bool_(False))  # fmt: skip
         if backsolve:
-            shapes = eqx.filter_eval_shape(resolve_forward, t_lo, t_hi, y_lo)
-            init.update(fb_dense=jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes[0]),
-                        fb_ok=jnp.bool_(True), fallback=jnp.bool_(False))  # fmt: skip
+            rec0 = (jnp.full(record + 1, jnp.inf, f_t), jtu.tree_map(lambda x: jnp.zeros((record,) + x.shape, x.dtype),
+                    info), i32(0))  # fmt: skip
+            init.update(rec=rec0, fb_ok=jnp.bool_(True), fallback=jnp.bool_(False), resume=i32(PROBE))
         if probes:
             f0, b0 = jnp.zeros((), f_t), jnp.bool_(False)
             init["sel"] = dict(level=i32(0), choice=i32(0), order=i32(1), e_sq=f0, ref_sq=f0, found=b0, roundoff=b0,
@@ -942,6 +959,16 @@ def _chunked_vjp(params, static, count, gather, zero):
     return lax.fori_loop(0, (count + CHUNK - 1) // CHUNK, body, zero)
 
 
+def _step_info_struct(solver, term, t0, y0, args):
+    """The shapes of one step's dense output (traced, not run)."""
+
+    def one_step(t, y):
+        state = solver.init(term, t, t + 1, y, args)
+        return solver.step(term, t, t + 1, y, args, state, False)[2]
+
+    return eqx.filter_eval_shape(one_step, jnp.asarray(t0), y0)
+
+
 def _tree_finite(tree):
     leaves = [jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(tree)]
     return functools.reduce(jnp.logical_and, leaves, jnp.bool_(True))
@@ -1050,6 +1077,7 @@ class _ProbeTables(eqx.Module):
     blocks: Any  # (all levels' panels, block): layout's used rows, level by level
     seg: Any  # (all levels' panels,): each row's level (static)
     panels: Any  # (levels,): 2**level
+    member: Any  # (levels, all panels): 1 where the panel belongs to the level
 
     @staticmethod
     def build(dtype):
@@ -1059,9 +1087,10 @@ class _ProbeTables(eqx.Module):
         counts = [2**lev for lev in range(PROBE_MAX_LEVEL + 1)]
         blocks = np.concatenate([layout[lev, :n] for lev, n in enumerate(counts)])
         seg = np.repeat(np.arange(len(counts)), counts)
+        member = (seg[None, :] == np.arange(len(counts))[:, None]).astype(float)
         return _ProbeTables(
-            f(u), i(layout), f(w_rules), f(w_gl), i(offsets), i(PROBE_ORDERS), i(blocks), seg, f(counts)
-        )
+            f(u), i(layout), f(w_rules), f(w_gl), i(offsets), i(PROBE_ORDERS), i(blocks), seg, f(counts), f(member),
+        )  # fmt: skip
 
 
 @functools.cache
@@ -1104,14 +1133,20 @@ class _QuadContext(eqx.Module):
     dense: Any  # the forward dense solution ("interpolate"), else None
     level: Any  # each step is integrated on 2**level panels; < 0: none (the probe attempt)
     t_end: Any = None  # where the solve ends, in its normalised time: its last step is cut short to land there
-    use_dense: Any = None  # backsolve: z from `dense` (the interval's forward re-solved) when True, else None
+    use_dense: Any = None  # backsolve: z from the forward re-solved (the solver's buffer) when True, else None
 
 
 def _adaptive_backsolve_vf(t, za, ctx: _QuadContext):
-    if ctx.use_dense is not None:  # the fallback: z read off the forward re-solved, the z state follows it
-        z, a = za
-        za = (lax.cond(ctx.use_dense, lambda: ctx.dense.evaluate(t), lambda: z), a)
-    return _backsolve_vf(t, za, eqx.combine(ctx.params, ctx.static))
+    if ctx.use_dense is None:
+        return _backsolve_vf(t, za, eqx.combine(ctx.params, ctx.static))
+    # The fallback: z read off the forward re-solved (its (y, y) path; `dense` is set by _QuadratureSolver.step),
+    # the z state follows it.
+    z, a = za
+    if ctx.dense is not None:
+        za = (lax.cond(ctx.use_dense, lambda: ctx.dense.evaluate(t)[0], lambda: z), a)
+    f, da = _backsolve_vf(t, za, eqx.combine(ctx.params, ctx.static))
+    # The forward re-solve (level FORWARD): (y, y) both follow f, so the error norm is y's alone.
+    return f, jtu.tree_map(lambda x, y: jnp.where(ctx.level == FORWARD, x, y), f, da)
 
 
 def _adaptive_interp_vf(t, a, ctx: _QuadContext):
@@ -1129,16 +1164,37 @@ class _QuadratureSolver(_Delegating):
     x: Any  # K5 nodes on [-1, 1]
     w_k: Any  # K5 weights
     w_e: Any  # K5 - G2 weights
+    # The backsolve fallback's buffer (ts, dense infos, steps), or None: at level FORWARD each accepted step's end
+    # time and dense output are written at `steps` (past the buffer: dropped, still counted); when
+    # `use_dense`, z is read off it. It enters as the solver state and leaves in it (in place).
+    rec: Any = None
 
     def init(self, terms, t0, t1, y0, args: _QuadContext):
         zeros = jtu.tree_map(jnp.zeros_like, args.params)
         dt = jnp.result_type(t0, t1)
         h_range = jnp.asarray([jnp.inf, 0], dtype=dt)  # smallest and largest accepted step, the last one apart
-        return self.solver.init(terms, t0, t1, y0, args), zeros, zeros, h_range
+        rec = self.rec
+        if rec is not None:  # the forward re-solve starts its record here
+            fwd = args.level == FORWARD
+            ts, infos, n = rec
+            rec = (ts.at[0].set(jnp.where(fwd, t0, ts[0]).astype(ts.dtype)), infos, jnp.where(fwd, 0, n))
+        return self.solver.init(terms, t0, t1, y0, args), zeros, zeros, h_range, rec
 
     def step(self, terms, t0, t1, y0, args: _QuadContext, solver_state, made_jump):
-        inner, k_sum, e_sum, h_range = solver_state
+        inner, k_sum, e_sum, h_range, rec = solver_state
+        if rec is not None and args.use_dense is not None:  # the fallback reads z off the forward re-solved
+            ts, infos, n = rec
+            cap = ts.shape[0] - 1
+            dense = DenseInterpolation(ts=ts, ts_size=jnp.minimum(n, cap) + 1, infos=infos, direction=1,
+                                       interpolation_cls=self.solver.interpolation_cls, t0_if_trivial=ts[0],
+                                       y0_if_trivial=y0)  # fmt: skip
+            args = eqx.tree_at(lambda c: c.dense, args, dense, is_leaf=_is_none)
         y1, y_error, dense_info, inner, result = self.solver.step(terms, t0, t1, y0, args, inner, made_jump)
+        if rec is not None:  # an index past the buffer drops the write: only FORWARD steps land
+            ts, infos, n = rec
+            at = jnp.where(args.level == FORWARD, n, ts.shape[0] - 1)
+            infos = jtu.tree_map(lambda buf, x: buf.at[at].set(x, mode="drop"), infos, dense_info)
+            rec = (ts.at[at + 1].set(t1.astype(ts.dtype), mode="drop"), infos, n + (args.level == FORWARD))
         h_abs = jnp.abs(t1 - t0).astype(h_range.dtype)
         last = jnp.bool_(False) if args.t_end is None else t1 >= args.t_end
         h_range = jnp.where(last, h_range, jnp.stack([jnp.minimum(h_range[0], h_abs), jnp.maximum(h_range[1], h_abs)]))
@@ -1147,7 +1203,7 @@ class _QuadratureSolver(_Delegating):
         direction = terms.direction if isinstance(terms, WrapTerm) else 1
         ctx = args
         if not jtu.tree_leaves(ctx.params):  # nothing to integrate: y0 gradients only
-            return y1, y_error, dense_info, (inner, k_sum, e_sum, h_range), result
+            return y1, y_error, dense_info, (inner, k_sum, e_sum, h_range, rec), result
         panels = jnp.where(ctx.level >= 0, jnp.left_shift(1, jnp.maximum(ctx.level, 0)), 0)  # < 0: probes only
         h = (t1 - t0) / jnp.maximum(panels, 1)
 
@@ -1163,7 +1219,7 @@ class _QuadratureSolver(_Delegating):
             return jtu.tree_map(jnp.add, sums[0], k), jtu.tree_map(jnp.add, sums[1], e)
 
         k_sum, e_sum = lax.fori_loop(0, panels, panel, (k_sum, e_sum))
-        return y1, y_error, dense_info, (inner, k_sum, e_sum, h_range), result
+        return y1, y_error, dense_info, (inner, k_sum, e_sum, h_range, rec), result
 
 
 def _node_vjp_pair(params, static, nodes, z_nodes, a_nodes, w_k, w_e):

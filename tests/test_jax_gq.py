@@ -582,6 +582,21 @@ def test_backsolve_mismatch_falls_back_and_warns():
             assert int(rep["gq_backsolve_fallbacks"]) == 0 and bool(rep["gq_certified"]) and not warned
 
 
+def test_a_fallback_that_does_not_fit_its_buffer_is_not_used_silently(monkeypatch):
+    """The fallback's forward re-solve records its steps in a buffer of at most FALLBACK_BYTES (16 steps at least).
+    Where the re-solve needs more steps, what it recorded is not a path to read z off: the interval stays a
+    mismatch, and the warning says so (k T = 100 at rtol 1e-6 takes far more than 16 steps)."""
+    import impls._jax_gq as jax_gq
+
+    monkeypatch.setattr(jax_gq, "FALLBACK_BYTES", 0)
+    k, y0 = jnp.asarray([50.0, 1.0]), jnp.asarray([1.0, 2.0])
+    reports = []
+    _, warned = _report_call(_decay_grad_fn(GaussLegendreAdjoint(report=reports.append)), k, y0)
+    rep = reports[-1]
+    assert int(rep["gq_backsolve_fallbacks"]) == 1 and int(rep["gq_backsolve_mismatches"]) == 1
+    assert not bool(rep["gq_certified"]) and len(warned) == 1 and "missed the forward y" in str(warned[0].message)
+
+
 def test_warning_once_per_call_and_silenced():
     """An uncertified gradient warns once per call, with the numbers and the fix; warn=False is quiet; a
     certified one never warns."""
