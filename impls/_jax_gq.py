@@ -294,10 +294,7 @@ def _is_subsaveat(x) -> bool:
 
 def _with_dense_output(saveat, init_state, solver, terms, args, max_steps):
     """Ask the forward loop to keep its dense solution (diffeqsolve allocated none)."""
-    _, _, info_struct, _, _ = eqx.filter_eval_shape(
-        solver.step, terms, init_state.tprev, init_state.tnext, init_state.y, args, init_state.solver_state,
-        init_state.made_jump,
-    )  # fmt: skip
+    info_struct = _step_info_struct(solver, terms, init_state.tprev, init_state.y, args)
     dense_ts = jnp.full(max_steps + 1, jnp.inf, dtype=jnp.result_type(init_state.tprev))
     infos = jtu.tree_map(lambda x: jnp.full((max_steps,) + x.shape, jnp.inf, dtype=x.dtype), info_struct)
     init_state = eqx.tree_at(
@@ -577,7 +574,8 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
         nodes = None
         if probes:
             nodes = jnp.clip((t_lo + t_hi) / 2 + (t_hi - t_lo) / 2 * T.u_sorted, t_lo, t_hi)
-            nodes = jnp.where(fwd, nodes[::-1], nodes)  # as the solve meets them
+            if fb is not None:
+                nodes = jnp.where(fwd, nodes[::-1], nodes)  # as the solve meets them
         save = SaveAt(ts=nodes, t1=True, solver_state=True) if probes else SaveAt(t1=True, solver_state=True)
         # Backsolving z may fail outright (max_steps on stiff kinetics): that is a divergence like any other,
         # so the attempt reports it and the interval falls back instead of raising.
@@ -1130,8 +1128,8 @@ class _QuadContext(eqx.Module):
 
     params: Any  # the differentiated leaves of (args, terms), None elsewhere
     static: Any  # the rest of (args, terms)
-    dense: Any  # the forward dense solution ("interpolate"), else None
-    level: Any  # each step is integrated on 2**level panels; < 0: none (the probe attempt)
+    dense: Any  # the forward dense solution ("interpolate"; the fallback's, set per step by the solver), else None
+    level: Any  # each step is integrated on 2**level panels; < 0: none (PROBE, FORWARD)
     t_end: Any = None  # where the solve ends, in its normalised time: its last step is cut short to land there
     use_dense: Any = None  # backsolve: z from the forward re-solved (the solver's buffer) when True, else None
 
