@@ -600,58 +600,6 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
             out["nodes"] = nodes
         return out, rec
 
-    def select(out, t_lo, t_hi, cap):
-        """The probe rule: the first level at which some order <= 8 fits every panel's share of the
-        budget -- max(PROBE_SAFETY * quad_rtol * |probe integral|, ROUNDOFF_C * eps * integral of
-        |probe|), the latter what the dtype can resolve -- gives the panels, the smallest such order
-        (one for all panels) the nodes. A level whose summed best error is not below ROUNDOFF_RATIO
-        of the level before is round-off or noise (the dense output's, too): not found, the integrand
-        decides (kronrod); the level before is kept (`roundoff`) should the cost cap leave no room.
-        The nodes never exceed `cap` (fewer panels, counted unconverged). Every level at once, in vector
-        ops over levels (compile time: no per-level scalar logic, no segment scatters)."""
-        half_all = (t_hi - t_lo) / 2
-        flat = lambda tree: jnp.concatenate([x.reshape(x.shape[0], -1) for x in jtu.tree_leaves(tree)], 1)
-        fa = flat(out["a_nodes"])
-        fz = flat(out["z_nodes"])
-        probe = jnp.concatenate([fa, fa * fz], 1).astype(f_t)  # (nodes, size)
-        fallback = len(PROBE_ORDERS) - 1  # G16
-        levels = PROBE_MAX_LEVEL + 1
-        width = (half_all / T.panels).astype(f_t)[T.seg]  # (all panels,): a panel's half-width
-        vals = probe[T.blocks]  # (all panels, block, size): row p is a panel of level seg[p]
-        integrals = width[:, None, None] * jnp.einsum("rk,pks->prs", T.w_rules, vals)
-        abs_int = width[:, None] * jnp.einsum("k,pks->ps", T.w_rules[-1], jnp.abs(vals))  # by G16
-        level_sum = lambda x: jnp.tensordot(T.member, x, 1)  # (levels, ...): a level's panels summed
-        ref_norm = jnp.sqrt(jnp.sum(level_sum(integrals[:, -1]) ** 2, -1))  # (levels,)
-        abs_norm = jnp.sqrt(jnp.sum(level_sum(abs_int) ** 2, -1))
-        errs = jnp.sqrt(jnp.sum((integrals[:, :-1] - integrals[:, -1:]) ** 2, -1))  # (all panels, 8)
-        budget = jnp.maximum(PROBE_SAFETY * quad_rtol * ref_norm, ROUNDOFF_C * eps * abs_norm) / T.panels
-        ok = errs <= budget[T.seg][:, None]
-        any_ok = ok.any(1)
-        passed = level_sum(1 - any_ok.astype(f_t)) == 0  # (levels,): every panel has an order that fits
-        first = jnp.where(any_ok, jnp.argmax(ok, 1), fallback)
-        ch = jnp.max(jnp.where(T.member > 0, first[None], 0), 1).astype(i32)  # one order for all panels
-        tot = jnp.concatenate([level_sum(errs**2), jnp.zeros((levels, 1), f_t)], 1)  # per order; G16's own: 0
-        sums = level_sum(errs)
-        best_r = jnp.argmin(sums, 1).astype(i32)
-        best = jnp.min(sums, 1)
-        # The estimate stopped falling (round-off/noise, not resolution) at a level that did not pass.
-        stalled = jnp.concatenate([jnp.zeros(1, bool), ~passed[1:] & (best[1:] >= ROUNDOFF_RATIO * best[:-1])])
-        last = jnp.arange(levels) == PROBE_MAX_LEVEL
-        at = jnp.argmax(passed | stalled | last)  # the first level that decides
-        stop = stalled[at]  # the level before is kept, with its best order
-        level = jnp.where(stop, at - 1, at).astype(i32)
-        choice = jnp.where(stop, best_r[level], jnp.where(passed[at], ch[at], fallback)).astype(i32)
-        e_sq, ref_sq = tot[level, choice], ref_norm[level] ** 2
-        found, roundoff = passed[at], stop
-        order = T.orders[choice]
-        # The cost cap: fewer panels (never below one) until panels * order fits.
-        fit = jnp.floor(jnp.log2(jnp.maximum(cap, 1) / order)).astype(i32)
-        capped = (jnp.left_shift(1, level) * order > cap) & (fit < level)
-        level = jnp.where(capped, jnp.maximum(fit, 0), level)
-        e_sq = jnp.where(capped, tot[level, choice], e_sq)
-        return dict(level=level, choice=choice, order=order, e_sq=e_sq, ref_sq=ref_sq, found=found & ~capped,
-                    roundoff=roundoff, capped=capped)  # fmt: skip
-
     def integrate_adaptive(t_lo, t_hi, y_hi, y_lo, a, grads, start_level, h, spent):
         """ "adaptive": one backward solve saves (z, a) at the probe nodes of every level (no f
         evaluation); the probes pick panels and an order, then one chunked VJP at those nodes. Where
@@ -698,7 +646,8 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
             new = dict(c, out=out, nodes=nodes_sp, nfe=nfe_sp, enorm=enorm, mismatch=mism, used_k=~is_probe, ok=ok_k,
                        roundoff=stalled)  # fmt: skip
             if probes:
-                sel = lax.cond(is_probe, lambda: select(out, t_lo, t_hi, cap), lambda: c["sel"])
+                choose = lambda: _probe_select(T, out["a_nodes"], out["z_nodes"], t_lo, t_hi, cap, quad_rtol, eps)
+                sel = lax.cond(is_probe, choose, lambda: c["sel"])
                 # Intervals holding a user jump time are integrated on the steps anyway (clipped steps are short there).
                 suspect = is_probe & out["collapsed"] & ~inside & (n_params > 0)
                 want_k = is_probe & (~sel["found"] | suspect | (inside & (n_params > 0)))
@@ -747,7 +696,7 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
             f0, b0 = jnp.zeros((), f_t), jnp.bool_(False)
             init["sel"] = dict(level=i32(0), choice=i32(0), order=i32(1), e_sq=f0, ref_sq=f0, found=b0, roundoff=b0,
                                capped=b0)  # fmt: skip
-        c = lax.while_loop(lambda c: ~c["done"], body, init)
+        c = _packed_while_loop(lambda c: ~c["done"], body, init)
         out = c["out"]
         use_k = c["used_k"]
         if probes:
@@ -967,6 +916,39 @@ def _step_info_struct(solver, term, t0, y0, args):
     return eqx.filter_eval_shape(one_step, jnp.asarray(t0), y0)
 
 
+def _packed_while_loop(cond_fun, body_fun, init):
+    """lax.while_loop with the carry's scalars packed into one vector per dtype (compile time: XLA compiles
+    a kernel per loop-carried scalar op and select; the attempt loop carries ~30 scalars)."""
+    leaves, tdef = jtu.tree_flatten(init)
+    slots, groups = [], {}
+    for x in leaves:
+        x = jnp.asarray(x)
+        if x.ndim == 0:
+            group = groups.setdefault(x.dtype.name, [])
+            slots.append((x.dtype.name, len(group)))
+            group.append(x)
+        else:
+            slots.append(None)
+    names = sorted(groups)
+
+    def pack(tree):
+        vecs, arrays = {k: [] for k in names}, []
+        for x, slot in zip(jtu.tree_leaves(tree), slots, strict=True):
+            if slot is None:
+                arrays.append(x)
+            else:
+                vecs[slot[0]].append(jnp.asarray(x).astype(slot[0]))
+        return tuple(jnp.stack(vecs[k]) for k in names), tuple(arrays)
+
+    def unpack(packed):
+        vecs, arrays = packed
+        rest = iter(arrays)
+        return jtu.tree_unflatten(tdef, [next(rest) if s is None else vecs[names.index(s[0])][s[1]] for s in slots])
+
+    out = lax.while_loop(lambda p: cond_fun(unpack(p)), lambda p: pack(body_fun(unpack(p))), pack(init))
+    return unpack(out)
+
+
 def _tree_finite(tree):
     leaves = [jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(tree)]
     return functools.reduce(jnp.logical_and, leaves, jnp.bool_(True))
@@ -1089,6 +1071,65 @@ class _ProbeTables(eqx.Module):
         return _ProbeTables(
             f(u), i(layout), f(w_rules), f(w_gl), i(offsets), i(PROBE_ORDERS), i(blocks), seg, f(counts), f(member),
         )  # fmt: skip
+
+
+def _probe_select(T: _ProbeTables, a_nodes, z_nodes, t_lo, t_hi, cap, quad_rtol, eps: float):
+    """The probe rule: the first level at which some order <= 8 fits every panel's share of the
+    budget -- max(PROBE_SAFETY * quad_rtol * |probe integral|, ROUNDOFF_C * eps * integral of
+    |probe|), the latter what the dtype can resolve -- gives the panels, the smallest such order
+    (one for all panels) the nodes. A level whose summed best error is not below ROUNDOFF_RATIO
+    of the level before is round-off or noise (the dense output's, too): not found, the integrand
+    decides (kronrod); the level before is kept (`roundoff`) should the cost cap leave no room.
+    The nodes never exceed `cap` (fewer panels, counted unconverged). Every level at once, in vector
+    ops over levels (compile time: no per-level scalar logic, no segment scatters)."""
+    f_t, i32 = T.u_sorted.dtype, jnp.int32
+    half_all = (t_hi - t_lo) / 2
+    flat = lambda tree: jnp.concatenate([x.reshape(x.shape[0], -1) for x in jtu.tree_leaves(tree)], 1)
+    fa = flat(a_nodes)
+    fz = flat(z_nodes)
+    probe = jnp.concatenate([fa, fa * fz], 1).astype(f_t)  # (nodes, size)
+    fallback = len(PROBE_ORDERS) - 1  # G16
+    levels = PROBE_MAX_LEVEL + 1
+    width = (half_all / T.panels).astype(f_t)[T.seg]  # (all panels,): a panel's half-width
+    vals = probe[T.blocks]  # (all panels, block, size): row p is a panel of level seg[p]
+    integrals = width[:, None, None] * jnp.einsum("rk,pks->prs", T.w_rules, vals)
+    abs_int = width[:, None] * jnp.einsum("k,pks->ps", T.w_rules[-1], jnp.abs(vals))  # by G16
+    level_sum = lambda x: jnp.tensordot(T.member, x, 1)  # (levels, ...): a level's panels summed
+    ref_norm = jnp.sqrt(jnp.sum(level_sum(integrals[:, -1]) ** 2, -1))  # (levels,)
+    abs_norm = jnp.sqrt(jnp.sum(level_sum(abs_int) ** 2, -1))
+    errs = jnp.sqrt(jnp.sum((integrals[:, :-1] - integrals[:, -1:]) ** 2, -1))  # (all panels, 8)
+    budget = jnp.maximum(PROBE_SAFETY * quad_rtol * ref_norm, ROUNDOFF_C * eps * abs_norm) / T.panels
+    ok = errs <= budget[T.seg][:, None]
+    any_ok = ok.any(1)
+    passed = level_sum(1 - any_ok.astype(f_t)) == 0  # (levels,): every panel has an order that fits
+    first = jnp.where(any_ok, jnp.argmax(ok, 1), fallback)
+    ch = jnp.max(jnp.where(T.member > 0, first[None], 0), 1).astype(i32)  # one order for all panels
+    tot = jnp.concatenate([level_sum(errs**2), jnp.zeros((levels, 1), f_t)], 1)  # per order; G16's own: 0
+    sums = level_sum(errs)
+    best_r = jnp.argmin(sums, 1).astype(i32)
+    best = jnp.min(sums, 1)
+    # The estimate stopped falling (round-off/noise, not resolution) at a level that did not pass.
+    stalled = jnp.concatenate([jnp.zeros(1, bool), ~passed[1:] & (best[1:] >= ROUNDOFF_RATIO * best[:-1])])
+    last = jnp.arange(levels) == PROBE_MAX_LEVEL
+    at = jnp.argmax(passed | stalled | last)  # the first level that decides
+    # Each level's outcome were it the one deciding, as one (levels, 5) table, then ONE row picked (compile
+    # time: a row pick, not a chain of scalar gathers). Stalled at L: L - 1 with its best order is kept.
+    best_prev = jnp.concatenate([best_r[:1], best_r[:-1]])
+    lv = jnp.arange(levels, dtype=i32)
+    choice_l = jnp.where(stalled, best_prev, jnp.where(passed, ch, fallback)).astype(i32)
+    level_l = jnp.where(stalled, lv - 1, lv)
+    rows = jnp.stack([level_l, choice_l, passed.astype(i32), stalled.astype(i32)], 1)
+    level, choice, found, stop = (x for x in jnp.take(rows, at, 0))
+    found, roundoff = found.astype(bool), stop.astype(bool)
+    order = T.orders[choice]
+    # The cost cap: fewer panels (never below one) until panels * order fits.
+    fit = jnp.floor(jnp.log2(jnp.maximum(cap, 1) / order)).astype(i32)
+    capped = (jnp.left_shift(1, level) * order > cap) & (fit < level)
+    level = jnp.where(capped, jnp.maximum(fit, 0), level)
+    pick = jnp.stack([tot[level, choice], ref_norm[jnp.where(capped, at - stop, level)] ** 2])
+    e_sq, ref_sq = pick[0], pick[1]
+    return dict(level=level, choice=choice, order=order, e_sq=e_sq, ref_sq=ref_sq, found=found & ~capped,
+                roundoff=roundoff, capped=capped)  # fmt: skip
 
 
 @functools.cache
