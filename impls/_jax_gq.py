@@ -629,9 +629,10 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
             fwd = c["level"] == FORWARD
             after = dict(c, fb_ok=~out["failed"] & (rec[2] <= record), fallback=jnp.bool_(True), level=c["resume"],
                          nfe=c["nfe"] + nfe)  # fmt: skip
-            pick = lambda x, y: jnp.where(fwd, x, y)
-            new = {k: v if k in ("out", "rec") else jtu.tree_map(pick, after[k], v) for k, v in new.items()}
-            return dict(new, rec=rec)
+            keep = ("out", "rec")
+            kept = _packed_where(fwd, {k: after[k] for k in new if k not in keep}, {k: v for k, v in new.items()
+                                                                                    if k not in keep})  # fmt: skip
+            return dict(new, **kept, rec=rec)
 
         def regular(c, out, nfe):
             is_probe = c["level"] == PROBE
@@ -916,37 +917,50 @@ def _step_info_struct(solver, term, t0, y0, args):
     return eqx.filter_eval_shape(one_step, jnp.asarray(t0), y0)
 
 
-def _packed_while_loop(cond_fun, body_fun, init):
-    """lax.while_loop with the carry's scalars packed into one vector per dtype (compile time: XLA compiles
-    a kernel per loop-carried scalar op and select; the attempt loop carries ~30 scalars)."""
-    leaves, tdef = jtu.tree_flatten(init)
-    slots, groups = [], {}
-    for x in leaves:
-        x = jnp.asarray(x)
-        if x.ndim == 0:
-            group = groups.setdefault(x.dtype.name, [])
-            slots.append((x.dtype.name, len(group)))
-            group.append(x)
-        else:
-            slots.append(None)
-    names = sorted(groups)
+class _Packing:
+    """A pytree's scalars packed into one vector per dtype, its arrays kept (compile time: XLA compiles a kernel
+    per scalar op it cannot fuse, and its while-loop passes go over every loop-carried element)."""
 
-    def pack(tree):
-        vecs, arrays = {k: [] for k in names}, []
-        for x, slot in zip(jtu.tree_leaves(tree), slots, strict=True):
+    def __init__(self, like):
+        leaves, self.treedef = jtu.tree_flatten(like)
+        self.slots, groups = [], {}
+        for x in leaves:
+            x = jnp.asarray(x)
+            if x.ndim == 0:
+                group = groups.setdefault(x.dtype.name, [])
+                self.slots.append((x.dtype.name, len(group)))
+                group.append(x)
+            else:
+                self.slots.append(None)
+        self.names = sorted(groups)
+
+    def pack(self, tree):
+        vecs, arrays = {k: [] for k in self.names}, []
+        for x, slot in zip(jtu.tree_leaves(tree), self.slots, strict=True):
             if slot is None:
                 arrays.append(x)
             else:
                 vecs[slot[0]].append(jnp.asarray(x).astype(slot[0]))
-        return tuple(jnp.stack(vecs[k]) for k in names), tuple(arrays)
+        return tuple(jnp.stack(vecs[k]) for k in self.names), tuple(arrays)
 
-    def unpack(packed):
+    def unpack(self, packed):
         vecs, arrays = packed
         rest = iter(arrays)
-        return jtu.tree_unflatten(tdef, [next(rest) if s is None else vecs[names.index(s[0])][s[1]] for s in slots])
+        leaves = [next(rest) if s is None else vecs[self.names.index(s[0])][s[1]] for s in self.slots]
+        return jtu.tree_unflatten(self.treedef, leaves)
 
-    out = lax.while_loop(lambda p: cond_fun(unpack(p)), lambda p: pack(body_fun(unpack(p))), pack(init))
-    return unpack(out)
+
+def _packed_while_loop(cond_fun, body_fun, init):
+    """lax.while_loop with the carry's scalars packed (the attempt loop carries ~30)."""
+    p = _Packing(init)
+    return p.unpack(lax.while_loop(lambda c: cond_fun(p.unpack(c)), lambda c: p.pack(body_fun(p.unpack(c))),
+                                   p.pack(init)))  # fmt: skip
+
+
+def _packed_where(pred, on_true, on_false):
+    """jnp.where(pred, ., .) over two pytrees of one structure, their scalars packed: a select per dtype."""
+    p = _Packing(on_true)
+    return p.unpack(jtu.tree_map(lambda x, y: jnp.where(pred, x, y), p.pack(on_true), p.pack(on_false)))
 
 
 def _tree_finite(tree):
