@@ -38,8 +38,11 @@ def main() -> None:
                 got[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
         med = {m: {k: statistics.median(r[k] for r in rs) for k in ("compile_s", "setup_s")} for m, rs in got.items()}
         ratio = med["jax_gq"]["compile_s"] / med["jax_backsolve"]["compile_s"]
+        # Each round's own ratio (the two methods' processes ran back to back): the spread behind the median.
+        per_round = sorted(g["compile_s"] / b["compile_s"] for g, b in zip(got["jax_gq"], got["jax_backsolve"]))
         print(f"{problem} w=100 {dtype}: compile_s backsolve {med['jax_backsolve']['compile_s']:.1f} "
-              f"gq {med['jax_gq']['compile_s']:.1f} (x{ratio:.2f}); setup_s backsolve "
+              f"gq {med['jax_gq']['compile_s']:.1f} (x{ratio:.2f}; rounds x{per_round[0]:.2f}-x{per_round[-1]:.2f}, "
+              f"median x{statistics.median(per_round):.2f}); setup_s backsolve "
               f"{med['jax_backsolve']['setup_s']:.1f} gq {med['jax_gq']['setup_s']:.1f}", flush=True)  # fmt: skip
 
 
