@@ -580,7 +580,8 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
         # Backsolving z may fail outright (max_steps on stiff kinetics): that is a divergence like any other,
         # so the attempt reports it and the interval falls back instead of raising.
         kw = dict(backward, dt0=dt_first, throw=False if backsolve else backward["throw"])
-        quad_solver = _QuadratureSolver(step_solver, x_gk, w_k, w_e, None if fb is None else fb[0])
+        quad_solver = _QuadratureSolver(step_solver, x_gk, w_k, w_e, None if fb is None else fb[0],
+                                        None if fb is None else _layout(info))  # fmt: skip
         sol = self._diffeqsolve(vf, quad_solver, t0=t_from, t1=t_to, y0=state, args=ctx, saveat=save, **kw)
         inner, k_sum, e_sum, h_range, rec = sol.solver_state
         # A jump in t: the solver rejected steps and its steps collapsed (a smooth field's do not).
@@ -690,8 +691,9 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
                     ok=jnp.bool_(False), roundoff=jnp.bool_(False), capped=jnp.bool_(False), tries=i32(0),
                     suspect=jnp.bool_(False))  # fmt: skip
         if backsolve:
-            rec0 = (jnp.full(record + 1, jnp.inf, f_t), jtu.tree_map(lambda x: jnp.zeros((record,) + x.shape, x.dtype),
-                    info), i32(0))  # fmt: skip
+            width = sum(x.size for x in jtu.tree_leaves(info))
+            dtype = jnp.result_type(*jtu.tree_leaves(info))
+            rec0 = (jnp.full(record + 1, jnp.inf, f_t), jnp.zeros((record, width), dtype), i32(0))
             init.update(rec=rec0, fb_ok=jnp.bool_(True), fallback=jnp.bool_(False), resume=i32(PROBE))
         if probes:
             f0, b0 = jnp.zeros((), f_t), jnp.bool_(False)
@@ -905,6 +907,48 @@ def _chunked_vjp(params, static, count, gather, zero):
         return jtu.tree_map(jnp.add, acc, _node_vjp(params, static, t, z, wa))
 
     return lax.fori_loop(0, (count + CHUNK - 1) // CHUNK, body, zero)
+
+
+def _flat(tree):
+    """A pytree's leaves as one vector (the common dtype)."""
+    leaves = jtu.tree_leaves(tree)
+    dtype = jnp.result_type(*leaves)
+    return jnp.concatenate([x.reshape(-1).astype(dtype) for x in leaves])
+
+
+def _layout(tree) -> tuple:
+    """A pytree's structure, shapes and dtypes, hashable (a static field)."""
+    leaves, treedef = jtu.tree_flatten(tree)
+    return treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves)
+
+
+def _unflat(vec, layout):
+    """_flat's inverse, given the tree's _layout."""
+    treedef, shapes = layout
+    out, at = [], 0
+    for shape, dtype in shapes:
+        size = math.prod(shape)
+        out.append(vec[at : at + size].reshape(shape).astype(dtype))
+        at += size
+    return jtu.tree_unflatten(treedef, out)
+
+
+class _Recorded(eqx.Module):
+    """The fallback's forward re-solve as recorded by _QuadratureSolver: y(t) off the step holding t, as
+    DenseInterpolation would (same index, same local interpolation) for t inside the record, from one row of
+    one buffer (compile time: one read, not one a leaf, and no out-of-range branch)."""
+
+    ts: Any  # (record + 1,): the steps' ends, from the first step's start; past `n`: inf
+    rows: Any  # (record, n): each step's dense output, flattened
+    n: Any  # steps recorded (more than the record holds: not read, see fb_ok)
+    info: Any = eqx.field(static=True)  # _layout of one step's dense output
+    interpolation_cls: Any = eqx.field(static=True)
+
+    def evaluate(self, t):
+        last = jnp.maximum(jnp.minimum(self.n, self.rows.shape[0]) - 1, 0)
+        index = jnp.clip(jnp.searchsorted(self.ts, t, side="left") - 1, 0, last)
+        local = self.interpolation_cls(t0=self.ts[index], t1=self.ts[index + 1], **_unflat(self.rows[index], self.info))
+        return local.evaluate(t)
 
 
 def _step_info_struct(solver, term, t0, y0, args):
@@ -1217,10 +1261,12 @@ class _QuadratureSolver(_Delegating):
     x: Any  # K5 nodes on [-1, 1]
     w_k: Any  # K5 weights
     w_e: Any  # K5 - G2 weights
-    # The backsolve fallback's buffer (ts, dense infos, steps), or None: at level FORWARD each accepted step's end
-    # time and dense output are written at `steps` (past the buffer: dropped, still counted); when
-    # `use_dense`, z is read off it. It enters as the solver state and leaves in it (in place).
+    # The backsolve fallback's buffer (ts, dense infos flattened one row per step, steps), or None: at level
+    # FORWARD each accepted step's end time and dense output are written at `steps` (past the buffer: dropped,
+    # still counted); when `use_dense`, z is read off it. It enters as the solver state and leaves in it (in
+    # place). `info`: the _layout of one step's dense output, to read a row back.
     rec: Any = None
+    info: Any = eqx.field(static=True, default=None)
 
     def init(self, terms, t0, t1, y0, args: _QuadContext):
         zeros = jtu.tree_map(jnp.zeros_like, args.params)
@@ -1236,18 +1282,14 @@ class _QuadratureSolver(_Delegating):
     def step(self, terms, t0, t1, y0, args: _QuadContext, solver_state, made_jump):
         inner, k_sum, e_sum, h_range, rec = solver_state
         if rec is not None and args.use_dense is not None:  # the fallback reads z off the forward re-solved
-            ts, infos, n = rec
-            cap = ts.shape[0] - 1
-            dense = DenseInterpolation(ts=ts, ts_size=jnp.minimum(n, cap) + 1, infos=infos, direction=1,
-                                       interpolation_cls=self.solver.interpolation_cls, t0_if_trivial=ts[0],
-                                       y0_if_trivial=y0)  # fmt: skip
+            dense = _Recorded(*rec, info=self.info, interpolation_cls=self.solver.interpolation_cls)
             args = eqx.tree_at(lambda c: c.dense, args, dense, is_leaf=_is_none)
         y1, y_error, dense_info, inner, result = self.solver.step(terms, t0, t1, y0, args, inner, made_jump)
         if rec is not None:  # an index past the buffer drops the write: only FORWARD steps land
-            ts, infos, n = rec
+            ts, rows, n = rec
             at = jnp.where(args.level == FORWARD, n, ts.shape[0] - 1)
-            infos = jtu.tree_map(lambda buf, x: buf.at[at].set(x, mode="drop"), infos, dense_info)
-            rec = (ts.at[at + 1].set(t1.astype(ts.dtype), mode="drop"), infos, n + (args.level == FORWARD))
+            rows = rows.at[at].set(_flat(dense_info).astype(rows.dtype), mode="drop")  # one write, not one a leaf
+            rec = (ts.at[at + 1].set(t1.astype(ts.dtype), mode="drop"), rows, n + (args.level == FORWARD))
         h_abs = jnp.abs(t1 - t0).astype(h_range.dtype)
         last = jnp.bool_(False) if args.t_end is None else t1 >= args.t_end
         h_range = jnp.where(last, h_range, jnp.stack([jnp.minimum(h_range[0], h_abs), jnp.maximum(h_range[1], h_abs)]))
