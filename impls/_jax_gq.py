@@ -939,7 +939,7 @@ class _Recorded(eqx.Module):
     one buffer (compile time: one read, not one a leaf, and no out-of-range branch)."""
 
     ts: Any  # (record + 1,): the steps' ends, from the first step's start; past `n`: inf
-    rows: Any  # (record, n): each step's dense output, flattened
+    rows: Any  # (record, width): each step's dense output, flattened
     n: Any  # steps recorded (more than the record holds: not read, see fb_ok)
     info: Any = eqx.field(static=True)  # _layout of one step's dense output
     interpolation_cls: Any = eqx.field(static=True)
@@ -1170,22 +1170,21 @@ def _probe_select(T: _ProbeTables, a_nodes, z_nodes, t_lo, t_hi, cap, quad_rtol,
     stalled = jnp.concatenate([jnp.zeros(1, bool), ~passed[1:] & (best[1:] >= ROUNDOFF_RATIO * best[:-1])])
     last = jnp.arange(levels) == PROBE_MAX_LEVEL
     at = jnp.argmax(passed | stalled | last)  # the first level that decides
-    # Each level's outcome were it the one deciding, as one (levels, 5) table, then ONE row picked (compile
+    # Each level's outcome were it the one deciding, as one (levels, 4) table, then ONE row picked (compile
     # time: a row pick, not a chain of scalar gathers). Stalled at L: L - 1 with its best order is kept.
     best_prev = jnp.concatenate([best_r[:1], best_r[:-1]])
     lv = jnp.arange(levels, dtype=i32)
     choice_l = jnp.where(stalled, best_prev, jnp.where(passed, ch, fallback)).astype(i32)
     level_l = jnp.where(stalled, lv - 1, lv)
-    rows = jnp.stack([level_l, choice_l, passed.astype(i32), stalled.astype(i32)], 1)
-    level, choice, found, stop = (x for x in jnp.take(rows, at, 0))
-    found, roundoff = found.astype(bool), stop.astype(bool)
+    level, choice, found, roundoff = jnp.take(jnp.stack([level_l, choice_l, passed, stalled], 1).astype(i32), at, 0)
+    found, roundoff = found.astype(bool), roundoff.astype(bool)
+    ref_sq = ref_norm[level] ** 2
     order = T.orders[choice]
     # The cost cap: fewer panels (never below one) until panels * order fits.
     fit = jnp.floor(jnp.log2(jnp.maximum(cap, 1) / order)).astype(i32)
     capped = (jnp.left_shift(1, level) * order > cap) & (fit < level)
     level = jnp.where(capped, jnp.maximum(fit, 0), level)
-    pick = jnp.stack([tot[level, choice], ref_norm[jnp.where(capped, at - stop, level)] ** 2])
-    e_sq, ref_sq = pick[0], pick[1]
+    e_sq = tot[level, choice]
     return dict(level=level, choice=choice, order=order, e_sq=e_sq, ref_sq=ref_sq, found=found & ~capped,
                 roundoff=roundoff, capped=capped)  # fmt: skip
 
