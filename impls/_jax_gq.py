@@ -92,6 +92,7 @@ from diffrax._adjoint import _only_transpose_ys  # pinned diffrax==0.7.2
 from diffrax._global_interpolation import DenseInterpolation
 from diffrax._saveat import SubSaveAt, save_y
 from diffrax._term import WrapTerm
+from jax.flatten_util import ravel_pytree
 
 from ._quadrature import _kronrod5
 
@@ -553,6 +554,7 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
         info = _step_info_struct(b_solver, vf, t0, (y0, y0), ctx0)
         info_bytes = sum(x.size * x.dtype.itemsize for x in jtu.tree_leaves(info))
         record = max(16, min(backward["max_steps"] or 4096, FALLBACK_BYTES // max(1, info_bytes)))
+        _, unravel_info = ravel_pytree(jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), info))  # a row -> info
 
     def attempt(t_lo, t_hi, y_hi, y_lo, a, h, level, fb=None):
         """ONE solve (traced once, called from one loop): level >= 0 a kronrod attempt (G2/K5 on
@@ -581,7 +583,7 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
         # so the attempt reports it and the interval falls back instead of raising.
         kw = dict(backward, dt0=dt_first, throw=False if backsolve else backward["throw"])
         quad_solver = _QuadratureSolver(step_solver, x_gk, w_k, w_e, None if fb is None else fb[0],
-                                        None if fb is None else _layout(info))  # fmt: skip
+                                        None if fb is None else unravel_info)  # fmt: skip
         sol = self._diffeqsolve(vf, quad_solver, t0=t_from, t1=t_to, y0=state, args=ctx, saveat=save, **kw)
         inner, k_sum, e_sum, h_range, rec = sol.solver_state
         # A jump in t: the solver rejected steps and its steps collapsed (a smooth field's do not).
@@ -691,9 +693,8 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
                     ok=jnp.bool_(False), roundoff=jnp.bool_(False), capped=jnp.bool_(False), tries=i32(0),
                     suspect=jnp.bool_(False))  # fmt: skip
         if backsolve:
-            width = sum(x.size for x in jtu.tree_leaves(info))
-            dtype = jnp.result_type(*jtu.tree_leaves(info))
-            rec0 = (jnp.full(record + 1, jnp.inf, f_t), jnp.zeros((record, width), dtype), i32(0))
+            row0, _ = ravel_pytree(jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), info))
+            rec0 = (jnp.full(record + 1, jnp.inf, f_t), jnp.zeros((record,) + row0.shape, row0.dtype), i32(0))
             init.update(rec=rec0, fb_ok=jnp.bool_(True), fallback=jnp.bool_(False), resume=i32(PROBE))
         if probes:
             f0, b0 = jnp.zeros((), f_t), jnp.bool_(False)
@@ -909,30 +910,6 @@ def _chunked_vjp(params, static, count, gather, zero):
     return lax.fori_loop(0, (count + CHUNK - 1) // CHUNK, body, zero)
 
 
-def _flat(tree):
-    """A pytree's leaves as one vector (the common dtype)."""
-    leaves = jtu.tree_leaves(tree)
-    dtype = jnp.result_type(*leaves)
-    return jnp.concatenate([x.reshape(-1).astype(dtype) for x in leaves])
-
-
-def _layout(tree) -> tuple:
-    """A pytree's structure, shapes and dtypes, hashable (a static field)."""
-    leaves, treedef = jtu.tree_flatten(tree)
-    return treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves)
-
-
-def _unflat(vec, layout):
-    """_flat's inverse, given the tree's _layout."""
-    treedef, shapes = layout
-    out, at = [], 0
-    for shape, dtype in shapes:
-        size = math.prod(shape)
-        out.append(vec[at : at + size].reshape(shape).astype(dtype))
-        at += size
-    return jtu.tree_unflatten(treedef, out)
-
-
 class _Recorded(eqx.Module):
     """The fallback's forward re-solve as recorded by _QuadratureSolver: y(t) off the step holding t, as
     DenseInterpolation would (same index, same local interpolation) for t inside the record, from one row of
@@ -941,13 +918,13 @@ class _Recorded(eqx.Module):
     ts: Any  # (record + 1,): the steps' ends, from the first step's start; past `n`: inf
     rows: Any  # (record, width): each step's dense output, flattened
     n: Any  # steps recorded (more than the record holds: not read, see fb_ok)
-    info: Any = eqx.field(static=True)  # _layout of one step's dense output
+    unravel: Any = eqx.field(static=True)  # a row -> one step's dense output (ravel_pytree's)
     interpolation_cls: Any = eqx.field(static=True)
 
     def evaluate(self, t):
         last = jnp.maximum(jnp.minimum(self.n, self.rows.shape[0]) - 1, 0)
         index = jnp.clip(jnp.searchsorted(self.ts, t, side="left") - 1, 0, last)
-        local = self.interpolation_cls(t0=self.ts[index], t1=self.ts[index + 1], **_unflat(self.rows[index], self.info))
+        local = self.interpolation_cls(t0=self.ts[index], t1=self.ts[index + 1], **self.unravel(self.rows[index]))
         return local.evaluate(t)
 
 
@@ -967,16 +944,15 @@ class _Packing:
 
     def __init__(self, like):
         leaves, self.treedef = jtu.tree_flatten(like)
-        self.slots, groups = [], {}
+        self.slots, counts = [], {}
         for x in leaves:
             x = jnp.asarray(x)
             if x.ndim == 0:
-                group = groups.setdefault(x.dtype.name, [])
-                self.slots.append((x.dtype.name, len(group)))
-                group.append(x)
+                self.slots.append((x.dtype.name, counts.get(x.dtype.name, 0)))
+                counts[x.dtype.name] = self.slots[-1][1] + 1
             else:
                 self.slots.append(None)
-        self.names = sorted(groups)
+        self.names = sorted(counts)
 
     def pack(self, tree):
         vecs, arrays = {k: [] for k in self.names}, []
@@ -1291,9 +1267,9 @@ class _QuadratureSolver(_Delegating):
     # The backsolve fallback's buffer (ts, dense infos flattened one row per step, steps), or None: at level
     # FORWARD each accepted step's end time and dense output are written at `steps` (past the buffer: dropped,
     # still counted); when `use_dense`, z is read off it. It enters as the solver state and leaves in it (in
-    # place). `info`: the _layout of one step's dense output, to read a row back.
+    # place). `unravel`: a row back to one step's dense output (ravel_pytree's).
     rec: Any = None
-    info: Any = eqx.field(static=True, default=None)
+    unravel: Any = eqx.field(static=True, default=None)
 
     def init(self, terms, t0, t1, y0, args: _QuadContext):
         zeros = jtu.tree_map(jnp.zeros_like, args.params)
@@ -1309,13 +1285,15 @@ class _QuadratureSolver(_Delegating):
     def step(self, terms, t0, t1, y0, args: _QuadContext, solver_state, made_jump):
         inner, k_sum, e_sum, h_range, rec = solver_state
         if rec is not None and args.use_dense is not None:  # the fallback reads z off the forward re-solved
-            dense = _Recorded(*rec, info=self.info, interpolation_cls=self.solver.interpolation_cls)
+            dense = _Recorded(*rec, unravel=self.unravel, interpolation_cls=self.solver.interpolation_cls)
             args = eqx.tree_at(lambda c: c.dense, args, dense, is_leaf=_is_none)
         y1, y_error, dense_info, inner, result = self.solver.step(terms, t0, t1, y0, args, inner, made_jump)
         if rec is not None:  # an index past the buffer drops the write: only FORWARD steps land
             ts, rows, n = rec
             at = jnp.where(args.level == FORWARD, n, ts.shape[0] - 1)
-            rows = rows.at[at].set(_flat(dense_info).astype(rows.dtype), mode="drop")  # one write, not one a leaf
+            rows = rows.at[at].set(
+                ravel_pytree(dense_info)[0].astype(rows.dtype), mode="drop"
+            )  # one write, not one a leaf
             rec = (ts.at[at + 1].set(t1.astype(ts.dtype), mode="drop"), rows, n + (args.level == FORWARD))
         h_abs = jnp.abs(t1 - t0).astype(h_range.dtype)
         last = jnp.bool_(False) if args.t_end is None else t1 >= args.t_end
