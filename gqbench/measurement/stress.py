@@ -26,7 +26,7 @@ from ..define.stress_problems import FAMILIES, StressCase
 METHODS = ("direct", "adjoint", "gq")
 # GQStats fields recorded per GQ row; read with a default so the suite runs before and after they exist.
 GQ_FIELDS = ("quad_error", "quad_unconverged", "backsolve_fallbacks", "quad_panels", "quad_refinements",
-             "quad_calls", "certified", "quad_roundoff")  # fmt: skip
+             "quad_calls", "certified", "quad_roundoff", "z_mismatch")  # fmt: skip
 TRAIN_TOL = 1e-3
 REF_TOL = 1e-12
 
