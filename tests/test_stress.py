@@ -149,3 +149,22 @@ def test_run_suite_writes_rows_and_resumes(tmp_path):
     assert len(again) == 3
     table = verdict_table(again)
     assert len(table) == 1 and table["error_ok"].all()
+
+
+def test_the_g1d_family_is_the_harness_g1d():
+    """The stress family's g1d is the paper's task as `gqbench run` builds it (same weights, states, loss), so
+    its trained cases reproduce the harness's g1d rows; and its loss reads the first component at t = 1 only."""
+    from gqbench.define.problems import get_problem
+
+    func, y0, t, loss = FAMILIES["g1d"].make(width=16, batch=6, seed=3, dtype="float64")
+    inst = get_problem("g1d").build(width=16, batch=6, dtype="float64", seed=3)
+    for p, q in zip(func.parameters(), inst.func.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert torch.equal(y0, inst.y0) and torch.equal(t, inst.t)
+    ys = torchdiffeq.odeint(func, y0, t, rtol=1e-8, atol=1e-8)
+    assert torch.allclose(loss(ys), inst.loss(ys), rtol=0, atol=0)
+    moved = ys.clone()
+    moved[:, :, 1:] += 1.0  # the augmented components and t = 0 are not part of the task
+    moved[0] += 1.0
+    assert loss(moved) == loss(ys)
+    assert loss(ys) > 0 and not torch.equal(loss(ys), loss(ys + 1.0))
