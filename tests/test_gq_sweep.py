@@ -57,7 +57,7 @@ class Accepting(Counting):
 @pytest.mark.parametrize("method", ["dopri5", "bosh3", "dopri8", "adaptive_heun"])
 @pytest.mark.parametrize("direction", [1.0, -1.0])
 def test_sweep_takes_torchdiffeq_steps_on_one_interval(method, direction):
-    """Cold start, one interval: torchdiffeq's accepted steps (to rounding: 1e-8), except that the last one is
+    """Cold start, one interval: torchdiffeq's accepted steps (to rounding: 1e-7), except that the last one is
     shortened to end on the interval's end (torchdiffeq steps past it and interpolates back)."""
     f = Field()
     y0 = torch.randn(4, 3, dtype=DT, generator=torch.Generator().manual_seed(1))
@@ -74,7 +74,8 @@ def test_sweep_takes_torchdiffeq_steps_on_one_interval(method, direction):
     starts = starts if direction > 0 else starts[::-1]
     assert [abs(s) for s in starts[:k]] == pytest.approx([abs(t0) for t0, _ in theirs.starts[:k]], rel=1e-8, abs=1e-12)
     for s, (_, y) in zip(starts[:k], theirs.starts[:k]):
-        torch.testing.assert_close(path.dense(torch.tensor([s], dtype=DT))[0], y, rtol=1e-8, atol=1e-10)
+        # to rounding, which differs between instruction sets (dopri8 backwards on AVX-512: 1.9e-8)
+        torch.testing.assert_close(path.dense(torch.tensor([s], dtype=DT))[0], y, rtol=1e-7, atol=1e-9)
     exact = torchdiffeq.odeint(f, y0, torch.tensor(span, dtype=DT), rtol=1e-12, atol=1e-12, method="dopri8")[-1]
     # landing on the end is no less accurate than interpolating back to it
     assert (path.end - exact).norm() <= max(2 * (out - exact).norm(), 1e-7 * exact.norm())
@@ -102,7 +103,10 @@ def _chained(f, y0, t, **kw):
 def test_carried_step_size_gives_the_gradient_of_interval_by_interval_solves(backward_state):
     f = Field()
     y0 = torch.randn(5, 3, dtype=DT, generator=torch.Generator().manual_seed(2))
-    t = torch.cat([torch.zeros(1, dtype=DT), torch.sort(torch.rand(11, dtype=DT) * 6).values])
+    # Seeded: the observation times once came from the global generator, so from whatever ran before; with
+    # these the one sweep saves 36-54 evaluations, far from a rounding-level change of the step sequence.
+    draw = torch.rand(11, dtype=DT, generator=torch.Generator().manual_seed(9))
+    t = torch.cat([torch.zeros(1, dtype=DT), torch.sort(draw * 6).values])
     # Interpolating z, a alone is solved with atol scaled by max|dL/dy| / max|y|, which differs between one
     # solve and the chained calls (each sees its own cotangents): a negligible atol keeps them comparable.
     kw = dict(rtol=1e-8, atol=1e-8 if backward_state == "backsolve" else 1e-14, backward_state=backward_state)
