@@ -38,7 +38,8 @@ PREPARE_TIMEOUT = 900.0  # training and the float64 reference, once per problem_
 
 
 def _serve(conn, cache: str, threads: int) -> None:
-    """Worker loop: ("prepare", case) -> reference (and trained weights); ("measure", case, method) -> row."""
+    """Worker loop: ("prepare", case) -> reference (and trained weights); ("measure", case, method[, GQ's
+    backward_state]) -> row."""
     import warnings
 
     import torch
@@ -59,7 +60,7 @@ def _serve(conn, cache: str, threads: int) -> None:
                 reference(job[1], cache)
                 conn.send({"status": "ok"})
             else:
-                conn.send(measure(job[1], job[2], cache))
+                conn.send(measure(job[1], job[2], cache, *job[3:]))  # ("measure", case, method[, backward_state])
         except Exception as exc:  # noqa: BLE001 -- reported as a row
             conn.send({"status": "error", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
 
@@ -102,10 +103,18 @@ def write_atomic(df: pd.DataFrame, out: Path) -> None:
         os.replace(tmp, out / name)
 
 
-def run_suite(cases: list[StressCase], out: Path, cache: Path, *, timeout: float, threads: int = 1) -> pd.DataFrame:
-    """Run every case not yet in out/stress.parquet; returns the whole table."""
+def run_suite(
+    cases: list[StressCase], out: Path, cache: Path, *, timeout: float, threads: int = 1, backward_state: str = ""
+) -> pd.DataFrame:
+    """Run every case not yet in out/stress.parquet; returns the whole table. `backward_state`: GQ's, for
+    every case ("": its default); a folder holds rows of one setting only."""
     path = out / "stress.parquet"
     df = pd.read_parquet(path) if path.exists() else pd.DataFrame()
+    held = set(df["gq_backward_state"].fillna("")) if "gq_backward_state" in df else ({""} if len(df) else set())
+    if held - {backward_state}:
+        theirs = ", ".join(repr(x or "the default") for x in sorted(held))
+        raise SystemExit(f"{out} holds rows measured with GQ's backward_state {theirs}, not "
+                         f"{backward_state or 'the default'!r}; pass another --out")  # fmt: skip
     done = set(df["case_id"]) if len(df) else set()
     todo = [c for c in cases if c.case_id not in done]
     worker = Worker(str(cache), threads)
@@ -118,8 +127,8 @@ def run_suite(cases: list[StressCase], out: Path, cache: Path, *, timeout: float
                 if prep["status"] != "ok":
                     row = {"status": "no_reference", "error": prep["error"]}
                 else:
-                    row = worker.run(("measure", case, method), timeout)
-                rows.append({**case_row(case), "method": method, **row})
+                    row = worker.run(("measure", case, method, backward_state), timeout)
+                rows.append({**case_row(case), "method": method, "gq_backward_state": backward_state, **row})
             v = verdict(rows)
             rows = [{**r, **v} for r in rows]
             df = pd.concat([df, pd.DataFrame(rows)], ignore_index=True)
@@ -199,6 +208,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache", default=None, help="trained weights and references (default OUT/cache)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per case and method")
     p.add_argument("--threads", type=int, default=1, help="torch threads in the worker")
+    p.add_argument(
+        "--backward-state",
+        choices=["backsolve", "interpolate"],
+        default="",
+        help="GQ's backward_state for every case (default: GQ's own default); rows record it",
+    )
     p.add_argument("--list", action="store_true", help="print the cases and exit")
     p.add_argument("--failures", action="store_true", help="print only the cases outside the bounds")
     args = p.parse_args(argv)
@@ -213,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = Path(args.out)
     cache = Path(args.cache) if args.cache else out / "cache"
-    df = run_suite(cases, out, cache, timeout=args.timeout, threads=args.threads)
+    df = run_suite(cases, out, cache, timeout=args.timeout, threads=args.threads, backward_state=args.backward_state)
     ids = {c.case_id for c in cases}
     table = verdict_table(df[df["case_id"].isin(ids)])
     (out / "stress.md").write_text(markdown(table) + "\n")

@@ -151,6 +151,20 @@ def test_run_suite_writes_rows_and_resumes(tmp_path):
     assert len(table) == 1 and table["error_ok"].all()
 
 
+def test_run_suite_measures_gq_with_the_backward_state_asked_for(tmp_path):
+    """`--backward-state interpolate` reaches GQ's calls (z read off the forward: nothing is backsolved, so
+    z never misses y) and its rows say so; a folder of default rows is not resumed with it."""
+    case = StressCase("smooth_mlp", "float64", 1e-6, 1e-6, width=8, batch=4)
+    out = tmp_path / "interp"
+    df = run_suite([case], out, tmp_path / "cache", timeout=120, backward_state="interpolate")
+    gq = df[df["method"] == "gq"].iloc[0]
+    assert (df["gq_backward_state"] == "interpolate").all() and gq["status"] == "ok" and gq["z_mismatch"] == 0
+    default = run_suite([case], tmp_path / "default", tmp_path / "cache", timeout=120)
+    assert default[default["method"] == "gq"].iloc[0]["z_mismatch"] > 0  # the default backsolves z
+    with pytest.raises(SystemExit, match="interpolate"):
+        run_suite([case], out, tmp_path / "cache", timeout=120)
+
+
 def test_the_g1d_family_is_the_harness_g1d():
     """The stress family's g1d is the paper's task as `gqbench run` builds it (same weights, states, loss), so
     its trained cases reproduce the harness's g1d rows; and its loss reads the first component at t = 1 only."""

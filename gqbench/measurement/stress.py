@@ -134,7 +134,7 @@ def reference(case: StressCase, cache_dir: str | Path) -> np.ndarray:
     return grads.numpy()
 
 
-def _solver(method: str, case: StressCase, counter: list, t: torch.Tensor):
+def _solver(method: str, case: StressCase, counter: list, t: torch.Tensor, gq_kwargs: dict | None = None):
     kw = case.solver_kwargs(t)
 
     def counted(func):
@@ -143,7 +143,7 @@ def _solver(method: str, case: StressCase, counter: list, t: torch.Tensor):
         return wrapped
 
     if method == "gq":
-        return lambda f, y, t: impls.odeint_adjoint_gq(f, y, t, **kw)
+        return lambda f, y, t: impls.odeint_adjoint_gq(f, y, t, **kw, **(gq_kwargs or {}))
     if method == "adjoint":
         return lambda f, y, t: torchdiffeq.odeint_adjoint(counted(f), y, t, **kw)
     if method == "direct":
@@ -151,13 +151,15 @@ def _solver(method: str, case: StressCase, counter: list, t: torch.Tensor):
     raise ValueError(f"method {method!r}: use one of {', '.join(METHODS)}")
 
 
-def measure(case: StressCase, method: str, cache_dir: str | Path) -> dict:
-    """One row: the case, the method, its gradient error, cost, warnings and GQ's stats (one call)."""
-    row = dict(case_row(case), method=method, status="ok", error="")
+def measure(case: StressCase, method: str, cache_dir: str | Path, gq_backward_state: str = "") -> dict:
+    """One row: the case, the method, its gradient error, cost, warnings and GQ's stats (one call).
+    `gq_backward_state`: GQ's `backward_state` for this row ("": its default), recorded in the row."""
+    row = dict(case_row(case), method=method, status="ok", error="", gq_backward_state=gq_backward_state)
     ref = reference(case, cache_dir)
     func, y0, t, loss = instance(case, cache_dir)
     counters: list = []
-    solve = _solver(method, case, counters, t)
+    gq_kwargs = dict(backward_state=gq_backward_state) if gq_backward_state else None
+    solve = _solver(method, case, counters, t, gq_kwargs)
     stats = impls.GQStats()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
