@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from .problems import DTYPES, MLP
+from .problems import DTYPES, MLP, get_problem
 
 # ----------------------------------------------------------------------------------------------- fields
 
@@ -234,16 +234,10 @@ def conv(*, width=24, batch=8, seed=0, dtype="float32", device="cpu", channels=2
 
 
 def g1d(*, width=64, batch=32, seed=0, dtype="float64", device="cpu"):
-    """The paper's g1d: x in {-1, 1} -> -x at t = 1 (3 augmented zeros, MLP(y)). Trained, its flow folds the
-    two classes apart, and backsolving z against it drifts tens of tolerances at rtol 1e-3."""
-    with torch.random.fork_rng(devices=[]):
-        _seeded(seed)
-        func = MLP(4, 4, width, 2, time_input=False)
-    x = torch.tensor([-1.0, 1.0]).repeat((batch + 1) // 2)[:batch]
-    y0 = torch.cat([x[:, None], torch.zeros(batch, 3)], dim=1)
-    func, y0, t, _ = _finish(func, y0, torch.tensor([0.0, 1.0]), y0, dtype, device)
-    target = -x.to(device, y0.dtype)
-    return func, y0, t, lambda ys: (ys[-1, :, 0] - target).pow(2).mean()
+    """The paper's g1d (x in {-1, 1} -> -x at t = 1, 3 augmented zeros, MLP(y)), as `gqbench run` builds it.
+    Trained, its flow folds the two classes apart, and backsolving z drifts tens of tolerances at rtol 1e-3."""
+    inst = get_problem("g1d").build(width=width, batch=batch, dtype=dtype, device=device, seed=seed)
+    return inst.func, inst.y0, inst.t, inst.loss
 
 
 def workload_l(*, width=1000, batch=200, seed=0, dtype="float32", device="cpu"):

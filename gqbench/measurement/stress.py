@@ -134,7 +134,7 @@ def reference(case: StressCase, cache_dir: str | Path) -> np.ndarray:
     return grads.numpy()
 
 
-def _solver(method: str, case: StressCase, counter: list, t: torch.Tensor, gq_kwargs: dict | None = None):
+def _solver(method: str, case: StressCase, counter: list, t: torch.Tensor, backward_state: str = ""):
     kw = case.solver_kwargs(t)
 
     def counted(func):
@@ -143,7 +143,8 @@ def _solver(method: str, case: StressCase, counter: list, t: torch.Tensor, gq_kw
         return wrapped
 
     if method == "gq":
-        return lambda f, y, t: impls.odeint_adjoint_gq(f, y, t, **kw, **(gq_kwargs or {}))
+        gq = dict(kw, backward_state=backward_state) if backward_state else kw
+        return lambda f, y, t: impls.odeint_adjoint_gq(f, y, t, **gq)
     if method == "adjoint":
         return lambda f, y, t: torchdiffeq.odeint_adjoint(counted(f), y, t, **kw)
     if method == "direct":
@@ -158,8 +159,7 @@ def measure(case: StressCase, method: str, cache_dir: str | Path, gq_backward_st
     ref = reference(case, cache_dir)
     func, y0, t, loss = instance(case, cache_dir)
     counters: list = []
-    gq_kwargs = dict(backward_state=gq_backward_state) if gq_backward_state else None
-    solve = _solver(method, case, counters, t, gq_kwargs)
+    solve = _solver(method, case, counters, t, gq_backward_state)
     stats = impls.GQStats()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
