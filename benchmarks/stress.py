@@ -104,17 +104,18 @@ def write_atomic(df: pd.DataFrame, out: Path) -> None:
 
 
 def run_suite(
-    cases: list[StressCase], out: Path, cache: Path, *, timeout: float, threads: int = 1, backward_state: str = ""
+    cases: list[StressCase], out: Path, cache: Path, *, timeout: float, threads: int = 1, backward_state: str = "auto"
 ) -> pd.DataFrame:
     """Run every case not yet in out/stress.parquet; returns the whole table. `backward_state`: GQ's, for
-    every case ("": its default); a folder holds rows of one setting only."""
+    every case ("auto": its default; rows of the stops before "auto" existed say "": the backsolve default then);
+    a folder holds rows of one setting only."""
     path = out / "stress.parquet"
     df = pd.read_parquet(path) if path.exists() else pd.DataFrame()
     held = set(df["gq_backward_state"].fillna("")) if "gq_backward_state" in df else ({""} if len(df) else set())
     if held - {backward_state}:
-        theirs = ", ".join(repr(x or "the default") for x in sorted(held))
+        theirs = ", ".join(repr(x or "backsolve (the default then)") for x in sorted(held))
         raise SystemExit(f"{out} holds rows measured with GQ's backward_state {theirs}, not "
-                         f"{backward_state or 'the default'!r}; pass another --out")  # fmt: skip
+                         f"{backward_state!r}; pass another --out")  # fmt: skip
     done = set(df["case_id"]) if len(df) else set()
     todo = [c for c in cases if c.case_id not in done]
     worker = Worker(str(cache), threads)
@@ -210,9 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads in the worker")
     p.add_argument(
         "--backward-state",
-        choices=["backsolve", "interpolate"],
-        default="",
-        help="GQ's backward_state for every case (default: GQ's own default); rows record it",
+        choices=["auto", "backsolve", "interpolate"],
+        default="auto",
+        help="GQ's backward_state for every case (default: auto, GQ's own default); rows record it",
     )
     p.add_argument("--list", action="store_true", help="print the cases and exit")
     p.add_argument("--failures", action="store_true", help="print only the cases outside the bounds")

@@ -43,7 +43,7 @@ def advise_spec(
 ) -> dict:
     """The grid spec `advise` runs (a dict as `parse_spec` takes; `gqbench run --grid` runs the same as TOML)."""
     axes = dict(method=list(METHODS), problem=[problem], rtol=[float(r) for r in rtol], quadrature=["adaptive", "gtol"],
-                gtol=[0.1], backward_state=["backsolve", "interpolate"], solver=[solver], device=[device],
+                gtol=[0.1], backward_state=["auto", "backsolve"], solver=[solver], device=[device],
                 dtype=[dtype], threads=[threads], seed=[seed])  # fmt: skip
     if atol is not None:
         axes["atol"] = [float(a) for a in atol]

@@ -422,3 +422,27 @@ def test_cuda_matches_cpu(device, backward_state):
                                            backward_state=backward_state), y0c, tc, list(fc.parameters()))  # fmt: skip
     assert all(g.device.type == "cuda" for g in got)
     assert max(_rel_errs([g.cpu() for g in got], ref)) < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("kw", "kept"),
+    [
+        (dict(), True),  # dopri5 both ways: z read off the kept forward
+        (dict(method="bosh3", adjoint_method="dopri8"), True),
+        (dict(method="rk4", options=dict(step_size=0.05)), False),  # fixed grids backsolve
+        (dict(adjoint_method="scipy_solver", adjoint_options=dict(solver="RK45")), False),
+    ],
+)
+def test_auto_backward_state_keeps_the_forward_for_adaptive_solvers_only(kw, kept):
+    """backward_state="auto" (the default) is "interpolate" when the forward and adjoint solvers are both
+    adaptive Runge-Kutta, "backsolve" otherwise; either way the gradient is the one asked for explicitly."""
+    func, y0, t = _problem()
+    params = list(func.parameters())
+    tol = dict(rtol=1e-8, atol=1e-9, **kw)
+    with gq_stats() as s:
+        got = _grads(lambda: odeint_adjoint_gq(func, y0, t, **tol), y0, t, params)
+    assert (s.knots > 0) == kept, s
+    same = _grads(lambda: odeint_adjoint_gq(func, y0, t, backward_state="interpolate" if kept else "backsolve", **tol),
+                  y0, t, params)  # fmt: skip
+    for a, b in zip(got, same):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -149,8 +149,9 @@ def test_a_backsolve_that_drifts_from_the_forward_switches_to_it():
     ref = _grads(lambda f_, y, t_: torchdiffeq.odeint(f_, y, t_, rtol=1e-12, atol=1e-12, method="dopri8"), f, y0, t,
                  loss)  # fmt: skip
     with gq_stats() as s:
-        g, caught = _quiet(lambda: _grads(lambda f_, y, t_: odeint_adjoint_gq(f_, y, t_, rtol=1e-8, atol=1e-10), f, y0,
-                                          t, loss))  # fmt: skip
+        g, caught = _quiet(lambda: _grads(lambda f_, y, t_: odeint_adjoint_gq(f_, y, t_, rtol=1e-8, atol=1e-10,
+                                                                            backward_state="backsolve"), f, y0, t,
+                                          loss))  # fmt: skip
     assert s.backsolve_fallbacks == 1
     assert _err(g, ref) < 1e-6
     # caught by the adjoint's bound on the way to t_1, or by the z check there
@@ -187,7 +188,7 @@ def test_the_harness_records_an_uncertified_gradient_and_does_not_rank_it(tmp_pa
     from gqbench.results.tables import frame
 
     base = Case("torch_direct", "vanderpol", 1, 4, rtol=1e-6, atol=1e-6, dtype="float64", threads=1)
-    gq_case = base.with_(method="torch_gq", quadrature="adaptive")
+    gq_case = base.with_(method="torch_gq", quadrature="adaptive", backward_state="backsolve")
     gq = [dict(r, label=gq_case.label) for r in measure(gq_case, repeats=2, warmup=0, reference_dir=tmp_path)]
     assert all(r["status"] == "ok" and r["certified"] is False and r["backsolve_fallbacks"] == 1 for r in gq), gq
     assert gq[0]["grad_rel_err"] < 1e-4  # a good gradient -- but one it could not vouch for before the fallback
@@ -213,8 +214,9 @@ def test_an_adjoint_that_explodes_while_z_stays_bounded_switches_to_the_forward(
     ref = _grads(lambda f_, y, t_: torchdiffeq.odeint(f_, y, t_, rtol=1e-12, atol=1e-12, method="dopri8",
                                                       options=dict(step_t=t_)), f, y0, t, loss)  # fmt: skip
     with gq_stats() as s:
-        g, caught = _quiet(lambda: _grads(lambda f_, y, t_: odeint_adjoint_gq(f_, y, t_, rtol=1e-3, atol=1e-5), f, y0,
-                                          t, loss))  # fmt: skip
+        g, caught = _quiet(lambda: _grads(lambda f_, y, t_: odeint_adjoint_gq(f_, y, t_, rtol=1e-3, atol=1e-5,
+                                                                            backward_state="backsolve"), f, y0, t,
+                                          loss))  # fmt: skip
     assert s.backsolve_fallbacks == 1 and len(caught) == 1 and "the adjoint reached" in str(caught[0].message)
     assert _err(g, ref) < 1e-2  # the bound: 10 x max(rtol, direct backprop's 1.2e-3)
 
@@ -302,6 +304,6 @@ def test_many_observation_times_do_not_set_off_the_backsolve_budget():
     kw = dict(rtol=1e-7, atol=1e-7, adjoint_params=params)
     adjoint = grads(lambda fn, y, t_: torchdiffeq.odeint_adjoint(fn, y, t_, **kw))
     with gq_stats() as s:
-        g, caught = _quiet(lambda: grads(lambda fn, y, t_: odeint_adjoint_gq(fn, y, t_, **kw)))
+        g, caught = _quiet(lambda: grads(lambda fn, y, t_: odeint_adjoint_gq(fn, y, t_, backward_state="backsolve", **kw)))
     assert s.backsolve_fallbacks == 0 and not caught, (s, caught)
     assert _err(g, ref) < 2 * _err(adjoint, ref)

@@ -109,7 +109,7 @@ class Case:
             opts.append(f"n={self.quad_order}")
         elif self.gtol is not None and not (isinstance(self.gtol, float) and math.isnan(self.gtol)):
             opts.append(f"gtol={self.gtol:g}")
-        if self.backward_state not in (None, "backsolve"):
+        if self.backward_state not in (None, "auto"):  # the default goes unnamed
             opts.append(self.backward_state)
         if self.warm_start is False:  # warm starts are the default
             opts.append("cold")

@@ -51,7 +51,7 @@ DEFAULT_AXES = dict(
     rtol=[1e-6],
     quadrature=["adaptive"],
     gtol=[0.1],
-    backward_state=["backsolve"],
+    backward_state=["auto"],  # odeint_adjoint_gq's default
     warm_start=[True],  # odeint_adjoint_gq's default
     solver=["dopri5"],
     device=["cpu"],
@@ -61,7 +61,7 @@ DEFAULT_AXES = dict(
     train_steps=[0],
 )
 SOLVERS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")  # adaptive: tolerances mean something
-BACKWARD_STATES = ("backsolve", "interpolate")
+BACKWARD_STATES = ("auto", "backsolve", "interpolate")  # "auto": the implementation's default
 QUADRATURES = ("adaptive", "gtol", "fixed")
 DEFAULT_NCOSINES = 10  # the paper's Wong–Zakai noise terms
 DTYPES = ("float32", "float64")

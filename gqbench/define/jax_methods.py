@@ -119,7 +119,9 @@ class JaxGQ(_JaxMethod):
         # As torch_gq: the case's `quadrature`; without one, a gtol or quad_order in the case picks the rule.
         gtol = None if case.gtol is None or math.isnan(case.gtol) else case.gtol
         rule = case.quadrature or ("fixed" if case.quad_order is not None else "gtol" if gtol is not None else None)
-        kw = dict(backward_state=case.backward_state or "backsolve", quadrature=rule)
+        # "auto" (the torch default) is GaussLegendreAdjoint's default here: backsolve.
+        state = "backsolve" if case.backward_state in (None, "auto") else case.backward_state
+        kw = dict(backward_state=state, quadrature=rule)
         if case.warm_start is not None:  # None: the adjoint's default (warm)
             kw["warm_start"] = bool(case.warm_start)
         if rule == "fixed":

@@ -184,7 +184,7 @@ class TorchGQ(AbstractMethod):
         """`solve(func, y0, t)`: GQ with the case's quadrature settings (also what training runs call)."""
         import impls
 
-        kw = dict(_tols(case), backward_state=case.backward_state or "backsolve")
+        kw = dict(_tols(case), backward_state=case.backward_state or "auto")
         if case.warm_start is not None:  # None: the implementation's default (on)
             kw["warm_start"] = bool(case.warm_start)
         if case.quadrature == "fixed" or (case.quadrature is None and case.quad_order is not None):

@@ -134,7 +134,7 @@ def reference(case: StressCase, cache_dir: str | Path) -> np.ndarray:
     return grads.numpy()
 
 
-def _solver(method: str, case: StressCase, counter: list, t: torch.Tensor, backward_state: str = ""):
+def _solver(method: str, case: StressCase, counter: list, t: torch.Tensor, backward_state: str = "auto"):
     kw = case.solver_kwargs(t)
 
     def counted(func):
@@ -143,7 +143,7 @@ def _solver(method: str, case: StressCase, counter: list, t: torch.Tensor, backw
         return wrapped
 
     if method == "gq":
-        gq = dict(kw, backward_state=backward_state) if backward_state else kw
+        gq = dict(kw, backward_state=backward_state or "auto")
         return lambda f, y, t: impls.odeint_adjoint_gq(f, y, t, **gq)
     if method == "adjoint":
         return lambda f, y, t: torchdiffeq.odeint_adjoint(counted(f), y, t, **kw)
@@ -152,9 +152,9 @@ def _solver(method: str, case: StressCase, counter: list, t: torch.Tensor, backw
     raise ValueError(f"method {method!r}: use one of {', '.join(METHODS)}")
 
 
-def measure(case: StressCase, method: str, cache_dir: str | Path, gq_backward_state: str = "") -> dict:
+def measure(case: StressCase, method: str, cache_dir: str | Path, gq_backward_state: str = "auto") -> dict:
     """One row: the case, the method, its gradient error, cost, warnings and GQ's stats (one call).
-    `gq_backward_state`: GQ's `backward_state` for this row ("": its default), recorded in the row."""
+    `gq_backward_state`: GQ's `backward_state` for this row ("auto": its default), recorded in the row."""
     row = dict(case_row(case), method=method, status="ok", error="", gq_backward_state=gq_backward_state)
     ref = reference(case, cache_dir)
     func, y0, t, loss = instance(case, cache_dir)

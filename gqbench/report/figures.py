@@ -566,7 +566,7 @@ def fig_quadrature_order(summary: pd.DataFrame) -> go.Figure | None:
         b = r["backward_state"]
         p = f" {r['panel']}" if r["panel"] else ""
         return (
-            f"{r['method']}{'' if b in (None, '-', 'backsolve') else ' ' + str(b)} w={r['width']} {r['tolerance']}{p}"
+            f"{r['method']}{'' if b in (None, '-', 'auto') else ' ' + str(b)} w={r['width']} {r['tolerance']}{p}"
         )
 
     shown: set[str] = set()

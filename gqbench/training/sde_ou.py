@@ -300,7 +300,7 @@ def settings_for(case, problem) -> OUSettings:
     """A case (and its training problem's options) -> OUSettings; GQ's options pass through as keywords."""
     gq = {}
     if case.method == "torch_gq":
-        gq = dict(backward_state=case.backward_state or "backsolve")
+        gq = dict(backward_state=case.backward_state or "auto")
         if case.warm_start is not None:
             gq["warm_start"] = bool(case.warm_start)
         if case.quad_order is not None:
