@@ -304,6 +304,7 @@ def test_many_observation_times_do_not_set_off_the_backsolve_budget():
     kw = dict(rtol=1e-7, atol=1e-7, adjoint_params=params)
     adjoint = grads(lambda fn, y, t_: torchdiffeq.odeint_adjoint(fn, y, t_, **kw))
     with gq_stats() as s:
-        g, caught = _quiet(lambda: grads(lambda fn, y, t_: odeint_adjoint_gq(fn, y, t_, backward_state="backsolve", **kw)))
+        g, caught = _quiet(lambda: grads(lambda fn, y, t_: odeint_adjoint_gq(fn, y, t_, backward_state="backsolve",
+                                                                             **kw)))  # fmt: skip
     assert s.backsolve_fallbacks == 0 and not caught, (s, caught)
     assert _err(g, ref) < 2 * _err(adjoint, ref)
