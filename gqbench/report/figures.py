@@ -565,9 +565,7 @@ def fig_quadrature_order(summary: pd.DataFrame) -> go.Figure | None:
     def name(r):
         b = r["backward_state"]
         p = f" {r['panel']}" if r["panel"] else ""
-        return (
-            f"{r['method']}{'' if b in (None, '-', 'auto') else ' ' + str(b)} w={r['width']} {r['tolerance']}{p}"
-        )
+        return f"{r['method']}{'' if b in (None, '-', 'auto') else ' ' + str(b)} w={r['width']} {r['tolerance']}{p}"
 
     shown: set[str] = set()
     series = sorted({name(r) for _, r in gq.iterrows()})
