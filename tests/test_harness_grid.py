@@ -104,7 +104,7 @@ def test_case_id_is_stable_and_distinguishes_fields():
         )
         == 5
     )
-    assert c.label == "torch_gq[gtol=0.1]"
+    assert c.label == "torch_gq[gtol=0.1,backsolve]"  # the default ("auto") goes unnamed
     assert c.with_(gtol=None, quad_order=4, backward_state="interpolate").label == "torch_gq[n=4,interpolate]"
 
 

@@ -52,7 +52,7 @@ QUAD = [dict(quadrature="adaptive"), dict(gtol=0.1), dict(gtol=0.01), dict(quad_
 def single_width_rows(slow: float = 1.0) -> list[dict]:
     """g1d at one width: a problem with no scaling to plot (bars, not a facet holding one dot)."""
     rows = []
-    for method, kw in (("torch_direct", {}), ("torch_gq", dict(quadrature="adaptive", backward_state="backsolve"))):
+    for method, kw in (("torch_direct", {}), ("torch_gq", dict(quadrature="adaptive", backward_state="auto"))):
         case = Case(method, "g1d", 64, 2, rtol=1e-5, atol=1e-5, **kw)
         for r in range(3):
             rows.append(dict(case.to_dict(), case_id=case.case_id, label=case.label, repeat=r, round=r,
@@ -84,7 +84,7 @@ def rich_rows(*, slow: float = 1.0, gq_slow: float = 1.0, jax: bool = True) -> l
                             quadrature=q.get("quadrature"),
                             gtol=q.get("gtol"),
                             quad_order=q.get("quad_order"),
-                            backward_state="backsolve" if q else None,
+                            backward_state="auto" if q else None,
                             device=device,
                         )
                         scale = (width / 10) ** 0.8 * (2.0 if rtol < 1e-4 else 1.0) * (0.2 if device == "cuda" else 1)
