@@ -143,7 +143,7 @@ def _solver(method: str, case: StressCase, counter: list, t: torch.Tensor, backw
         return wrapped
 
     if method == "gq":
-        gq = dict(kw, backward_state=backward_state or "auto")
+        gq = dict(kw, backward_state=backward_state)
         return lambda f, y, t: impls.odeint_adjoint_gq(f, y, t, **gq)
     if method == "adjoint":
         return lambda f, y, t: torchdiffeq.odeint_adjoint(counted(f), y, t, **kw)
