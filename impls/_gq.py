@@ -38,12 +38,11 @@ QUADRATURES = ("adaptive", "gtol", "fixed")
 # two nodes at a time and peak memory stays flat as the tolerance -- hence n -- grows, while a small
 # state (memory-bound on the weights, where batching pays most) takes all nodes at once.
 _QUAD_BATCH_ELEMENTS = 2048
-# Warm start of a solved alone (z read off the forward): its first step is this fraction of the forward step
-# that covered its start. That step was sized (and often grown) for y's error; a's error is measured on its
-# own scale, and a first step it rejects costs a whole step's evaluations (6 on dopri5). On the stress
-# suite's trained dopri5 cases 0.75 leaves the backward cost unchanged in total (-0.1%) and takes 6
-# evaluations off each wide trained field (g1d w1024, workload L w1000 at rtol 1e-3: 25 -> 19, 31 -> 25).
-# A backsolve's [z, a] is measured as y was: it starts at the forward's step.
+# Warm start of a solved alone (z read off the forward): its first step is this fraction of the forward's step
+# that covered its start, unless that step spans the whole interval (`_a_first_step`). The forward's step was
+# sized (and often grown) for y's error; a's error is measured on its own scale, and a first step it rejects
+# costs a whole step's evaluations (6 on dopri5). A backsolve's [z, a] is measured as y was: it starts at the
+# forward's step. Measured on the stress suite: see docs/gq-adjoint.md, "Which backward state".
 _FIRST_STEP_FRACTION = 0.75
 # Adaptive quadrature: the first panels span this many backward solver steps (steps sized for
 # [z, a] at the tolerance are shorter than a G2/K5 pair needs on smooth integrands; on rough ones
@@ -438,7 +437,7 @@ def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
     while True:
         first_steps = ctx.first_steps
         if fwd is not None and first_steps is not None:
-            first_steps = [_FIRST_STEP_FRACTION * h for h in first_steps]
+            first_steps = [_a_first_step(h, abs(t1 - t0)) for h, t0, t1 in zip(first_steps, [times[0], *times], times)]
         first = first_steps[-1] if first_steps is not None else cfg.adjoint_options.get("first_step")
         if fwd is not None and fwd.evals_needed:
             rhs.nfe += fwd.evals_needed
@@ -584,6 +583,12 @@ def _solve_per_interval(brhs, state, t, jump, cfg: _Config, opts: dict, first_st
     span = [float(t[0]), float(t[-1])]
     breaks = sorted({*_sweep.user_times(opts, "step_t", span), *_sweep.user_times(opts, "jump_t", span)})
     return _sweep.Sweep(dense=Stitched(parts), end=y, steps=0, rejected=0, breaks=breaks)
+
+
+def _a_first_step(h: float, span: float) -> float:
+    """The first step of a's solve over an interval of length `span`, from the forward's step h there: h when it
+    spans the interval (one step, as on untrained fields), else `_FIRST_STEP_FRACTION` of it."""
+    return h if h >= span else _FIRST_STEP_FRACTION * h
 
 
 def _adjoint_scale(sol: torch.Tensor, grad_sol: torch.Tensor) -> float:
