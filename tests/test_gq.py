@@ -446,3 +446,21 @@ def test_auto_backward_state_keeps_the_forward_for_adaptive_solvers_only(kw, kep
                   y0, t, params)  # fmt: skip
     for a, b in zip(got, same):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_solved_alone_starts_with_the_forwards_step_or_three_quarters_of_it():
+    """Warm start with z read off the forward: a's first step is the forward's step at t_N where that step spans
+    the interval (one backward step: 7 dopri5 evaluations, as backsolving takes), else 3/4 of it (a's error has
+    its own scale: the full step was rejected on trained wide fields, 6 evaluations lost)."""
+    func, y0, t = _problem("tensor", times=2, seed=1)
+    t = t.detach()  # no t-gradient: its evaluations would count too
+    stats = {}
+    for state in ("auto", "backsolve"):
+        with gq_stats() as s:
+            _grads(lambda: odeint_adjoint_gq(func, y0, t, rtol=1e-3, atol=1e-3, backward_state=state), y0, t,
+                   list(func.parameters()))  # fmt: skip
+        stats[state] = s
+    assert stats["auto"].knots > 0 and stats["auto"].nfe_backward == stats["backsolve"].nfe_backward == 7, stats
+    from impls._gq import _a_first_step
+
+    assert _a_first_step(1.3, 1.0) == 1.3 and _a_first_step(0.4, 1.0) == 0.75 * 0.4
