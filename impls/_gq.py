@@ -39,10 +39,10 @@ QUADRATURES = ("adaptive", "gtol", "fixed")
 # state (memory-bound on the weights, where batching pays most) takes all nodes at once.
 _QUAD_BATCH_ELEMENTS = 2048
 # Warm start of a solved alone (z read off the forward): its first step is this fraction of the forward's step
-# that covered its start, unless that step spans the whole interval (`_a_first_step`). The forward's step was
-# sized (and often grown) for y's error; a's error is measured on its own scale, and a first step it rejects
-# costs a whole step's evaluations (6 on dopri5). A backsolve's [z, a] is measured as y was: it starts at the
-# forward's step. Measured on the stress suite: see docs/gq-adjoint.md, "Which backward state".
+# that covered its start, or the interval split evenly, unless that step spans it (`_a_first_step`). The
+# forward's step was sized (and often grown) for y's error; a's error is measured on its own scale, and a first
+# step it rejects costs a whole step's evaluations (6 on dopri5). A backsolve's [z, a] is measured as y was:
+# it starts at the forward's step. Measured on the stress suite: docs/gq-adjoint.md, "a's first step".
 _FIRST_STEP_FRACTION = 0.75
 # Adaptive quadrature: the first panels span this many backward solver steps (steps sized for
 # [z, a] at the tolerance are shorter than a G2/K5 pair needs on smooth integrands; on rough ones
@@ -587,8 +587,12 @@ def _solve_per_interval(brhs, state, t, jump, cfg: _Config, opts: dict, first_st
 
 def _a_first_step(h: float, span: float) -> float:
     """The first step of a's solve over an interval of length `span`, from the forward's step h there: h when it
-    spans the interval (one step, as on untrained fields), else `_FIRST_STEP_FRACTION` of it."""
-    return h if h >= span else _FIRST_STEP_FRACTION * h
+    spans the interval (one step, as on untrained fields), else the longer of `_FIRST_STEP_FRACTION` of it and
+    the interval split evenly into as many steps as h needs (3/4 of h alone turned 2 steps into 3 where h fit
+    twice: workload L after 40 steps, 13 -> 19 evaluations)."""
+    if h >= span:
+        return h
+    return max(_FIRST_STEP_FRACTION * h, span / math.ceil(span / h))
 
 
 def _adjoint_scale(sol: torch.Tensor, grad_sol: torch.Tensor) -> float:

@@ -457,10 +457,11 @@ def test_a_solved_alone_starts_with_the_forwards_step_or_three_quarters_of_it():
     stats = {}
     for state in ("auto", "backsolve"):
         with gq_stats() as s:
-            _grads(lambda: odeint_adjoint_gq(func, y0, t, rtol=1e-3, atol=1e-3, backward_state=state), y0, t,
-                   list(func.parameters()))  # fmt: skip
+            _grads(lambda state=state: odeint_adjoint_gq(func, y0, t, rtol=1e-3, atol=1e-3, backward_state=state),
+                   y0, t, list(func.parameters()))  # fmt: skip
         stats[state] = s
     assert stats["auto"].knots > 0 and stats["auto"].nfe_backward == stats["backsolve"].nfe_backward == 7, stats
     from impls._gq import _a_first_step
 
-    assert _a_first_step(1.3, 1.0) == 1.3 and _a_first_step(0.4, 1.0) == 0.75 * 0.4
+    assert _a_first_step(1.3, 1.0) == 1.3 and _a_first_step(0.46, 1.0) == 0.75 * 0.46
+    assert _a_first_step(0.55, 1.0) == 0.5  # h fits twice: two even steps, not 3/4 of h and two more
