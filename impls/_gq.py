@@ -178,8 +178,9 @@ def odeint_adjoint_gq(
         for a's solve (a is often far smaller than y, e.g. a loss averaged over a batch).
     quad_batch: most quadrature nodes per batched VJP (default: bounded by the state size).
     warm_start: (default True) the backward solve's first step is the step the forward took at
-        t_N (adaptive solvers, same method both ways; 3/4 of it when a is solved alone, whose
-        error is measured on its own scale), instead of torchdiffeq's initial-step heuristic and
+        t_N (adaptive solvers, same method both ways; when a is solved alone, whose error is
+        measured on its own scale, and that step does not span the interval: the longer of 3/4 of
+        it and the interval split evenly), instead of torchdiffeq's initial-step heuristic and
         the short steps that follow it. False restores the heuristic.
 
     A gradient it cannot vouch for -- after a backsolve fallback, with panels unconverged at the node
