@@ -437,8 +437,9 @@ def _backward_by_sweep(ctx, grad_sol: torch.Tensor):
     fallback = None
     while True:
         first_steps = ctx.first_steps
-        if fwd is not None and first_steps is not None:
-            first_steps = [_a_first_step(h, abs(t1 - t0)) for h, t0, t1 in zip(first_steps, [times[0], *times], times)]
+        if fwd is not None and first_steps is not None:  # a solved alone; entry i starts the solve t_i -> t_{i-1}
+            first_steps = first_steps[:1] + [_a_first_step(h, abs(hi - lo))
+                                             for h, lo, hi in zip(first_steps[1:], times, times[1:])]  # fmt: skip
         first = first_steps[-1] if first_steps is not None else cfg.adjoint_options.get("first_step")
         if fwd is not None and fwd.evals_needed:
             rhs.nfe += fwd.evals_needed

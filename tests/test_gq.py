@@ -450,8 +450,9 @@ def test_auto_backward_state_keeps_the_forward_for_adaptive_solvers_only(kw, kep
 
 def test_a_solved_alone_starts_with_the_forwards_step_or_three_quarters_of_it():
     """Warm start with z read off the forward: a's first step is the forward's step at t_N where that step spans
-    the interval (one backward step: 7 dopri5 evaluations, as backsolving takes), else 3/4 of it (a's error has
-    its own scale: the full step was rejected on trained wide fields, 6 evaluations lost)."""
+    the interval (one backward step: 7 dopri5 evaluations, as backsolving takes), else the longer of 3/4 of it and
+    the interval split evenly (a's error has its own scale: the full step was rejected on trained wide fields, 6
+    evaluations lost)."""
     func, y0, t = _problem("tensor", times=2, seed=1)
     t = t.detach()  # no t-gradient: its evaluations would count too
     stats = {}
