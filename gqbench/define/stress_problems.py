@@ -460,6 +460,7 @@ def stress_cases(fast: bool = False, families: list[str] | None = None) -> list[
             *_cases("kinetics", tols=[(1e-7, 1e-9)], dtypes=("float64",), trained=(0,), grid=("rk4", 2500)),
             *_cases("square_wave", tols=[(1e-7, 1e-7)], dtypes=("float64",), trained=(0,), grid=("rk4", 500)),
             *_cases("smooth_mlp", tols=[(1e-7, 1e-7)], dtypes=("float64",), trained=(30,), grid=("euler", 2000)),
+            *_cases("oscillator", tols=[(1e-7, 1e-7)], dtypes=("float64",), trained=(0,), grid=("euler", 2000)),
         ]
     else:
         drawn = drawn_knobs(1)
