@@ -62,6 +62,7 @@ _Z_MISMATCH = 1e4
 _GRID_Z_RTOL = 1e-6
 # On a grid, the adaptive rule integrates to this fraction of the backsolved z's distance from the forward's y.
 _GRID_QUAD_FRACTION = 0.1
+# ... never coarser than this (the distance is measured after a fallback too: a failed backsolve's can be ~1).
 _GRID_QUAD_MAX = 1e-2
 # ... or once the backsolved adjoint exceeds this multiple of the largest |dL/dy| (Robertson kinetics at rtol
 # 1e-3: z 1e3 tolerances off at t_4, a 1e14 and the gradient 4.5e15 off; a legitimately growing adjoint --
