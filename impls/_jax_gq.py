@@ -712,7 +712,7 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
             def gather(j):
                 panel, node = j // sel["order"], j % sel["order"]
                 slot = T.layout[sel["level"], jnp.minimum(panel, panels - 1), T.offsets[sel["choice"]] + node]
-                w = jnp.where(j < count, T.w_gl[sel["choice"], node] * (half_all / panels), 0)
+                w = jnp.where(j < count, T.w_gl[sel["choice"], node] * (half_all / panels.astype(half_all.dtype)), 0)
                 take = lambda tree: jtu.tree_map(lambda p: p[slot], tree)
                 return out["nodes"][slot], take(out["z_nodes"]), _scale(take(out["a_nodes"]), w)
 
@@ -1177,7 +1177,8 @@ def _probe_select(T: _ProbeTables, a_nodes, z_nodes, t_lo, t_hi, cap, quad_rtol,
         lv = jnp.arange(levels, dtype=i32)
         choice_l = jnp.where(stalled, best_prev, jnp.where(passed, ch, fallback)).astype(i32)
         level_l = jnp.where(stalled, lv - 1, lv)
-        return jnp.take(jnp.stack([level_l, choice_l, passed, stalled], 1).astype(i32), at, 0), ref_norm, tot
+        row = jnp.stack([x.astype(i32) for x in (level_l, choice_l, passed, stalled)], 1)  # strict promotion
+        return jnp.take(row, at, 0), ref_norm, tot
 
     row, ref_norm, tot = lax.cond(ok0.any(), from_level0, all_levels)
     level, choice, found, roundoff = row
@@ -1294,7 +1295,8 @@ class _QuadratureSolver(_Delegating):
             rows = rows.at[at].set(
                 ravel_pytree(dense_info)[0].astype(rows.dtype), mode="drop"
             )  # one write, not one a leaf
-            rec = (ts.at[at + 1].set(t1.astype(ts.dtype), mode="drop"), rows, n + (args.level == FORWARD))
+            n = n + (args.level == FORWARD).astype(n.dtype)
+            rec = (ts.at[at + 1].set(t1.astype(ts.dtype), mode="drop"), rows, n)
         h_abs = jnp.abs(t1 - t0).astype(h_range.dtype)
         last = jnp.bool_(False) if args.t_end is None else t1 >= args.t_end
         h_range = jnp.where(last, h_range, jnp.stack([jnp.minimum(h_range[0], h_abs), jnp.maximum(h_range[1], h_abs)]))
@@ -1305,10 +1307,10 @@ class _QuadratureSolver(_Delegating):
         if not jtu.tree_leaves(ctx.params):  # nothing to integrate: y0 gradients only
             return y1, y_error, dense_info, (inner, k_sum, e_sum, h_range, rec), result
         panels = jnp.where(ctx.level >= 0, jnp.left_shift(1, jnp.maximum(ctx.level, 0)), 0)  # < 0: probes only
-        h = (t1 - t0) / jnp.maximum(panels, 1)
+        h = (t1 - t0) / jnp.maximum(panels, 1).astype(t1.dtype)
 
         def panel(i, sums):
-            s = t0 + i * h + (h / 2) * (1 + self.x)  # ascending s; the rule is symmetric
+            s = t0 + i.astype(h.dtype) * h + (h / 2) * (1 + self.x)  # ascending s; the rule is symmetric
             state = jax.vmap(interp.evaluate)(s)
             t = direction * s
             if ctx.dense is None or ctx.use_dense is not None:

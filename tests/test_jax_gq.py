@@ -643,3 +643,56 @@ def test_a_backsolve_that_fails_outright_falls_back():
     g, warned = _report_call(_robertson_grad_fn(adjoint, diffrax.Dopri5(), 1e-8, 1e-10, 20_000), field)
     assert _rel_err(g.logk, ref.logk) < 1e-6
     assert int(reports[-1]["gq_backsolve_fallbacks"]) >= 1 and len(warned) == 1
+
+
+class _LinearField(eqx.Module):
+    """A 2-d linear field whose module holds an int and a float, driven by args = (float, int): the shape of
+    diffrax's own adjoint tests, where `jax.grad(..., allow_int=True)` traces every leaf, ints included."""
+
+    count: int
+    rate: float
+
+    def __call__(self, t, y, args):
+        scale, mix = args
+        return jnp.stack([scale * y[0] + mix * y[1], self.count * y[0] + self.rate * y[1]])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(backward_state="interpolate"), dict(gtol=0.1), dict(quad_order=12), dict(jump_ts=True)],
+    ids=["default", "interpolate", "gtol", "quad_order", "jump_ts"],
+)
+def test_strict_dtype_and_rank_promotion(options):
+    """diffrax's test suite runs with jax_numpy_dtype_promotion='strict' and rank promotion 'raise'; a drop-in
+    adjoint must trace there (it did not: an int counter plus a bool, an int panel count dividing a float),
+    with int leaves traced by allow_int, under vmap of grad, and on the mismatch fallback's path."""
+    options = dict(options)
+    ctrl = dict(rtol=1e-8, atol=1e-8, jump_ts=jnp.asarray([4.0]) if options.pop("jump_ts", False) else None)
+    whole = (jnp.asarray([0.9, 5.4]), (0.1, -1), diffrax.ODETerm(_LinearField(count=1, rate=-0.1)))
+
+    def loss(whole, adjoint):
+        y0, args, term = whole
+        sol = diffrax.diffeqsolve(term, diffrax.Tsit5(), 0.3, 9.5, None, y0, args, adjoint=adjoint,
+                                  saveat=diffrax.SaveAt(t0=True, ts=[1.0, 7.0]),
+                                  stepsize_controller=diffrax.PIDController(**ctrl))  # fmt: skip
+        return jnp.sum(sol.ys)
+
+    def by(adjoint, vmapped=False):
+        grad = jax.grad(loss, allow_int=True)
+        if vmapped:  # the y0 gradient of two stacked y0s
+            y0s = jnp.stack([whole[0], 2 * whole[0]])
+            return jax.jit(jax.vmap(lambda y0: grad((y0, *whole[1:]), adjoint)[0]))(y0s)
+        g = eqx.filter_jit(grad)(whole, adjoint)
+        return [x for x in jax.tree_util.tree_leaves(g) if jnp.issubdtype(x.dtype, jnp.inexact)]
+
+    with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
+        gq = GaussLegendreAdjoint(warn=False, **options)
+        want, got = by(diffrax.RecursiveCheckpointAdjoint()), by(gq)
+        assert len(got) == len(want) == 3  # y0, args[0], the module's float; the ints' float0s left out
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+        if not options:  # vmap of grad, and the fallback's re-solve (k T = 100: backsolve misses y(t0))
+            np.testing.assert_allclose(by(gq, True), by(diffrax.RecursiveCheckpointAdjoint(), True), rtol=1e-5)
+            g = _decay_grad_fn(gq)(jnp.asarray([50.0, 1.0]), jnp.asarray([1.0, 2.0]))
+            np.testing.assert_allclose(np.asarray(g), -2.0 * np.asarray([1.0, 2.0]) * np.exp(-np.asarray([100.0, 2.0])),
+                                       rtol=1e-4, atol=1e-6)  # fmt: skip
