@@ -524,6 +524,13 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
             table_x, table_w = _padded_rule_table(adj.quad_order, adj.quad_order, time_dtype)
         else:
             table_x, table_w = _padded_rule_table(None, MAX_QUAD_ORDER, time_dtype)
+    sample = None  # a large state (adaptive rule): per leaf, the elements the probes watch
+    sizes = tuple(x.size for x in jtu.tree_leaves(y0))
+    if rule == "adaptive" and sum(sizes) > PROBE_SAMPLE:
+        sample = [jnp.asarray(i, jnp.int32) for i in _probe_sample(sizes)]
+
+    def pick(tree):
+        return [x.reshape(-1)[i] for x, i in zip(jtu.tree_leaves(tree), sample, strict=True)]
 
     def interval(carry, xs):
         a, grads, err_sq, level, h, spent = carry
@@ -548,10 +555,12 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
     # FALLBACK_BYTES; rejected steps leave no trace (diffrax keeps a step's solver state only when accepted). The
     # buffer goes from attempt to attempt through the loop's carry and the solver state only (never `args`), so
     # XLA updates it in place instead of copying it per attempt.
-    record, info = 0, None
+    record, info, halved = 0, None, False
     if backsolve and rule in ERROR_CONTROLLED:
         ctx0 = _QuadContext(params=params, static=static, dense=None, level=i32(FORWARD))
-        info = _step_info_struct(b_solver, vf, t0, (y0, y0), ctx0)
+        pair = _step_info_struct(b_solver, vf, t0, (y0, y0), ctx0)
+        info = _pair_first(pair)  # what a row holds: y's half of the (y, y) re-solve's dense output
+        halved = info is not pair
         info_bytes = sum(x.size * x.dtype.itemsize for x in jtu.tree_leaves(info))
         record = max(16, min(backward["max_steps"] or 4096, FALLBACK_BYTES // max(1, info_bytes)))
         _, unravel_info = ravel_pytree(jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), info))  # a row -> info
@@ -573,34 +582,50 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
             if dt_first is not None:
                 dt_first = jnp.where(fwd, -dt_first, dt_first)
         probes = rule == "adaptive"
-        nodes = None
+        nodes = nodes_w = None
         if probes:
-            nodes = jnp.clip((t_lo + t_hi) / 2 + (t_hi - t_lo) / 2 * T.u_sorted, t_lo, t_hi)
-            if fb is not None:
-                nodes = jnp.where(fwd, nodes[::-1], nodes)  # as the solve meets them
+            at = lambda u: jnp.clip((t_lo + t_hi) / 2 + (t_hi - t_lo) / 2 * u, t_lo, t_hi)
+            nodes, nodes_w = at(T.u_sorted), at(T.u_whole)
+            if fb is not None:  # as the solve meets them
+                nodes, nodes_w = jnp.where(fwd, nodes[::-1], nodes), jnp.where(fwd, nodes_w[::-1], nodes_w)
         save = SaveAt(ts=nodes, t1=True, solver_state=True) if probes else SaveAt(t1=True, solver_state=True)
+        if probes and sample is not None:  # the sample at every probe node, the whole state at levels <= WHOLE_LEVEL's
+            watch = (lambda t, y, args: (pick(y[0]), pick(y[1]))) if backsolve else (lambda t, y, args: pick(y))
+            save = SaveAt(subs=[SubSaveAt(ts=nodes, fn=watch), SubSaveAt(ts=nodes_w), SubSaveAt(t1=True)],
+                          solver_state=True)  # fmt: skip
         # Backsolving z may fail outright (max_steps on stiff kinetics): that is a divergence like any other,
         # so the attempt reports it and the interval falls back instead of raising.
         kw = dict(backward, dt0=dt_first, throw=False if backsolve else backward["throw"])
         quad_solver = _QuadratureSolver(step_solver, x_gk, w_k, w_e, None if fb is None else fb[0],
-                                        None if fb is None else unravel_info)  # fmt: skip
+                                        None if fb is None else unravel_info, halved)  # fmt: skip
         sol = self._diffeqsolve(vf, quad_solver, t0=t_from, t1=t_to, y0=state, args=ctx, saveat=save, **kw)
         inner, k_sum, e_sum, h_range, rec = sol.solver_state
         # A jump in t: the solver rejected steps and its steps collapsed (a smooth field's do not).
         collapsed = (sol.stats["num_rejected_steps"] >= JUMP_REJECTS) & (h_range[0] < JUMP_COLLAPSE * h_range[1])
+        ys = sol.ys
+        if probes and sample is not None:
+            watched, whole, ys = ys
         if adj.backward_state == "backsolve":
-            z_path, a_path = sol.ys
+            z_path, a_path = ys
         else:
-            a_path, z_path = sol.ys, None
+            a_path, z_path = ys, None
         last = lambda tree: jtu.tree_map(lambda p: p[-1], tree)
         out = dict(a_lo=last(a_path), k=k_sum, e=e_sum, h=carried(inner, h) if warm else h,
                    steps=sol.stats["num_steps"].astype(i32), collapsed=collapsed,
                    z_end=None if z_path is None else last(z_path), failed=sol.result != RESULTS.successful)  # fmt: skip
-        if probes:
+        if probes and sample is None:
             out["a_nodes"] = jtu.tree_map(lambda p: p[:-1], a_path)
             out["z_nodes"] = (jtu.tree_map(lambda p: p[:-1], z_path) if z_path is not None
                               else jax.vmap(dense.evaluate)(nodes))  # fmt: skip
             out["nodes"] = nodes
+        elif probes:
+            if backsolve:
+                (out["z_nodes"], out["a_nodes"]), (out["z_whole"], out["a_whole"]) = watched, whole
+            else:
+                out["a_nodes"], out["a_whole"] = watched, whole
+                out["z_nodes"] = lax.map(lambda t: pick(dense.evaluate(t)), nodes)  # one state at a time
+                out["z_whole"] = jax.vmap(dense.evaluate)(nodes_w)
+            out["nodes_whole"] = nodes_w
         return out, rec
 
     def integrate_adaptive(t_lo, t_hi, y_hi, y_lo, a, grads, start_level, h, spent):
@@ -654,8 +679,10 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
                 sel = lax.cond(is_probe, choose, lambda: c["sel"])
                 # Intervals holding a user jump time are integrated on the steps anyway (clipped steps are short there).
                 suspect = is_probe & out["collapsed"] & ~inside & (n_params > 0)
-                want_k = is_probe & (~sel["found"] | suspect | (inside & (n_params > 0)))
-                new.update(sel=sel, suspect=c["suspect"] | suspect, ok=jnp.where(is_probe, sel["found"], ok_k),
+                # A large state keeps whole states at levels <= WHOLE_LEVEL only: a finer choice is the integrand's.
+                finer = (sel["level"] > WHOLE_LEVEL) if sample is not None else jnp.bool_(False)
+                want_k = is_probe & (~sel["found"] | finer | suspect | (inside & (n_params > 0)))
+                new.update(sel=sel, suspect=c["suspect"] | suspect, ok=jnp.where(is_probe, sel["found"] & ~finer, ok_k),
                            roundoff=jnp.where(is_probe, sel["roundoff"], stalled))  # fmt: skip
             else:
                 want_k = is_probe
@@ -685,9 +712,13 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
             z_end=z0(y_hi) if adj.backward_state == "backsolve" else None,
             failed=jnp.bool_(False),
         )
-        if probes:
+        if probes and sample is None:
             m = (T.u_sorted.shape[0],)
             out0.update(a_nodes=z0(a, m), z_nodes=z0(y_hi, m), nodes=jnp.zeros(m, T.u_sorted.dtype))
+        elif probes:
+            m, mw = T.u_sorted.shape[0], T.u_whole.shape[0]
+            out0.update(a_nodes=z0(pick(a), (m,)), z_nodes=z0(pick(y_hi), (m,)), a_whole=z0(a, (mw,)),
+                        z_whole=z0(y_hi, (mw,)), nodes_whole=jnp.zeros(mw, T.u_sorted.dtype))  # fmt: skip
         init = dict(level=i32(PROBE) if probes else start_level, done=jnp.bool_(False), out=out0, nodes=i32(0),
                     nfe=i32(0), enorm=jnp.asarray(jnp.inf, f_t), mismatch=jnp.bool_(False), used_k=jnp.bool_(False),
                     ok=jnp.bool_(False), roundoff=jnp.bool_(False), capped=jnp.bool_(False), tries=i32(0),
@@ -705,6 +736,11 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
         use_k = c["used_k"]
         if probes:
             sel = c["sel"]
+            if sample is not None:  # a finer choice the cost cap left to the probes: level 0's G16, unconverged
+                lost, g16 = ~use_k & (sel["level"] > WHOLE_LEVEL), len(PROBE_ORDERS) - 1
+                sel = dict(sel, level=jnp.where(lost, 0, sel["level"]).astype(i32), capped=sel["capped"] | lost,
+                           choice=jnp.where(lost, g16, sel["choice"]).astype(i32),
+                           order=jnp.where(lost, T.orders[g16], sel["order"]).astype(i32))  # fmt: skip
             count = jnp.where(use_k, 0, jnp.left_shift(1, sel["level"]) * sel["order"]) if n_params else i32(0)
             panels = jnp.left_shift(1, sel["level"])
             half_all = (t_hi - t_lo) / 2
@@ -713,6 +749,10 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
                 panel, node = j // sel["order"], j % sel["order"]
                 slot = T.layout[sel["level"], jnp.minimum(panel, panels - 1), T.offsets[sel["choice"]] + node]
                 w = jnp.where(j < count, T.w_gl[sel["choice"], node] * (half_all / panels.astype(half_all.dtype)), 0)
+                if sample is not None:  # levels <= WHOLE_LEVEL: their own saves
+                    slot = T.layout_whole[sel["level"], jnp.minimum(panel, panels - 1), T.offsets[sel["choice"]] + node]
+                    take = lambda tree: jtu.tree_map(lambda p: p[slot], tree)
+                    return out["nodes_whole"][slot], take(out["z_whole"]), _scale(take(out["a_whole"]), w)
                 take = lambda tree: jtu.tree_map(lambda p: p[slot], tree)
                 return out["nodes"][slot], take(out["z_nodes"]), _scale(take(out["a_nodes"]), w)
 
@@ -920,12 +960,23 @@ class _Recorded(eqx.Module):
     n: Any  # steps recorded (more than the record holds: not read, see fb_ok)
     unravel: Any = eqx.field(static=True)  # a row -> one step's dense output (ravel_pytree's)
     interpolation_cls: Any = eqx.field(static=True)
+    halved: bool = eqx.field(static=True, default=False)  # rows hold y's half of the (y, y) dense output
 
     def evaluate(self, t):
+        """The re-solved forward's y(t)."""
         last = jnp.maximum(jnp.minimum(self.n, self.rows.shape[0]) - 1, 0)
         index = jnp.clip(jnp.searchsorted(self.ts, t, side="left") - 1, 0, last)
         local = self.interpolation_cls(t0=self.ts[index], t1=self.ts[index + 1], **self.unravel(self.rows[index]))
-        return local.evaluate(t)
+        return local.evaluate(t) if self.halved else local.evaluate(t)[0]
+
+
+def _pair_first(info):
+    """One step's dense output of the (y, y) re-solve reduced to y's half (the two are equal: half the
+    fallback's buffer), where the solver lays it out per state (dict of (y, y)-shaped entries: diffrax's RK
+    solvers); else the whole, unchanged."""
+    if isinstance(info, dict) and all(isinstance(v, tuple) and len(v) == 2 for v in info.values()):
+        return {k: v[0] for k, v in info.items()}
+    return info
 
 
 def _step_info_struct(solver, term, t0, y0, args):
@@ -1074,6 +1125,10 @@ def _warm_dt(recorder_state):
 PROBE_ORDERS = (1, 2, 3, 4, 5, 6, 7, 8, 16)  # candidates, and G16 the reference
 PROBE_MAX_LEVEL = 3  # at most 2**3 panels per observation interval (each level re-solves the interval)
 PROBE_SAFETY = 0.1  # the probes stand in for the integrand: a tenth of quad_rtol (torch: 0.3, validated there)
+# A state of more elements: the probes watch a fixed random sample of this many (as the torch rule) and only the
+# 156 nodes of levels <= WHOLE_LEVEL keep the whole state (memory: 2 x 156 states and the sample at 780 nodes per
+# interval, not 2 x 780 states); a finer choice is integrated by the kronrod rule (in-step, one state).
+PROBE_SAMPLE, WHOLE_LEVEL = 2048, 1
 
 
 class _ProbeTables(eqx.Module):
@@ -1092,6 +1147,8 @@ class _ProbeTables(eqx.Module):
     seg: Any  # (all levels' panels,): each row's level (static)
     panels: Any  # (levels,): 2**level
     member: Any  # (levels, all panels): 1 where the panel belongs to the level
+    u_whole: Any  # (levels <= WHOLE_LEVEL's nodes,): sorted descending (a large state's whole-state saves)
+    layout_whole: Any  # (WHOLE_LEVEL + 1, 2**WHOLE_LEVEL, block): as `layout`, positions in u_whole
 
     @staticmethod
     def build(dtype):
@@ -1102,8 +1159,11 @@ class _ProbeTables(eqx.Module):
         blocks = np.concatenate([layout[lev, :n] for lev, n in enumerate(counts)])
         seg = np.repeat(np.arange(len(counts)), counts)
         member = (seg[None, :] == np.arange(len(counts))[:, None]).astype(float)
+        whole = np.sort(blocks[: 2 ** (WHOLE_LEVEL + 1) - 1].ravel())  # positions in u: ascending = descending u
+        layout_whole = np.searchsorted(whole, layout[: WHOLE_LEVEL + 1, : 2**WHOLE_LEVEL])
         return _ProbeTables(
             f(u), i(layout), f(w_rules), f(w_gl), i(offsets), i(PROBE_ORDERS), i(blocks), seg, f(counts), f(member),
+            f(u[whole]), i(layout_whole),
         )  # fmt: skip
 
 
@@ -1195,6 +1255,14 @@ def _probe_select(T: _ProbeTables, a_nodes, z_nodes, t_lo, t_hi, cap, quad_rtol,
 
 
 @functools.cache
+def _probe_sample(sizes: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    """Per leaf of a large state, the elements the probes watch: ~PROBE_SAMPLE in all, in proportion to the
+    leaves' sizes; a fixed (seeded) random choice, so the same every call and never aliased with the layout."""
+    rng, total = np.random.default_rng(0), sum(sizes)
+    return tuple(np.sort(rng.permutation(n)[: max(1, round(PROBE_SAMPLE * n / total))]) for n in sizes)
+
+
+@functools.cache
 def _probe_numpy():
     rules = [np.polynomial.legendre.leggauss(n) for n in PROBE_ORDERS]
     block_x = np.concatenate([x for x, _ in rules])
@@ -1244,7 +1312,7 @@ def _adaptive_backsolve_vf(t, za, ctx: _QuadContext):
     # the z state follows it.
     z, a = za
     if ctx.dense is not None:
-        za = (lax.cond(ctx.use_dense, lambda: ctx.dense.evaluate(t)[0], lambda: z), a)
+        za = (lax.cond(ctx.use_dense, lambda: ctx.dense.evaluate(t), lambda: z), a)
     f, da = _backsolve_vf(t, za, eqx.combine(ctx.params, ctx.static))
     # The forward re-solve (level FORWARD): (y, y) both follow f, so the error norm is y's alone.
     return f, jtu.tree_map(lambda x, y: jnp.where(ctx.level == FORWARD, x, y), f, da)
@@ -1271,6 +1339,7 @@ class _QuadratureSolver(_Delegating):
     # place). `unravel`: a row back to one step's dense output (ravel_pytree's).
     rec: Any = None
     unravel: Any = eqx.field(static=True, default=None)
+    halved: bool = eqx.field(static=True, default=False)  # rows hold y's half (`_pair_first`)
 
     def init(self, terms, t0, t1, y0, args: _QuadContext):
         zeros = jtu.tree_map(jnp.zeros_like, args.params)
@@ -1286,15 +1355,15 @@ class _QuadratureSolver(_Delegating):
     def step(self, terms, t0, t1, y0, args: _QuadContext, solver_state, made_jump):
         inner, k_sum, e_sum, h_range, rec = solver_state
         if rec is not None and args.use_dense is not None:  # the fallback reads z off the forward re-solved
-            dense = _Recorded(*rec, unravel=self.unravel, interpolation_cls=self.solver.interpolation_cls)
+            dense = _Recorded(*rec, unravel=self.unravel, interpolation_cls=self.solver.interpolation_cls,
+                              halved=self.halved)  # fmt: skip
             args = eqx.tree_at(lambda c: c.dense, args, dense, is_leaf=_is_none)
         y1, y_error, dense_info, inner, result = self.solver.step(terms, t0, t1, y0, args, inner, made_jump)
         if rec is not None:  # an index past the buffer drops the write: only FORWARD steps land
             ts, rows, n = rec
             at = jnp.where(args.level == FORWARD, n, ts.shape[0] - 1)
-            rows = rows.at[at].set(
-                ravel_pytree(dense_info)[0].astype(rows.dtype), mode="drop"
-            )  # one write, not one a leaf
+            row = ravel_pytree(_pair_first(dense_info) if self.halved else dense_info)[0]
+            rows = rows.at[at].set(row.astype(rows.dtype), mode="drop")  # one write, not one a leaf
             n = n + (args.level == FORWARD).astype(n.dtype)
             rec = (ts.at[at + 1].set(t1.astype(ts.dtype), mode="drop"), rows, n)
         h_abs = jnp.abs(t1 - t0).astype(h_range.dtype)
