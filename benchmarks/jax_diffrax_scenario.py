@@ -1,6 +1,6 @@
-"""diffrax's own adjoint test scenario, timed: `jax_gq` (impls.jax.GaussLegendreAdjoint) against diffrax's
-BacksolveAdjoint, each adjoint in a fresh process (issue 23, item 6: the scenario took ~13 min with GQ
-where it took ~3 before the probe rule; target: GQ <= 1.3x BacksolveAdjoint).
+"""diffrax's own adjoint test scenario, timed: `jax_gq` (impls.jax.GaussLegendreAdjoint) and its other
+rules against diffrax's BacksolveAdjoint, each adjoint in a fresh process (issue 23, item 6: the scenario took
+~13 min with GQ where it took ~3 before the probe rule; target: GQ <= 1.3x BacksolveAdjoint).
 
 The scenario is the one diffrax tests its adjoints on (written here from its description, not copied):
 a linear 2-d field whose module holds an int and a float, args = (float, int), Tsit5 with a PID
@@ -8,18 +8,25 @@ controller at rtol = atol = 1e-8 on [0.3, 9.5], float64 with JAX's strict dtype 
 sum of the saved ys; every SaveAt(t0, t1, ts) of t0, t1 in {True, False} and ts in {None, [0.3],
 [2.0], [9.5], [1.0, 7.0], [0.3, 7.0, 9.5]} (23 of 24: not all three empty); for each, four jitted
 gradients: grad, grad with allow_int (args and the module's leaves traced), vmap of grad and grad
-of vmap. Each gradient is checked against DirectAdjoint's (rtol 1e-5, atol 1e-5, untimed) and the
-seconds (trace + compile + first run) summed per adjoint.
+of vmap. DirectAdjoint's gradients are computed once, in a process of their own, and every other
+adjoint's are checked against them (rtol 1e-5, atol 1e-5). Per adjoint: the seconds of trace (`lower`),
+XLA compile (`compile`) and first run, summed over the 92 gradients; on a 2-d field compilation is
+nearly all of it.
 
-    python benchmarks/jax_diffrax_scenario.py [ROUNDS]
+    python benchmarks/jax_diffrax_scenario.py [ROUNDS] [backsolve,gq,kronrod,gtol]
+
+Adjoints: backsolve (diffrax.BacksolveAdjoint), gq (GaussLegendreAdjoint(), the default rule), kronrod
+(quadrature="kronrod"), gtol (gtol=0.1, the paper's rule, no error control).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 
 _ONE = r"""
 import json, sys, time
@@ -66,44 +73,86 @@ flavours = dict(
     vmap_grad=(eqx.filter_jit(jax.vmap(jax.grad(on_inexact), in_axes=(0, None, None))), twice),
     grad_vmap=(eqx.filter_jit(grad_of_vmap), twice),
 )
-adjoint = diffrax.BacksolveAdjoint() if sys.argv[1] == "backsolve" else GaussLegendreAdjoint(warn=False)
-seconds, worst, count = {k: 0.0 for k in flavours}, 0.0, 0
-for t0 in (True, False):
-    for t1 in (True, False):
-        for ts in (None, [0.3], [2.0], [9.5], [1.0, 7.0], [0.3, 7.0, 9.5]):
-            if not (t0 or t1 or ts):
+ADJOINTS = dict(
+    direct=diffrax.DirectAdjoint,
+    backsolve=diffrax.BacksolveAdjoint,
+    gq=lambda: GaussLegendreAdjoint(warn=False),
+    kronrod=lambda: GaussLegendreAdjoint(quadrature="kronrod", warn=False),
+    gtol=lambda: GaussLegendreAdjoint(gtol=0.1, warn=False),
+)
+method, refs = sys.argv[1], sys.argv[2]
+adjoint = ADJOINTS[method]()
+want = {} if method == "direct" else dict(np.load(refs))
+mine, worst, count = {}, 0.0, 0
+seconds = {part: {k: 0.0 for k in flavours} for part in ("trace", "xla", "run")}
+saveats = [diffrax.SaveAt(t0=t0, t1=t1, ts=ts) for t0 in (True, False) for t1 in (True, False)
+           for ts in (None, [0.3], [2.0], [9.5], [1.0, 7.0], [0.3, 7.0, 9.5]) if t0 or t1 or ts]
+for i, saveat in enumerate(saveats):
+    for name, (fn, arg) in flavours.items():
+        a = time.perf_counter()
+        lowered = fn.lower(arg, saveat, adjoint)
+        b = time.perf_counter()
+        compiled = lowered.compile()
+        c = time.perf_counter()
+        got = jax.block_until_ready(compiled(arg, saveat, adjoint))
+        d = time.perf_counter()
+        for part, s in zip(seconds, (b - a, c - b, d - c)):
+            seconds[part][name] += s
+        leaves = [np.asarray(g) for g in jtu.tree_leaves(got) if jnp.issubdtype(g.dtype, jnp.inexact)]
+        for j, g in enumerate(leaves):
+            key = f"{i}/{name}/{j}"
+            mine[key] = g
+            if method == "direct":
                 continue
-            saveat = diffrax.SaveAt(t0=t0, t1=t1, ts=ts)
-            for name, (fn, arg) in flavours.items():
-                start = time.perf_counter()
-                got = jax.block_until_ready(fn(arg, saveat, adjoint))
-                seconds[name] += time.perf_counter() - start
-                want = fn(arg, saveat, diffrax.DirectAdjoint())
-                for g, w in zip(jtu.tree_leaves(got), jtu.tree_leaves(want)):
-                    if jnp.issubdtype(w.dtype, jnp.inexact):
-                        if not np.allclose(g, w, rtol=1e-5, atol=1e-5):
-                            raise SystemExit(f"{sys.argv[1]} {saveat} {name}: {g} against direct {w}")
-                        worst = max(worst, float(jnp.max(jnp.abs(g - w) / (1e-5 + 1e-5 * jnp.abs(w)))))
-                count += 1
-print(json.dumps(dict(seconds=seconds, total_s=sum(seconds.values()), gradients=count, worst=worst)))
+            w = want[key]
+            if not np.allclose(g, w, rtol=1e-5, atol=1e-5):
+                raise SystemExit(f"{method} {saveat} {name}: {g} against DirectAdjoint's {w}")
+            worst = max(worst, float(np.max(np.abs(g - w) / (1e-5 + 1e-5 * np.abs(w)))))
+        count += 1
+if method == "direct":
+    np.savez(refs, **mine)
+total = {part: sum(v.values()) for part, v in seconds.items()}
+print(json.dumps(dict(seconds={k: sum(seconds[p][k] for p in seconds) for k in flavours}, trace_s=total["trace"],
+                      xla_s=total["xla"], run_s=total["run"], total_s=sum(total.values()), gradients=count,
+                      worst=worst)))
 """
+
+
+def _one(method: str, refs: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", _ONE, method, refs], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{method}: {out.stderr.strip().splitlines()[-1]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 1
-    got = {m: [] for m in ("backsolve", "gq")}
-    for _ in range(rounds):  # alternated, each in a fresh process
-        for method in got:
-            out = subprocess.run([sys.executable, "-c", _ONE, method], capture_output=True, text=True)
-            if out.returncode:
-                raise SystemExit(f"{method}: {out.stderr.strip().splitlines()[-1]}")
-            got[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(method, got[method][-1], flush=True)
-    med = {m: statistics.median(r["total_s"] for r in rs) for m, rs in got.items()}
-    per_round = sorted(g["total_s"] / b["total_s"] for g, b in zip(got["gq"], got["backsolve"]))
-    print(f"diffrax adjoint scenario ({got['gq'][0]['gradients']} jitted gradients, each checked against "
-          f"DirectAdjoint): backsolve {med['backsolve']:.1f} s, gq {med['gq']:.1f} s "
-          f"(x{med['gq'] / med['backsolve']:.2f}; rounds x{per_round[0]:.2f}-x{per_round[-1]:.2f})")  # fmt: skip
+    methods = (sys.argv[2] if len(sys.argv) > 2 else "backsolve,gq").split(",")
+    if "backsolve" not in methods:
+        methods.insert(0, "backsolve")
+    got = {m: [] for m in methods}
+    with tempfile.TemporaryDirectory() as tmp:
+        refs = os.path.join(tmp, "direct.npz")
+        direct = _one("direct", refs)  # the reference gradients, once
+        print("direct", direct, flush=True)
+        for r in range(rounds):  # alternated, each in a fresh process, the order rotating
+            for method in methods[r % len(methods) :] + methods[: r % len(methods)]:
+                got[method].append(_one(method, refs))
+                print(method, got[method][-1], flush=True)
+    med = lambda m, k: statistics.median(x[k] for x in got[m])
+    base = med("backsolve", "total_s")
+    print(
+        f"diffrax adjoint scenario ({direct['gradients']} jitted gradients, each checked against DirectAdjoint's; "
+        f"{rounds} round(s); medians, seconds):"
+    )
+    print("| adjoint | trace | XLA compile | first run | total | / BacksolveAdjoint (rounds) |")
+    print("|---|---|---|---|---|---|")
+    for m in methods:
+        per_round = sorted(g["total_s"] / b["total_s"] for g, b in zip(got[m], got["backsolve"]))
+        print(
+            f"| {m} | {med(m, 'trace_s'):.1f} | {med(m, 'xla_s'):.1f} | {med(m, 'run_s'):.1f} | "
+            f"{med(m, 'total_s'):.1f} | {med(m, 'total_s') / base:.2f} ({per_round[0]:.2f}-{per_round[-1]:.2f}) |"
+        )
 
 
 if __name__ == "__main__":
