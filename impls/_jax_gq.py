@@ -623,7 +623,8 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
                 (out["z_nodes"], out["a_nodes"]), (out["z_whole"], out["a_whole"]) = watched, whole
             else:
                 out["a_nodes"], out["a_whole"] = watched, whole
-                out["z_nodes"] = lax.map(lambda t: pick(dense.evaluate(t)), nodes)  # one state at a time
+                # 52 whole states at a time, not 780 (the memory this mode exists to save)
+                out["z_nodes"] = lax.map(lambda t: pick(dense.evaluate(t)), nodes, batch_size=T.u_whole.shape[0] // 3)
                 out["z_whole"] = jax.vmap(dense.evaluate)(nodes_w)
             out["nodes_whole"] = nodes_w
         return out, rec
@@ -747,14 +748,13 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, y__args__terms, *, self, solver
 
             def gather(j):
                 panel, node = j // sel["order"], j % sel["order"]
-                slot = T.layout[sel["level"], jnp.minimum(panel, panels - 1), T.offsets[sel["choice"]] + node]
+                # A large state's whole states are its own saves at levels <= WHOLE_LEVEL.
+                layout, at, zs, as_ = ((T.layout, "nodes", "z_nodes", "a_nodes") if sample is None else
+                                       (T.layout_whole, "nodes_whole", "z_whole", "a_whole"))  # fmt: skip
+                slot = layout[sel["level"], jnp.minimum(panel, panels - 1), T.offsets[sel["choice"]] + node]
                 w = jnp.where(j < count, T.w_gl[sel["choice"], node] * (half_all / panels.astype(half_all.dtype)), 0)
-                if sample is not None:  # levels <= WHOLE_LEVEL: their own saves
-                    slot = T.layout_whole[sel["level"], jnp.minimum(panel, panels - 1), T.offsets[sel["choice"]] + node]
-                    take = lambda tree: jtu.tree_map(lambda p: p[slot], tree)
-                    return out["nodes_whole"][slot], take(out["z_whole"]), _scale(take(out["a_whole"]), w)
                 take = lambda tree: jtu.tree_map(lambda p: p[slot], tree)
-                return out["nodes"][slot], take(out["z_nodes"]), _scale(take(out["a_nodes"]), w)
+                return out[at][slot], take(out[zs]), _scale(take(out[as_]), w)
 
             dg = _chunked_vjp(params, static, count, gather, zero_grads) if n_params else zero_grads
             dg = lax.cond(use_k, lambda: out["k"], lambda: dg)
